@@ -1,0 +1,197 @@
+"""The generation loop: discrete tokens, fusion, masked steps with the diffusion head, then the VAE.
+
+The loop is written once against a small `Stages` interface; the reference passes its PyTorch
+modules (`TorchStages`) and the runtime passes ONNX Runtime or TensorRT stages, so every backend
+runs the same sampling math.
+
+Draw order (DESIGN.md section 4). One `Draws` object supplies, in this order:
+  1. Discrete stage (absent for plain MAR): for each of the `block_size` tokens, one
+     `uniform((B,))` that picks the token by inverse CDF.
+  2. Generation orders: one `permutation(L)` per image, in batch order.
+  3. For each masked step, MAR's `DiffLoss.sample` sequence: one `normal((N, C))` starting
+     noise for the N = B * P predicted tokens (with guidance it is shared by the unconditional
+     half, as MAR duplicates it), then, for each diffusion step from the last respaced index down
+     to 0, one `normal((G * N, C))` with G = 2 under guidance, else 1. Only the first N rows reach
+     the conditional output; the rest keeps MAR's draw shapes so recorded draws replay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from reference.diffusion import DenoiseStep, DiffusionTables, make_tables
+from reference.model import D2C, D2CConfig
+from reference.sampling import (CfgSchedule, Draws, TorchDraws, cfg_for_step, guide_logits, logits_to_probs,
+                                mask_len_schedule, sample_from_uniform, step_positions)
+from reference.mar import unpatchify
+from reference.vae import LATENT_SCALE
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. `gpt_cfg` None: stage 1 uses `cfg` too."""
+
+    cfg: float = 4.0
+    cfg_schedule: CfgSchedule = CfgSchedule.LINEAR
+    num_iter: int = 64
+    diffusion_steps: int = 100
+    temperature: float = 1.0  # diffusion-head temperature (MAR)
+    gpt_cfg: float | None = None
+    gpt_temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.cfg_schedule = CfgSchedule(self.cfg_schedule)
+        if self.diffusion_steps < 1 or self.diffusion_steps > 1000:
+            raise ValueError(f"diffusion_steps must be in [1, 1000], got {self.diffusion_steps}")
+        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p}, {self.top_k}")
+
+    @property
+    def discrete_cfg(self) -> float:
+        return self.cfg if self.gpt_cfg is None else self.gpt_cfg
+
+
+class Stages(Protocol):
+    """The five stages as tensor functions (CPU torch tensors in and out)."""
+
+    config: D2CConfig
+
+    def gpt(self, ids: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+    def cond(self, ids: Tensor) -> Tensor: ...
+    def mar(self, tokens: Tensor, kept: Tensor, pred: Tensor, labels: Tensor, fusion: Tensor | None) -> Tensor: ...
+    def diffusion(self, x: Tensor, t: Tensor, z: Tensor, noise: Tensor, cfg: Tensor, temperature: Tensor,
+                  coefs: Tensor) -> Tensor: ...
+    def vae(self, latents: Tensor) -> Tensor: ...
+
+
+class TorchStages:
+    """The reference modules as stages."""
+
+    def __init__(self, model: D2C):
+        self.model = model.eval()
+        self.config = model.config
+        self.denoise = DenoiseStep(model.mar.diffloss.net)
+
+    def gpt(self, ids, input_pos, k_cache, v_cache):
+        return self.model.gpt(ids, input_pos, k_cache, v_cache)
+
+    def cond(self, ids):
+        return self.model.mar.condition(ids)
+
+    def mar(self, tokens, kept, pred, labels, fusion):
+        return self.model.mar(tokens, kept, pred, labels, fusion)
+
+    def diffusion(self, x, t, z, noise, cfg, temperature, coefs):
+        return self.denoise(x, t, z, noise, cfg, temperature, coefs)
+
+    def vae(self, latents):
+        return self.model.vae(latents)
+
+
+def empty_gpt_cache(config: D2CConfig, rows: int) -> tuple[Tensor, Tensor]:
+    g = config.gpt
+    shape = (g.n_layer, rows, g.n_head, g.max_seq_len, g.head_dim)
+    return torch.zeros(shape), torch.zeros(shape)
+
+
+def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draws: Draws) -> Tensor:
+    """Stage 1: (B,) labels -> (B, block_size) token ids, LlamaGen's prefill + one-token decode."""
+    g = stages.config.gpt
+    bsz = labels.shape[0]
+    guided = params.discrete_cfg > 1.0  # LlamaGen guides only above 1
+    rows = 2 * bsz if guided else bsz
+    ids = torch.cat([labels, torch.full_like(labels, g.null_class)]) if guided else labels
+    k_cache, v_cache = empty_gpt_cache(stages.config, rows)
+    logits, k_cache, v_cache = stages.gpt(ids.view(rows, 1), torch.tensor([0]), k_cache, v_cache)
+    out = []
+    for i in range(g.block_size):
+        last = logits[:, -1].float()  # (rows, V)
+        if guided:
+            last = guide_logits(last[:bsz], last[bsz:], params.discrete_cfg)
+        probs = logits_to_probs(last, params.gpt_temperature, params.top_k, params.top_p)
+        token = sample_from_uniform(probs, draws.uniform((bsz,)))  # (B,)
+        out.append(token)
+        if i + 1 < g.block_size:
+            step_ids = torch.cat([token, token]) if guided else token
+            pos = torch.tensor([g.cls_token_num + i])
+            logits, k_cache, v_cache = stages.gpt(step_ids.view(rows, 1), pos, k_cache, v_cache)
+    return torch.stack(out, dim=1)
+
+
+def sample_latents(denoise: Callable[..., Tensor], z: Tensor, channels: int, tables: DiffusionTables,
+                   cfg: float, temperature: float, guided: bool, draws: Draws) -> Tensor:
+    """MAR's DiffLoss.sample: z (G*N, Dz), conditional rows first -> (N, C) token latents."""
+    rows = z.shape[0] // (2 if guided else 1)
+    x = draws.normal((rows, channels))  # x_T, shared by both halves under guidance
+    cfg_t = torch.tensor([cfg], dtype=torch.float32)
+    temp_t = torch.tensor([temperature], dtype=torch.float32)
+    for index in reversed(range(tables.num_timesteps)):
+        noise = draws.normal((z.shape[0], channels))[:rows]
+        t = torch.tensor([tables.model_timestep(index)], dtype=torch.int64)
+        x = denoise(x, t, z, noise, cfg_t, temp_t, tables.coefficients(index))
+    return x
+
+
+def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, params: SamplingParams,
+                  draws: Draws, progress: bool = False) -> Tensor:
+    """Stage 2: masked autoregressive steps -> (B, L, C) token latents (scaled, as MAR models them)."""
+    m = stages.config.mar
+    bsz, seq_len, channels = labels.shape[0], m.seq_len, m.token_dim
+    guided = params.cfg != 1.0
+    groups = 2 if guided else 1
+    order = torch.stack([draws.permutation(seq_len) for _ in range(bsz)])  # (B, L)
+    labels_in = torch.cat([labels, torch.full_like(labels, m.null_class)]) if guided else labels
+    fusion = None
+    if discrete_ids is not None:
+        ids_in = discrete_ids
+        if guided:
+            ids_in = torch.cat([discrete_ids, torch.full_like(discrete_ids, m.null_token)])
+        fusion = stages.cond(ids_in)
+    tables = make_tables(params.diffusion_steps)
+    tokens = torch.zeros(bsz, seq_len, channels)
+    mask_lens = mask_len_schedule(seq_len, params.num_iter)
+    steps = list(zip(step_positions(order, seq_len, params.num_iter), mask_lens))
+    for (kept, pred), mask_len in tqdm(steps, desc="masked steps", disable=not progress, leave=False):
+        rep = (lambda t: torch.cat([t] * groups))
+        z = stages.mar(rep(tokens), rep(kept), rep(pred), labels_in, fusion)  # (G*B, P, Dd)
+        z = z.reshape(-1, z.shape[-1])  # (G*B*P, Dd): conditional rows first, batch-major
+        cfg_iter = cfg_for_step(params.cfg, params.cfg_schedule, mask_len, seq_len)
+        x = sample_latents(stages.diffusion, z, channels, tables, cfg_iter, params.temperature, guided, draws)
+        tokens = tokens.scatter(1, pred.unsqueeze(-1).expand(-1, -1, channels), x.reshape(bsz, -1, channels))
+    return tokens
+
+
+@dataclass
+class Generation:
+    images: Tensor  # (B, 3, H, W) in [-1, 1]
+    latents: Tensor  # (B, c, h, w) VAE latents (already divided by LATENT_SCALE)
+    discrete_ids: Tensor | None  # (B, N) stage-1 tokens, None for plain MAR
+
+
+@torch.no_grad()
+def generate_with(stages: Stages, labels: Tensor, params: SamplingParams, draws: Draws,
+                  progress: bool = False) -> Generation:
+    """Run all stages for `labels` (B,) with randomness from `draws` (order in the module docstring)."""
+    config = stages.config
+    labels = torch.as_tensor(labels, dtype=torch.int64).view(-1)
+    if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= config.num_classes:
+        raise ValueError(f"class labels must be in [0, {config.num_classes - 1}], got {labels.tolist()}")
+    discrete = sample_discrete(stages, labels, params, draws) if config.gpt is not None else None
+    tokens = sample_tokens(stages, labels, discrete, params, draws, progress)
+    m = config.mar
+    latents = unpatchify(tokens, m.patch_size, m.vae_embed_dim) / LATENT_SCALE
+    images = stages.vae(latents).clamp(-1, 1)
+    return Generation(images=images, latents=latents, discrete_ids=discrete)
+
+
+def generate(model: D2C, labels: Tensor | list[int], seed: int = 0, cfg: float = 4.0, num_iter: int = 64,
+             diffusion_steps: int = 100, progress: bool = False, **kwargs) -> Tensor:
+    """Reference text-to-image entry point: class labels -> images (B, 3, H, W) in [-1, 1]."""
+    params = SamplingParams(cfg=cfg, num_iter=num_iter, diffusion_steps=diffusion_steps, **kwargs)
+    return generate_with(TorchStages(model), torch.as_tensor(labels), params, TorchDraws(seed), progress).images

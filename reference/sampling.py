@@ -1,0 +1,193 @@
+"""Sampling math shared by the reference pipeline and every runtime backend: small pure functions."""
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomness. Every random number of a generation comes from one `Draws` object, in the order
+# documented in `reference/pipeline.py`. Models never draw.
+# ----------------------------------------------------------------------------------------------
+class Draws(Protocol):
+    """A source of random numbers: a seeded generator, or a replay of recorded draws."""
+
+    def uniform(self, shape: Sequence[int]) -> Tensor: ...
+    def normal(self, shape: Sequence[int]) -> Tensor: ...
+    def permutation(self, n: int) -> Tensor: ...
+
+
+class TorchDraws:
+    """Draws from one CPU `torch.Generator` seeded once; identical on every machine and backend."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    def uniform(self, shape: Sequence[int]) -> Tensor:
+        """float64 uniforms in [0, 1): float64 so that inverse-CDF sampling resolves tiny probabilities."""
+        return torch.rand(tuple(shape), generator=self.generator, dtype=torch.float64)
+
+    def normal(self, shape: Sequence[int]) -> Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
+
+    def permutation(self, n: int) -> Tensor:
+        return torch.randperm(n, generator=self.generator, dtype=torch.int64)
+
+
+class ReplayDraws:
+    """Returns recorded draws in order and checks each has the shape the caller asks for."""
+
+    def __init__(self, records: Sequence[tuple[str, Tensor]]):
+        self._records = list(records)
+        self._next = 0
+
+    def _pop(self, kind: str, shape: Sequence[int]) -> Tensor:
+        if self._next >= len(self._records):
+            raise IndexError(f"replay exhausted: asked for {kind}{tuple(shape)} after {self._next} draws")
+        rec_kind, value = self._records[self._next]
+        if rec_kind != kind or tuple(value.shape) != tuple(shape):
+            raise ValueError(f"draw {self._next}: asked for {kind}{tuple(shape)}, "
+                             f"recorded {rec_kind}{tuple(value.shape)}")
+        self._next += 1
+        return value
+
+    def uniform(self, shape: Sequence[int]) -> Tensor:
+        return self._pop("uniform", shape).to(torch.float64)
+
+    def normal(self, shape: Sequence[int]) -> Tensor:
+        return self._pop("normal", shape).to(torch.float32)
+
+    def permutation(self, n: int) -> Tensor:
+        return self._pop("permutation", (n,)).to(torch.int64)
+
+    @property
+    def exhausted(self) -> bool:
+        return self._next == len(self._records)
+
+
+def uniform_for_outcome(probs: Tensor, index: Tensor) -> Tensor:
+    """The uniform that `sample_from_uniform` maps to `index`: the middle of its CDF interval.
+
+    Used to replay a recorded categorical draw (e.g. `torch.multinomial`) through our sampler.
+    """
+    probs = probs.to(torch.float64)
+    cdf = probs.cumsum(-1) / probs.sum(-1, keepdim=True)  # (B, V)
+    hi = cdf.gather(-1, index.view(-1, 1)).squeeze(-1)
+    lo = hi - (probs.gather(-1, index.view(-1, 1)).squeeze(-1) / probs.sum(-1))
+    return (lo + hi) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Discrete sampling (stage 1): logits -> probabilities -> ids, following LlamaGen's `sample`.
+# ----------------------------------------------------------------------------------------------
+MIN_TEMPERATURE = 1e-5
+
+
+def guide_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """LlamaGen's classifier-free guidance on logits: uncond + (cond - uncond) * scale."""
+    return uncond + (cond - uncond) * scale
+
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """(B, V) logits -> (B, V) float32 probabilities after temperature, top-k and top-p filtering.
+
+    Top-k removes every logit strictly below the k-th largest; top-p keeps the smallest prefix of
+    the sorted distribution whose mass reaches `top_p` (the first token always kept).
+    """
+    logits = logits.float() / max(temperature, MIN_TEMPERATURE)
+    if top_k > 0:
+        k = min(max(top_k, 1), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cum = F.softmax(sorted_logits, dim=-1).cumsum(-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return F.softmax(logits, dim=-1)
+
+
+def sample_from_uniform(probs: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling: (B, V) probabilities and (B,) uniforms in [0, 1) -> (B,) int64 ids.
+
+    Tokens of zero probability are never chosen.
+    """
+    probs = probs.to(torch.float64)
+    cdf = probs.cumsum(-1)  # (B, V)
+    target = u.to(torch.float64).clamp(min=1e-300) * cdf[..., -1]
+    idx = (cdf < target.unsqueeze(-1)).sum(-1)
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked autoregressive schedule (stage 2), following MAR's `sample_tokens`.
+# ----------------------------------------------------------------------------------------------
+class CfgSchedule(str, Enum):
+    LINEAR = "linear"
+    CONSTANT = "constant"
+
+
+def mask_len_schedule(seq_len: int, num_iter: int) -> list[int]:
+    """Tokens that stay masked after each step: cosine schedule clamped to [1, masked - 1].
+
+    On the final step the value is clamped up to 1 but every remaining token is predicted.
+    """
+    if num_iter < 1 or num_iter > seq_len:
+        raise ValueError(f"num_iter must be in [1, {seq_len}], got {num_iter}")
+    masked = seq_len
+    out = []
+    for step in range(num_iter):
+        raw = math.floor(seq_len * math.cos(math.pi / 2.0 * (step + 1) / num_iter))
+        mask_len = max(1, min(masked - 1, raw))
+        out.append(mask_len)
+        masked = mask_len
+    return out
+
+
+def tokens_per_step(seq_len: int, num_iter: int) -> list[int]:
+    """How many tokens each step predicts, per image (sums to seq_len)."""
+    lens = mask_len_schedule(seq_len, num_iter)
+    before = [seq_len] + lens[:-1]
+    counts = [b - a for b, a in zip(before, lens)]
+    counts[-1] = before[-1]
+    return counts
+
+
+def cfg_for_step(cfg: float, schedule: CfgSchedule | str, mask_len: int, seq_len: int) -> float:
+    """Guidance scale of one step: MAR's linear ramp 1 + (cfg - 1) * (seq_len - mask_len) / seq_len.
+
+    Computed in float32 like the official code, so the value matches it exactly.
+    """
+    schedule = CfgSchedule(schedule)
+    if schedule is CfgSchedule.CONSTANT:
+        return float(cfg)
+    m = torch.tensor([float(mask_len)], dtype=torch.float32)
+    return float((1 + (cfg - 1) * (seq_len - m) / seq_len)[0])
+
+
+def step_positions(order: Tensor, seq_len: int, num_iter: int) -> list[tuple[Tensor, Tensor]]:
+    """Per step, (kept, to_predict): sorted position indices of each image, (B, K) and (B, P).
+
+    `order` (B, L) is each image's generation order; the first `mask_len` entries of the order stay
+    masked after a step. Positions are sorted ascending, the order MAR's `nonzero` gathers use.
+    """
+    bsz = order.shape[0]
+    lens = mask_len_schedule(seq_len, num_iter)
+    masked_before = seq_len
+    out = []
+    for step, mask_len in enumerate(lens):
+        kept = order[:, masked_before:]  # tokens already predicted
+        if step == num_iter - 1:
+            pred = order[:, :masked_before]
+        else:
+            pred = order[:, mask_len:masked_before]
+        out.append((kept.sort(-1).values.reshape(bsz, -1), pred.sort(-1).values.reshape(bsz, -1)))
+        masked_before = mask_len
+    return out

@@ -1,0 +1,64 @@
+"""Pure sampling functions: schedules against MAR's recordings, discrete sampling from uniforms."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reference.sampling import (ReplayDraws, TorchDraws, cfg_for_step, logits_to_probs, mask_len_schedule,
+                                sample_from_uniform, step_positions, tokens_per_step, uniform_for_outcome)
+
+
+@pytest.mark.parametrize("num_iter", ["16", "32", "64", "256"])
+def test_mask_and_cfg_schedule_match_official(official_dir, num_iter):
+    rec = json.loads((official_dir / "mar_schedule.json").read_text())
+    seq_len, cfg = rec["seq_len"], rec["cfg"]
+    r = rec["schedules"][num_iter]
+    lens = mask_len_schedule(seq_len, int(num_iter))
+    assert lens == r["mask_len"]
+    assert tokens_per_step(seq_len, int(num_iter)) == r["n_pred"]
+    assert [cfg_for_step(cfg, "linear", m, seq_len) for m in lens] == r["cfg_iter"]
+    assert cfg_for_step(cfg, "constant", 7, seq_len) == cfg
+
+
+def test_step_positions_partition_the_sequence():
+    order = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(s)) for s in range(3)])
+    seen = torch.zeros(3, 16, dtype=torch.int64)
+    for kept, pred in step_positions(order, 16, 5):
+        assert bool((seen.gather(1, kept) == 1).all()), "kept tokens must all be generated already"
+        assert bool((seen.gather(1, pred) == 0).all())
+        seen.scatter_(1, pred, 1)
+    assert bool((seen == 1).all())
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    probs = logits_to_probs(logits, top_k=2)
+    assert (probs[0, 2:] == 0).all() and torch.isclose(probs.sum(), torch.tensor(1.0))
+    full = logits_to_probs(logits)
+    probs = logits_to_probs(logits, top_p=float(full[0, 0]) + 1e-4)  # the first token alone is not enough
+    assert (probs[0, :2] > 0).all() and (probs[0, 2:] == 0).all()
+    cold = logits_to_probs(logits, temperature=0.0)
+    assert float(cold[0, 0]) == pytest.approx(1.0)
+
+
+def test_inverse_cdf_sampling_and_replay():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.25, 0.25, 0.25, 0.25]])
+    assert sample_from_uniform(probs, torch.tensor([0.0, 0.0])).tolist() == [1, 0]
+    assert sample_from_uniform(probs, torch.tensor([0.75, 0.99])).tolist() == [3, 3]
+    idx = torch.tensor([3, 2])
+    assert sample_from_uniform(probs, uniform_for_outcome(probs, idx)).tolist() == [3, 2]
+    draws = TorchDraws(0)
+    u = draws.uniform((20000,))
+    hist = torch.bincount(sample_from_uniform(probs[1:].expand(20000, -1), u), minlength=4).float() / 20000
+    assert torch.allclose(hist, torch.full((4,), 0.25), atol=0.02)
+
+
+def test_draws_are_seeded_and_replay_checks_shapes():
+    a, b, c = TorchDraws(1), TorchDraws(1), TorchDraws(2)
+    assert torch.equal(a.normal((4,)), b.normal((4,)))
+    assert not torch.equal(TorchDraws(1).normal((4,)), c.normal((4,)))
+    replay = ReplayDraws([("normal", torch.zeros(2, 3))])
+    with pytest.raises(ValueError):
+        replay.normal((3, 2))
