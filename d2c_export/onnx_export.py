@@ -1,0 +1,124 @@
+"""Stage-by-stage ONNX export with `torch.onnx.export(dynamo=True)`, graph checks and atomic writes.
+
+Exporter: the `torch.export`-based ONNX exporter (`dynamo=True`). It is the maintained path of
+PyTorch (the TorchScript exporter is deprecated), it takes the dynamic axes as `torch.export.Dim`
+ranges that are verified while tracing, and it writes graphs above 2 GB with external data.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from d2c_export.manifest import EngineError, Manifest, StageEntry, sha256_file
+from d2c_export.stages import DEFAULT_MAX_BATCH, StageSpec, stages_for
+from reference.model import D2C
+
+log = logging.getLogger(__name__)
+for _noisy in ("torch.onnx", "onnx_ir", "onnxscript"):  # per-op chatter of the exporter's passes
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+DEFAULT_OPSET = 18
+EXPORTER = f"torch.onnx.export(dynamo=True) torch {torch.__version__}"
+EXTERNAL_DATA_BYTES = 1 << 30  # graphs whose weights exceed this keep them in a `.onnx.data` file
+
+
+def graph_name(stage: str, precision: str = "fp32") -> str:
+    return f"{stage}.onnx" if precision == "fp32" else f"{stage}.{precision}.onnx"
+
+
+def io_specs(spec: StageSpec, model_config) -> tuple[list[dict], list[dict]]:
+    as_dict = lambda t: {"name": t.name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}  # noqa: E731
+    return ([as_dict(t) for t in spec.input_specs(model_config)], [as_dict(t) for t in spec.output_specs(model_config)])
+
+
+def _dynamic_shapes(spec: StageSpec, config, max_batch: int) -> tuple[dict[int, torch.export.Dim] | None, ...]:
+    """Positional `torch.export` dynamic shapes: one Dim per axis name, shared by every input using it."""
+    profile = spec.profile(config, max_batch)
+    dims = {axis: torch.export.Dim(axis, min=lo, max=hi) for axis, (lo, _, hi) in profile.items()}
+    return tuple(({i: dims[a] for i, a in t.dynamic_axes.items()} or None) for t in spec.input_specs(config))
+
+
+def check_graph(path: Path, spec: StageSpec, config) -> None:
+    """onnx checker, shape inference, and every intended dynamic axis symbolic, every static one fixed."""
+    onnx.checker.check_model(str(path), full_check=False)
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    graph_io = {v.name: v for v in list(inferred.graph.input) + list(inferred.graph.output)}
+    for t in spec.input_specs(config) + spec.output_specs(config):
+        if t.name not in graph_io:
+            raise EngineError(f"{path.name}: graph has no tensor {t.name!r}")
+        dims = graph_io[t.name].type.tensor_type.shape.dim
+        if len(dims) != len(t.shape):
+            raise EngineError(f"{path.name}: {t.name} has rank {len(dims)}, expected {len(t.shape)}")
+        for i, (d, want) in enumerate(zip(dims, t.shape)):
+            if isinstance(want, str) and not d.dim_param:
+                raise EngineError(f"{path.name}: axis {i} ({want}) of {t.name} is fixed to {d.dim_value}, "
+                                  "expected a symbolic dimension")
+            if isinstance(want, int) and d.dim_value != want:
+                raise EngineError(f"{path.name}: axis {i} of {t.name} is {d.dim_param or d.dim_value}, expected {want}")
+
+
+def export_stage(model: D2C, spec: StageSpec, out_dir: Path, opset: int = DEFAULT_OPSET,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> StageEntry:
+    """Export one stage to `out_dir/<stage>.onnx` (plus `.onnx.data` when large); returns its manifest entry."""
+    config = model.config
+    wrapper: nn.Module = spec.wrapper(model).eval()
+    feeds = spec.example_inputs(config)
+    inputs = spec.input_specs(config)
+    outputs = spec.output_specs(config)
+    args = tuple(feeds[t.name] for t in inputs)
+    big = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > EXTERNAL_DATA_BYTES
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{spec.name}.") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tmp_graph = Path(tmp) / graph_name(spec.name)
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, opset_version=opset, verbose=False,
+                input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
+                dynamic_shapes=_dynamic_shapes(spec, config, max_batch))
+        program.save(str(tmp_graph), external_data=big)
+        check_graph(tmp_graph, spec, config)
+        files = sorted(Path(tmp).iterdir(), key=lambda p: p.suffix == ".onnx")  # data first, graph last
+        names = {}
+        for f in files:
+            names[f.name] = sha256_file(f)
+            os.replace(f, out_dir / f.name)
+    main = graph_name(spec.name)
+    ins, outs = io_specs(spec, config)
+    return StageEntry(files={main: names[main], **{k: v for k, v in names.items() if k != main}}, precision="fp32",
+                      inputs=ins, outputs=outs, opset=opset,
+                      profile={a: list(r) for a, r in spec.profile(config, max_batch).items()})
+
+
+def export_model(model: D2C, out_dir: str | Path, source: dict, stages: str | list[str] = "all",
+                 opset: int = DEFAULT_OPSET, max_batch: int = DEFAULT_MAX_BATCH, progress: bool = True) -> Manifest:
+    """Export the chosen stages and write/refresh `manifest.json`; stale stages of another model are dropped."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = model.config.to_dict()
+    try:
+        manifest = Manifest.load(out_dir)
+        if manifest.config != config_dict or manifest.source != source or manifest.max_batch != max_batch:
+            manifest = None
+    except EngineError:
+        manifest = None
+    manifest = manifest or Manifest(config=config_dict, source=source, max_batch=max_batch, exporter=EXPORTER)
+    specs = stages_for(model.config, stages)
+    bar = tqdm(specs, desc="export", unit="stage", disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        start = time.perf_counter()
+        entry = export_stage(model, spec, out_dir, opset, max_batch)
+        manifest.stages.setdefault(spec.name, {})["onnx-fp32"] = entry
+        manifest.save(out_dir)
+        log.info("exported %s in %.1f s -> %s", spec.name, time.perf_counter() - start, ", ".join(entry.files))
+    return manifest
+

@@ -1,0 +1,165 @@
+"""The runtime: stage backends behind one interface, feeding the shared generation loop."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import Tensor
+
+from d2c_export.manifest import EngineError, Manifest
+from d2c_export.sources import model_from_source
+from d2c_export.stages import STAGES, stages_for
+from reference.model import D2CConfig
+from reference.pipeline import Generation, SamplingParams, TorchStages, generate_with
+from reference.sampling import TorchDraws
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "ort", "torch")
+
+
+class OrtStage:
+    """One ONNX Runtime session, created once, run through IO binding (`run(feeds) -> outputs`)."""
+
+    def __init__(self, path: Path, providers: list[str]):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
+            raise EngineError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+
+@dataclass
+class StageTimer:
+    """Wall time spent inside each stage's calls."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[name] += time.perf_counter() - start
+            self.calls[name] += 1
+            return out
+        return timed
+
+
+class OrtStages:
+    """The stages of an engines directory on ONNX Runtime; same interface as `reference.pipeline.TorchStages`."""
+
+    def __init__(self, engines: Path, manifest: Manifest, precision: str = "fp32", providers: list[str] | None = None):
+        self.config: D2CConfig = manifest.d2c_config
+        self.max_batch = manifest.max_batch
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions: dict[str, OrtStage] = {}
+        for spec in stages_for(self.config):
+            entry = manifest.entry(spec.name, f"onnx-{precision}", engines)
+            self.sessions[spec.name] = OrtStage(engines / entry.main_file, providers)
+        self.providers = self.sessions["mar"].session.get_providers()
+
+    def _run(self, stage: str, *args: Tensor | None) -> list[Tensor]:
+        specs = STAGES[stage].input_specs(self.config)
+        feeds = {s.name: a.numpy() for s, a in zip(specs, args) if a is not None}
+        out = self.sessions[stage].run(feeds)
+        return [torch.from_numpy(out[s.name]) for s in STAGES[stage].output_specs(self.config)]
+
+    def gpt(self, ids, input_pos, k_cache, v_cache):
+        return tuple(self._run("gpt", ids, input_pos, k_cache, v_cache))
+
+    def cond(self, ids):
+        return self._run("cond", ids)[0]
+
+    def mar(self, tokens, kept, pred, labels, fusion):
+        return self._run("mar", tokens, kept, pred, labels, fusion)[0]
+
+    def diffusion(self, x, t, z, noise, cfg, temperature, coefs):
+        return self._run("diffusion", x, t, z, noise, cfg, temperature, coefs)[0]
+
+    def vae(self, latents):
+        return self._run("vae", latents)[0]
+
+
+def open_backend(engines: str | Path, backend: str = "auto", precision: str = "fp32"):
+    """Stages for `backend` over the engines in `engines`; returns (stages, description).
+
+    `auto` picks ONNX Runtime (CUDA provider when present). An explicitly requested backend that is
+    unavailable is an error, never a silent fallback.
+    """
+    engines = Path(engines)
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    manifest = Manifest.load(engines)
+    if backend == "torch":
+        model = model_from_source(manifest.d2c_config, manifest.source)
+        return TorchStages(model), "PyTorch reference (fp32, cpu)"
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
+        if "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"]
+    stages = OrtStages(engines, manifest, precision, providers)
+    return stages, f"ONNX Runtime {ort.__version__} ({precision}) with {stages.providers[0]}"
+
+
+def check_request(config: D2CConfig, max_batch: int, labels: list[int]) -> None:
+    """Refuse what the exported graphs cannot run, before any work."""
+    bad = [c for c in labels if not 0 <= c < config.num_classes]
+    if bad:
+        raise EngineError(f"class {bad[0]} is out of range: this model has classes 0..{config.num_classes - 1}")
+    if len(labels) > max_batch:
+        raise EngineError(f"{len(labels)} images in one batch exceeds the exported profile (max batch {max_batch}); "
+                          f"use --num-images <= {max_batch} or re-export with a larger --max-batch")
+
+
+def generate_images(stages, labels: list[int], params: SamplingParams, seed: int,
+                    max_batch: int | None = None, progress: bool = False) -> tuple[Generation, StageTimer]:
+    """Run the shared generation loop on `stages`, timing each stage's calls."""
+    check_request(stages.config, max_batch or len(labels), labels)
+    timer = StageTimer()
+    timed = _TimedStages(stages, timer)
+    result = generate_with(timed, torch.tensor(labels), params, TorchDraws(seed), progress=progress)
+    return result, timer
+
+
+class _TimedStages:
+    def __init__(self, stages, timer: StageTimer):
+        self.config = stages.config
+        for name in STAGES:
+            setattr(self, name, timer.wrap(name, getattr(stages, name)))
+
+
+def save_images(images: Tensor, path: str | Path) -> Path:
+    """Write (B, 3, H, W) images in [-1, 1] as one PNG (a grid when B > 1), atomically."""
+    from PIL import Image
+
+    from d2c_export.manifest import atomic_path
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    b, h, w, _ = x.shape
+    cols = int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / cols))
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i in range(b):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = x[i]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+    return path

@@ -1,0 +1,127 @@
+"""Bad input gets one clear line, a non-zero exit, and writes nothing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from d2c_export.cli import export_main, run_main
+from d2c_export.manifest import MANIFEST, sha256_file
+from reference.checkpoint import save_checkpoint
+from reference.model import D2C, get_config
+
+
+def run_cli(main, argv, capsys) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def files_in(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")} if path.exists() else set()
+
+
+def test_class_out_of_range(tiny_engines_copy, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    code, err = run_cli(run_main, ["--engines", str(tiny_engines_copy), "--class", "10", "--out", str(out),
+                                   "--quiet"], capsys)
+    assert_one_line_error(code, err, "class 10", "0..9")
+    assert not out.exists()
+
+
+def test_batch_above_exported_profile(tiny_engines_copy, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    code, err = run_cli(run_main, ["--engines", str(tiny_engines_copy), "--class", "1", "--num-images", "5",
+                                   "--out", str(out), "--quiet"], capsys)
+    assert_one_line_error(code, err, "max batch 4")
+    assert not out.exists()
+
+
+def test_missing_engines_directory(tmp_path, capsys):
+    code, err = run_cli(run_main, ["--engines", str(tmp_path / "nope"), "--class", "1",
+                                   "--out", str(tmp_path / "x.png")], capsys)
+    assert_one_line_error(code, err, "does not exist", "d2c-export onnx")
+    assert files_in(tmp_path) == set()
+
+
+def test_manifest_hash_mismatch(tiny_engines_copy, tmp_path, capsys):
+    graph = tiny_engines_copy / "mar.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    out = tmp_path / "img.png"
+    code, err = run_cli(run_main, ["--engines", str(tiny_engines_copy), "--class", "1", "--out", str(out),
+                                   "--backend", "ort", "--quiet"], capsys)
+    assert_one_line_error(code, err, "mar.onnx", "sha256", "d2c-export onnx")
+    assert not out.exists()
+
+
+def test_truncated_onnx_file(tiny_engines_copy, tmp_path, capsys):
+    graph = tiny_engines_copy / "vae.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    out = tmp_path / "img.png"
+    code, err = run_cli(run_main, ["--engines", str(tiny_engines_copy), "--class", "1", "--out", str(out),
+                                   "--quiet"], capsys)
+    assert_one_line_error(code, err, "vae.onnx")  # caught by the hash before loading
+    # Even with a manifest rewritten to the truncated file's hash, loading fails with one clear line.
+    manifest = json.loads((tiny_engines_copy / MANIFEST).read_text())
+    manifest["stages"]["vae"]["onnx-fp32"]["files"]["vae.onnx"] = sha256_file(graph)
+    (tiny_engines_copy / MANIFEST).write_text(json.dumps(manifest))
+    code, err = run_cli(run_main, ["--engines", str(tiny_engines_copy), "--class", "1", "--out", str(out),
+                                   "--quiet"], capsys)
+    assert_one_line_error(code, err, "cannot load", "vae.onnx")
+    assert not out.exists()
+
+
+@pytest.fixture()
+def tiny_checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(D2C(get_config("d2c-tiny")), tmp_path / "tiny.safetensors")
+
+
+def _rewrite(path: Path, edit) -> Path:
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda s: s.pop("mar.z_proj.weight"), "mar.z_proj.weight"),
+    (lambda s: s.__setitem__("mar.z_proj.weight", torch.zeros(3, 3)), "mar.z_proj.weight"),
+])
+def test_checkpoint_with_missing_or_misshaped_keys(tiny_checkpoint, tmp_path, capsys, damage, needle):
+    _rewrite(tiny_checkpoint, damage)
+    out = tmp_path / "engines"
+    code, err = run_cli(export_main, ["onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(out)], capsys)
+    assert_one_line_error(code, err, needle)
+    assert files_in(out) == set()
+
+
+def test_export_from_checkpoint_records_its_hash(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "engines"
+    code, _ = run_cli(export_main, ["onnx", "--stage", "vae", "--checkpoint", str(tiny_checkpoint),
+                                    "--out", str(out)], capsys)
+    assert code == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["source"]["sha256"] == sha256_file(tiny_checkpoint)
+    assert sorted(files_in(out)) == [MANIFEST, "vae.onnx"], "no temporary files left behind"
+
+
+def test_unknown_backend_is_refused_by_the_parser(tiny_engines_copy):
+    with pytest.raises(SystemExit):
+        run_main(["--engines", str(tiny_engines_copy), "--class", "1", "--backend", "tensorflow"])
