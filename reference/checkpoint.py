@@ -69,7 +69,7 @@ def _write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[st
         for name in names:
             t = tensors[name]
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
         f.flush()
         os.fsync(f.fileno())
 
@@ -84,6 +84,7 @@ def save_checkpoint(model: D2C, path: str | Path) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         _write_safetensors(tensors, tmp, metadata)
         os.replace(tmp, path)
     except BaseException:

@@ -89,7 +89,7 @@ def diffusion_terms(head: nn.Module, target: Tensor, z: Tensor, generator: torch
 
     head(x_t, t, z) -> (N, 2C) (eps, then variance values in [-1, 1]); target (N, C); z (N, Dz).
     Draws (when not given): t (N,) ~ U{0..999} first, then noise (N, C) ~ N(0, 1), both from `generator`.
-    Returns float32 tensors "t", "noise", "mse" (N,), "vb" (N,, bits) and "loss" = mse + vb (N,).
+    Returns float32 tensors "t", "noise", "mse" (N,), "vb" (N,) in bits and "loss" = mse + vb (N,).
     The vb term sees the eps prediction detached: it trains only the variance output.
     """
     n, c = target.shape

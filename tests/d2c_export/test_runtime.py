@@ -51,3 +51,15 @@ def test_seed_changes_the_image(engines_factory):
     a, _ = generate_images(stages, [4], PARAMS, seed=0)
     b, _ = generate_images(stages, [4], PARAMS, seed=1)
     assert float((a.images - b.images).abs().max()) > 1e-2
+
+
+@pytest.mark.slow
+def test_d2c_b_shaped_model_end_to_end(tmp_path_factory):
+    """A random model of the full d2c-b architecture: export all stages, then ORT against the reference."""
+    from tests.d2c_export.conftest import build_engines
+    engines = build_engines("d2c-b", tmp_path_factory.mktemp("d2c_b"), max_batch=2)
+    params = SamplingParams(cfg=4.0, num_iter=2, diffusion_steps=3)
+    ref, _ = generate_images(open_backend(engines, "torch")[0], [88], params, seed=0)
+    got, _ = generate_images(open_backend(engines, "ort")[0], [88], params, seed=0)
+    assert torch.equal(ref.discrete_ids, got.discrete_ids)
+    assert float((ref.images - got.images).abs().max()) < 1e-3
