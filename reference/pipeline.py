@@ -100,7 +100,8 @@ def empty_gpt_cache(config: D2CConfig, rows: int) -> tuple[Tensor, Tensor]:
     return torch.zeros(shape), torch.zeros(shape)
 
 
-def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draws: Draws) -> Tensor:
+def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draws: Draws,
+                    progress: bool = False) -> Tensor:
     """Stage 1: (B,) labels -> (B, block_size) token ids, LlamaGen's prefill + one-token decode."""
     g = stages.config.gpt
     bsz = labels.shape[0]
@@ -110,7 +111,7 @@ def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draw
     k_cache, v_cache = empty_gpt_cache(stages.config, rows)
     logits, k_cache, v_cache = stages.gpt(ids.view(rows, 1), torch.tensor([0]), k_cache, v_cache)
     out = []
-    for i in range(g.block_size):
+    for i in tqdm(range(g.block_size), desc="discrete tokens", disable=not progress, leave=False):
         last = logits[:, -1].float()  # (rows, V)
         if guided:
             last = guide_logits(last[:bsz], last[bsz:], params.discrete_cfg)
@@ -182,7 +183,7 @@ def generate_with(stages: Stages, labels: Tensor, params: SamplingParams, draws:
     labels = torch.as_tensor(labels, dtype=torch.int64).view(-1)
     if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= config.num_classes:
         raise ValueError(f"class labels must be in [0, {config.num_classes - 1}], got {labels.tolist()}")
-    discrete = sample_discrete(stages, labels, params, draws) if config.gpt is not None else None
+    discrete = sample_discrete(stages, labels, params, draws, progress) if config.gpt is not None else None
     tokens = sample_tokens(stages, labels, discrete, params, draws, progress)
     m = config.mar
     latents = unpatchify(tokens, m.patch_size, m.vae_embed_dim) / LATENT_SCALE

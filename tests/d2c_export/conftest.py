@@ -5,18 +5,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from d2c_export.onnx_export import export_model
-from reference.model import D2C, get_config
+from d2c_export.sources import model_from_args
 
 TINY_CONFIGS = ("d2c-tiny", "d2c-tiny-cross_attn", "d2c-tiny-none")
 
 
 def build_engines(name: str, out: Path, max_batch: int = 4, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = D2C(get_config(name)).eval()
-    export_model(model, out, {"random_init_seed": seed}, max_batch=max_batch, progress=False)
+    model, source = model_from_args(name, None, seed)
+    export_model(model, out, source, max_batch=max_batch, progress=False)
     return out
 
 
