@@ -272,6 +272,17 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
+def make_codec(a, z_channels: int, double_z: bool) -> tuple[Encoder, Decoder]:
+    """Encoder and Decoder of an autoencoder's args (VAEArgs or VQArgs share these fields)."""
+    encoder = Encoder(ch=a.ch, ch_mult=a.ch_mult, num_res_blocks=a.num_res_blocks,
+                      attn_resolutions=a.attn_resolutions, resolution=a.resolution,
+                      in_channels=a.in_channels, z_channels=z_channels, double_z=double_z, dropout=a.dropout)
+    decoder = Decoder(ch=a.ch, ch_mult=a.ch_mult, num_res_blocks=a.num_res_blocks,
+                      attn_resolutions=a.decoder_attn_resolutions, resolution=a.resolution,
+                      out_ch=a.out_ch, z_channels=z_channels, dropout=a.dropout)
+    return encoder, decoder
+
+
 class AutoencoderKL(nn.Module):
     """MAR's AutoencoderKL; `forward(z)` is the decode path exported as the `vae` stage."""
 
@@ -279,12 +290,7 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.args = args
         a = args
-        self.encoder = Encoder(ch=a.ch, ch_mult=a.ch_mult, num_res_blocks=a.num_res_blocks,
-                               attn_resolutions=a.attn_resolutions, resolution=a.resolution,
-                               in_channels=a.in_channels, z_channels=a.embed_dim, double_z=True, dropout=a.dropout)
-        self.decoder = Decoder(ch=a.ch, ch_mult=a.ch_mult, num_res_blocks=a.num_res_blocks,
-                               attn_resolutions=a.decoder_attn_resolutions, resolution=a.resolution,
-                               out_ch=a.out_ch, z_channels=a.embed_dim, dropout=a.dropout)
+        self.encoder, self.decoder = make_codec(a, a.embed_dim, double_z=True)
         mult = 2 if a.use_variational else 1
         self.quant_conv = nn.Conv2d(2 * a.embed_dim, mult * a.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(a.embed_dim, a.embed_dim, 1)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reference.vae import NORM_GROUPS, Decoder, Encoder
+from reference.vae import NORM_GROUPS, make_codec
 
 
 @dataclass
@@ -105,12 +105,7 @@ class VQModel(nn.Module):
         super().__init__()
         self.args = args
         a = args
-        self.encoder = Encoder(ch=a.ch, ch_mult=a.ch_mult, num_res_blocks=a.num_res_blocks,
-                               attn_resolutions=a.attn_resolutions, resolution=a.resolution,
-                               in_channels=a.in_channels, z_channels=a.z_channels, double_z=False, dropout=a.dropout)
-        self.decoder = Decoder(ch=a.ch, ch_mult=a.ch_mult, num_res_blocks=a.num_res_blocks,
-                               attn_resolutions=a.decoder_attn_resolutions, resolution=a.resolution,
-                               out_ch=a.out_ch, z_channels=a.z_channels, dropout=a.dropout)
+        self.encoder, self.decoder = make_codec(a, a.z_channels, double_z=False)
         self.quant_conv = nn.Conv2d(a.z_channels, a.codebook_embed_dim, 1)
         self.quantize = VectorQuantizer(a.codebook_size, a.codebook_embed_dim, a.beta)
         self.post_quant_conv = nn.Conv2d(a.codebook_embed_dim, a.z_channels, 1)
