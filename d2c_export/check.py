@@ -43,6 +43,12 @@ def compare(got: np.ndarray, ref: np.ndarray) -> Comparison:
     return Comparison(max_abs, max_abs / scale if scale > 0 else max_abs, rel_l2, cosine, finite)
 
 
+def psnr(got: np.ndarray, ref: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak: the full range); inf when equal."""
+    mse = float(np.mean((np.asarray(got, dtype=np.float64) - np.asarray(ref, dtype=np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+
+
 def parity_sizes(spec: StageSpec, config: D2CConfig) -> list[dict[str, int]]:
     """The export example's sizes plus two others: the profile minimum and an odd size above opt."""
     profile = spec.profile(config)

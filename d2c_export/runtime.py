@@ -22,15 +22,16 @@ from reference.sampling import TorchDraws
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "ort", "torch")
+BACKENDS = ("auto", "trt", "ort", "torch")
 
 
 class OrtStage:
     """One ONNX Runtime session, created once, run through IO binding (`run(feeds) -> outputs`)."""
 
-    def __init__(self, path: Path, providers: list[str]):
+    def __init__(self, path: Path, providers: list[str], threads: int = 0):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per physical core)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
@@ -50,17 +51,20 @@ class OrtStage:
 
 @dataclass
 class StageTimer:
-    """Wall time spent inside each stage's calls."""
+    """Wall time spent inside each stage's calls: totals, call counts, and every call's duration."""
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    durations: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            self.seconds[name] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[name] += elapsed
             self.calls[name] += 1
+            self.durations[name].append(elapsed)
             return out
         return timed
 
@@ -68,14 +72,15 @@ class StageTimer:
 class OrtStages:
     """The stages of an engines directory on ONNX Runtime; same interface as `reference.pipeline.TorchStages`."""
 
-    def __init__(self, engines: Path, manifest: Manifest, precision: str = "fp32", providers: list[str] | None = None):
+    def __init__(self, engines: Path, manifest: Manifest, precision: str = "fp32", providers: list[str] | None = None,
+                 threads: int = 0):
         self.config: D2CConfig = manifest.d2c_config
         self.max_batch = manifest.max_batch
         providers = providers or ["CPUExecutionProvider"]
         self.sessions: dict[str, OrtStage] = {}
         for spec in stages_for(self.config):
             entry = manifest.entry(spec.name, f"onnx-{precision}", engines)
-            self.sessions[spec.name] = OrtStage(engines / entry.main_file, providers)
+            self.sessions[spec.name] = OrtStage(engines / entry.main_file, providers, threads)
         self.providers = self.sessions["mar"].session.get_providers()
 
     def _run(self, stage: str, *args: Tensor | None) -> list[Tensor]:
@@ -100,11 +105,14 @@ class OrtStages:
         return self._run("vae", latents)[0]
 
 
-def open_backend(engines: str | Path, backend: str = "auto", precision: str = "fp32"):
+def open_backend(engines: str | Path, backend: str = "auto", precision: str = "fp32", threads: int = 0):
     """Stages for `backend` over the engines in `engines`; returns (stages, description).
 
-    `auto` picks ONNX Runtime (CUDA provider when present). An explicitly requested backend that is
-    unavailable is an error, never a silent fallback.
+    `threads` sets ONNX Runtime's intra-op threads (0: its default).
+
+    `auto` picks TensorRT when plans of `precision` exist and TensorRT and a CUDA device are present, else
+    ONNX Runtime (CUDA provider when present). An explicitly requested backend that is unavailable is an
+    error, never a silent fallback.
     """
     engines = Path(engines)
     if backend not in BACKENDS:
@@ -113,9 +121,13 @@ def open_backend(engines: str | Path, backend: str = "auto", precision: str = "f
     if backend == "torch":
         model = model_from_source(manifest.d2c_config, manifest.source)
         return TorchStages(model), "PyTorch reference (fp32, cpu)"
+    from d2c_export import trt_backend  # imports tensorrt only when plans are opened
+    if backend == "trt" or (backend == "auto" and trt_backend.trt_usable(manifest, precision)):
+        stages = trt_backend.TrtStages(engines, manifest, precision)
+        return stages, stages.description
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
         if "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"]
-    stages = OrtStages(engines, manifest, precision, providers)
+    stages = OrtStages(engines, manifest, precision, providers, threads)
     return stages, f"ONNX Runtime {ort.__version__} ({precision}) with {stages.providers[0]}"
 
 
@@ -130,10 +142,11 @@ def check_request(config: D2CConfig, max_batch: int, labels: list[int]) -> None:
 
 
 def generate_images(stages, labels: list[int], params: SamplingParams, seed: int,
-                    max_batch: int | None = None, progress: bool = False) -> tuple[Generation, StageTimer]:
-    """Run the shared generation loop on `stages`, timing each stage's calls."""
+                    max_batch: int | None = None, progress: bool = False,
+                    timer: StageTimer | None = None) -> tuple[Generation, StageTimer]:
+    """Run the shared generation loop on `stages`, timing each stage's calls (into `timer` when given)."""
     check_request(stages.config, max_batch or len(labels), labels)
-    timer = StageTimer()
+    timer = StageTimer() if timer is None else timer
     timed = _TimedStages(stages, timer)
     result = generate_with(timed, torch.tensor(labels), params, TorchDraws(seed), progress=progress)
     return result, timer

@@ -6,7 +6,7 @@ runs the same sampling math.
 
 Draw order (DESIGN.md section 4). One `Draws` object supplies, in this order:
   1. Discrete stage (absent for plain MAR): for each of the `block_size` tokens, one
-     `uniform((B,))` that picks the token by inverse CDF.
+     `uniform((B, V))` that picks the token by Gumbel-max over the vocabulary.
   2. Generation orders: one `permutation(L)` per image, in batch order.
   3. For each masked step, MAR's `DiffLoss.sample` sequence: one `normal((N, C))` starting
      noise for the N = B * P predicted tokens (with guidance it is shared by the unconditional
@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from reference.diffusion import DenoiseStep, DiffusionTables, make_tables
 from reference.model import D2C, D2CConfig
-from reference.sampling import (CfgSchedule, Draws, TorchDraws, cfg_for_step, guide_logits, logits_to_probs,
-                                mask_len_schedule, sample_from_uniform, step_positions)
+from reference.sampling import (CfgSchedule, Draws, TorchDraws, cfg_for_step, filter_logits, guide_logits,
+                                mask_len_schedule, sample_gumbel, step_positions)
 from reference.mar import unpatchify
 from reference.vae import LATENT_SCALE
 
@@ -115,8 +115,8 @@ def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draw
         last = logits[:, -1].float()  # (rows, V)
         if guided:
             last = guide_logits(last[:bsz], last[bsz:], params.discrete_cfg)
-        probs = logits_to_probs(last, params.gpt_temperature, params.top_k, params.top_p)
-        token = sample_from_uniform(probs, draws.uniform((bsz,)))  # (B,)
+        scores = filter_logits(last, params.gpt_temperature, params.top_k, params.top_p)  # (B, V)
+        token = sample_gumbel(scores, draws.uniform(scores.shape))  # (B,)
         out.append(token)
         if i + 1 < g.block_size:
             step_ids = torch.cat([token, token]) if guided else token

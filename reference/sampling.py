@@ -70,18 +70,6 @@ class ReplayDraws:
         return self._next == len(self._records)
 
 
-def uniform_for_outcome(probs: Tensor, index: Tensor) -> Tensor:
-    """The uniform that `sample_from_uniform` maps to `index`: the middle of its CDF interval.
-
-    Used to replay a recorded categorical draw (e.g. `torch.multinomial`) through our sampler.
-    """
-    probs = probs.to(torch.float64)
-    cdf = probs.cumsum(-1) / probs.sum(-1, keepdim=True)  # (B, V)
-    hi = cdf.gather(-1, index.view(-1, 1)).squeeze(-1)
-    lo = hi - (probs.gather(-1, index.view(-1, 1)).squeeze(-1) / probs.sum(-1))
-    return (lo + hi) / 2
-
-
 # ----------------------------------------------------------------------------------------------
 # Discrete sampling (stage 1): logits -> probabilities -> ids, following LlamaGen's `sample`.
 # ----------------------------------------------------------------------------------------------
@@ -93,11 +81,12 @@ def guide_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     return uncond + (cond - uncond) * scale
 
 
-def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """(B, V) logits -> (B, V) float32 probabilities after temperature, top-k and top-p filtering.
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """(B, V) logits -> float32 scores: divided by the temperature, filtered tokens at -inf.
 
     Top-k removes every logit strictly below the k-th largest; top-p keeps the smallest prefix of
-    the sorted distribution whose mass reaches `top_p` (the first token always kept).
+    the sorted distribution whose mass reaches `top_p` (the first token always kept). Softmax of
+    the scores is LlamaGen's sampling distribution.
     """
     logits = logits.float() / max(temperature, MIN_TEMPERATURE)
     if top_k > 0:
@@ -111,19 +100,33 @@ def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, to
         remove[..., 1:] = remove[..., :-1].clone()
         remove[..., 0] = False
         logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
-    return F.softmax(logits, dim=-1)
+    return logits
 
 
-def sample_from_uniform(probs: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF sampling: (B, V) probabilities and (B,) uniforms in [0, 1) -> (B,) int64 ids.
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """(B, V) logits -> (B, V) float32 sampling probabilities."""
+    return F.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
 
-    Tokens of zero probability are never chosen.
+
+def sample_gumbel(scores: Tensor, u: Tensor) -> Tensor:
+    """Gumbel-max sampling: (B, V) scores and (B, V) uniforms in [0, 1) -> (B,) int64 ids.
+
+    argmax(scores + Gumbel noise) draws from softmax(scores). The decision margin is the gap between
+    the two best perturbed scores, not a CDF boundary, so backends whose logits differ by float
+    rounding pick the same token except with negligible probability. Filtered tokens never win.
     """
-    probs = probs.to(torch.float64)
-    cdf = probs.cumsum(-1)  # (B, V)
-    target = u.to(torch.float64).clamp(min=1e-300) * cdf[..., -1]
-    idx = (cdf < target.unsqueeze(-1)).sum(-1)
-    return idx.clamp(max=probs.shape[-1] - 1)
+    gumbel = -torch.log(-torch.log(u.to(torch.float64).clamp(min=1e-300)))  # (B, V)
+    return (scores.to(torch.float64) + gumbel).argmax(dim=-1)
+
+
+def uniforms_for_outcome(scores: Tensor, index: Tensor) -> Tensor:
+    """(B, V) uniforms with which `sample_gumbel` picks `index`: replays a recorded categorical draw.
+
+    The chosen token gets a Gumbel value of about +36 and every other one about -3.6, enough to
+    overcome any finite score gap below 39; a filtered (-inf) token cannot be forced.
+    """
+    u = torch.full(scores.shape, 1e-16, dtype=torch.float64)
+    return u.scatter(-1, index.view(-1, 1), 1.0 - 2.0 ** -52)
 
 
 # ----------------------------------------------------------------------------------------------

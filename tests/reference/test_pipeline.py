@@ -13,7 +13,7 @@ from reference import pipeline
 from reference.gpt import GPT, GPTArgs
 from reference.model import D2C, PRESETS, get_config
 from reference.pipeline import SamplingParams, TorchStages, generate, generate_with, sample_discrete
-from reference.sampling import ReplayDraws, TorchDraws, uniform_for_outcome
+from reference.sampling import ReplayDraws, TorchDraws, uniforms_for_outcome
 from tests.reference.official import arrays, weights
 
 
@@ -40,17 +40,20 @@ def test_replayed_generate_matches_official(official_dir, monkeypatch):
     picks = [(torch.from_numpy(draws[f"generate_draw_{r['index']:03d}"]),
               torch.from_numpy(draws[f"generate_draw_{r['input_probs_index']:03d}"]))
              for r in records if r["kind"] == "torch.multinomial"]
-    replay = ReplayDraws([("uniform", uniform_for_outcome(p, i.view(-1))) for i, p in picks])
-    seen_probs = []
-    original = pipeline.logits_to_probs
-    monkeypatch.setattr(pipeline, "logits_to_probs", lambda *a, **k: seen_probs.append(original(*a, **k))
-                        or seen_probs[-1])
+    # A recorded multinomial outcome replays as the uniforms that make Gumbel-max pick it; the
+    # sampled distribution itself is compared with the recorded probabilities below.
+    replay = ReplayDraws([("uniform", uniforms_for_outcome(p, i.view(-1))) for i, p in picks])
+    seen_scores = []
+    original = pipeline.filter_logits
+    monkeypatch.setattr(pipeline, "filter_logits", lambda *a, **k: seen_scores.append(original(*a, **k))
+                        or seen_scores[-1])
     ids = sample_discrete(_GptOnlyStages(gpt.eval()), io["in_labels"],
                           SamplingParams(cfg=2.0, top_k=5, gpt_temperature=1.0), replay)
     assert replay.exhausted
     assert torch.equal(ids.to(torch.int32), io["out_generate_out"])
-    for ours, (_, recorded) in zip(seen_probs, picks):
-        torch.testing.assert_close(ours, recorded, atol=1e-5, rtol=0)
+    assert len(seen_scores) == len(picks)
+    for scores, (_, recorded) in zip(seen_scores, picks):
+        torch.testing.assert_close(scores.softmax(-1), recorded, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from reference.sampling import (ReplayDraws, TorchDraws, cfg_for_step, logits_to_probs, mask_len_schedule,
-                                sample_from_uniform, step_positions, tokens_per_step, uniform_for_outcome)
+from reference.sampling import (ReplayDraws, TorchDraws, cfg_for_step, filter_logits, logits_to_probs,
+                                mask_len_schedule, sample_gumbel, step_positions, tokens_per_step,
+                                uniforms_for_outcome)
 
 
 @pytest.mark.parametrize("num_iter", ["16", "32", "64", "256"])
@@ -43,16 +44,27 @@ def test_top_k_and_top_p_filtering():
     assert float(cold[0, 0]) == pytest.approx(1.0)
 
 
-def test_inverse_cdf_sampling_and_replay():
-    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.25, 0.25, 0.25, 0.25]])
-    assert sample_from_uniform(probs, torch.tensor([0.0, 0.0])).tolist() == [1, 0]
-    assert sample_from_uniform(probs, torch.tensor([0.75, 0.99])).tolist() == [3, 3]
-    idx = torch.tensor([3, 2])
-    assert sample_from_uniform(probs, uniform_for_outcome(probs, idx)).tolist() == [3, 2]
-    draws = TorchDraws(0)
-    u = draws.uniform((20000,))
-    hist = torch.bincount(sample_from_uniform(probs[1:].expand(20000, -1), u), minlength=4).float() / 20000
+def test_gumbel_sampling_follows_the_distribution_and_replays():
+    logits = torch.tensor([[0.0, 2.0, -1.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    scores = filter_logits(logits, top_k=2)
+    assert torch.isinf(scores[0, [0, 2]]).all()
+    u = TorchDraws(0).uniform((20000, 4))
+    picks = sample_gumbel(scores[:1].expand(20000, -1), u)
+    assert set(picks.tolist()) == {1, 3}, "filtered tokens are never drawn"
+    hist = torch.bincount(sample_gumbel(scores[1:].expand(20000, -1), u), minlength=4).float() / 20000
     assert torch.allclose(hist, torch.full((4,), 0.25), atol=0.02)
+    for index in ([3, 0], [1, 2]):
+        idx = torch.tensor(index)
+        assert sample_gumbel(scores, uniforms_for_outcome(scores, idx)).tolist() == index
+
+
+def test_gumbel_choice_is_stable_under_rounding_noise():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 16384, generator=gen) * 0.05  # a nearly flat distribution over a large vocabulary
+    u = TorchDraws(1).uniform(logits.shape)
+    a = sample_gumbel(filter_logits(logits), u)
+    b = sample_gumbel(filter_logits(logits * (1 + 1e-6)), u)
+    assert torch.equal(a, b)
 
 
 def test_draws_are_seeded_and_replay_checks_shapes():

@@ -1,0 +1,200 @@
+"""The TensorRT backend: one `Engine` per plan and `TrtStages`, the five stage functions over them.
+
+Each `Engine` keeps device buffers (torch CUDA tensors) per input shape, allocated once and reused,
+binds them with `set_input_shape` + `set_tensor_address`, and runs `execute_async_v3` on one
+non-default CUDA stream. Stages in `CUDA_GRAPH_STAGES` run the same shape over and over (a diffusion
+step 100 times per masked step, a gpt decode step per token): the second call of a shape captures a
+CUDA graph and every later call replays it; inputs are copied into the bound buffers first.
+
+Host copies: `TrtStages` returns tensors on the device its inputs came from. The shared loop in
+`reference/pipeline.py` keeps its state on the CPU (the seeded draws, the discrete sampling from the
+gpt logits, the scatter of predicted tokens), so under it every stage call copies its inputs to the
+GPU and its outputs back; a caller holding CUDA tensors gets CUDA tensors and no host round trip.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from d2c_export.manifest import EngineError, Manifest, StageEntry, rebuild_command
+from d2c_export.stages import STAGES, stages_for
+from d2c_export.trt_build import RUN_HINT, require_tensorrt, running_platform, tensorrt_missing
+from reference.model import D2CConfig
+
+log = logging.getLogger(__name__)
+
+CUDA_GRAPH_STAGES = ("gpt", "diffusion")  # fixed shapes call after call
+PLATFORM_KEYS = ("version", "gpu", "compute_capability")
+
+
+def plans_present(manifest: Manifest, precision: str) -> bool:
+    """Whether `manifest` records a plan of `precision` for every stage of its model."""
+    return all(f"trt-{precision}" in manifest.stages.get(s.name, {}) for s in stages_for(manifest.d2c_config))
+
+
+def trt_usable(manifest: Manifest, precision: str) -> bool:
+    """Plans of `precision` exist, TensorRT is installed and a CUDA device is visible (what `auto` asks)."""
+    return plans_present(manifest, precision) and tensorrt_missing() is None
+
+
+def platform_mismatch(recorded: dict | None, running: dict) -> str | None:
+    """What differs between the platform a plan was built on and this one, or None."""
+    recorded = recorded or {}
+    diffs = [f"{k} {recorded.get(k)!r} (plan) vs {running[k]!r} (here)" for k in PLATFORM_KEYS
+             if str(recorded.get(k)) != str(running[k])]
+    return ", ".join(diffs) or None
+
+
+def check_plan(stage: str, entry: StageEntry, running: dict, engines: Path, manifest: Manifest) -> None:
+    """Refuse a plan built by another TensorRT or GPU, or from a graph that was re-exported since."""
+    kind = f"trt-{entry.precision}"
+    diff = platform_mismatch(entry.tensorrt, running)
+    if diff:
+        raise EngineError(f"{engines / entry.main_file} was built for another TensorRT/GPU ({diff}); "
+                          f"rebuild with `{rebuild_command(kind, engines)}`")
+    info = entry.tensorrt or {}
+    source = manifest.stages.get(stage, {}).get(f"onnx-{entry.precision}")
+    if source is not None and source.files.get(info.get("onnx")) != info.get("onnx_sha256"):
+        raise EngineError(f"{engines / entry.main_file} was built from an older {info.get('onnx')}; "
+                          f"rebuild with `{rebuild_command(kind, engines)}`")
+
+
+def device_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A CUDA tensor of `shape`; an empty one still has a valid address (TensorRT binds it like any other)."""
+    if all(shape):
+        return torch.empty(shape, dtype=dtype, device="cuda")
+    return torch.empty(1, dtype=dtype, device="cuda")[:0].view(shape)
+
+
+class Engine:
+    """One deserialised plan: buffers per input shape, `execute_async_v3` on `stream`, optional CUDA graphs."""
+
+    def __init__(self, path: Path, stream: torch.cuda.Stream, cuda_graphs: bool = False):
+        trt = require_tensorrt(RUN_HINT)  # checks the device before any TensorRT object exists
+        self.path = path
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"TensorRT cannot load {path}; rebuild it with `d2c-export trt --engines {path.parent}`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.inputs = [n for n in names if is_input[n]]
+        self.outputs = [n for n in names if not is_input[n]]
+        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+                  trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
+        self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
+        self.stream = stream
+        self.cuda_graphs = cuda_graphs
+        self._buffers: dict[tuple, dict[str, Tensor]] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._calls: dict[tuple, int] = {}
+        self._bound: tuple | None = None
+
+    def _allocate(self, key: tuple, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
+        buffers = {n: device_buffer(tuple(feeds[n].shape), self.dtypes[n]) for n in self.inputs}
+        for n in self.inputs:
+            if not self.context.set_input_shape(n, tuple(feeds[n].shape)):
+                raise EngineError(f"{self.path.name}: input {n} of shape {tuple(feeds[n].shape)} is outside the "
+                                  f"built profile; rebuild with a larger --max-batch")
+        for n in self.outputs:
+            buffers[n] = device_buffer(tuple(self.context.get_tensor_shape(n)), self.dtypes[n])
+        self._buffers[key] = buffers
+        self._bound = None
+        return buffers
+
+    def _bind(self, key: tuple) -> None:
+        buffers = self._buffers[key]
+        for n in self.inputs:
+            self.context.set_input_shape(n, tuple(buffers[n].shape))
+        for n, t in buffers.items():
+            self.context.set_tensor_address(n, t.data_ptr())
+        self._bound = key
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise EngineError(f"TensorRT failed to run {self.path.name} (see the TensorRT log above)")
+
+    def run(self, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Run on `self.stream` (the caller orders it); returns the output buffers of this shape (reused)."""
+        key = tuple(tuple(feeds[n].shape) for n in self.inputs)
+        buffers = self._buffers.get(key) or self._allocate(key, feeds)
+        with torch.cuda.stream(self.stream):
+            for n in self.inputs:
+                buffers[n].copy_(feeds[n], non_blocking=True)
+            graph = self._graphs.get(key)
+            if graph is not None:
+                graph.replay()
+                return {n: buffers[n] for n in self.outputs}
+            if self._bound != key:
+                self._bind(key)
+            self._execute()
+            self._calls[key] = self._calls.get(key, 0) + 1
+            if self.cuda_graphs and self._calls[key] == 2:
+                self._capture(key)
+        return {n: buffers[n] for n in self.outputs}
+
+    def _capture(self, key: tuple) -> None:
+        """Capture one execution of the bound shape; later calls of that shape replay it."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self._execute()
+        except RuntimeError as exc:  # a plan whose kernels cannot be captured still runs uncaptured
+            log.warning("%s: CUDA graph capture failed (%s); running without graphs", self.path.name, exc)
+            self.cuda_graphs = False
+            return
+        self._graphs[key] = graph
+
+
+class TrtStages:
+    """The stages of an engines directory on TensorRT plans; same interface as `reference.pipeline.TorchStages`."""
+
+    def __init__(self, engines: str | Path, manifest: Manifest, precision: str = "fp16"):
+        trt = require_tensorrt(RUN_HINT)
+        engines = Path(engines)
+        self.config: D2CConfig = manifest.d2c_config
+        self.max_batch = manifest.max_batch
+        self.running = running_platform(trt)
+        self.stream = torch.cuda.Stream()  # non-default: execute_async_v3 and graph capture need one
+        self.engines: dict[str, Engine] = {}
+        for spec in stages_for(self.config):
+            entry = manifest.entry(spec.name, f"trt-{precision}", engines)  # files present, sha256 matches
+            check_plan(spec.name, entry, self.running, engines, manifest)
+            self.engines[spec.name] = Engine(engines / entry.main_file, self.stream, spec.name in CUDA_GRAPH_STAGES)
+        self.description = f"TensorRT {trt.__version__} ({precision}) on {self.running['gpu']}"
+
+    def _run(self, stage: str, *args: Tensor | None) -> list[Tensor]:
+        specs = STAGES[stage].input_specs(self.config)
+        feeds = {s.name: a for s, a in zip(specs, args) if a is not None}
+        on_host = not any(a.is_cuda for a in feeds.values())
+        self.stream.wait_stream(torch.cuda.current_stream())  # inputs made on the caller's stream
+        out = self.engines[stage].run(feeds)
+        with torch.cuda.stream(self.stream):
+            results = [out[s.name].to("cpu") if on_host else out[s.name].clone()
+                       for s in STAGES[stage].output_specs(self.config)]
+        caller = torch.cuda.current_stream()
+        caller.wait_stream(self.stream)
+        for r in results:
+            if r.is_cuda:
+                r.record_stream(caller)  # made on self.stream, used on the caller's
+        return results
+
+    def gpt(self, ids, input_pos, k_cache, v_cache):
+        return tuple(self._run("gpt", ids, input_pos, k_cache, v_cache))
+
+    def cond(self, ids):
+        return self._run("cond", ids)[0]
+
+    def mar(self, tokens, kept, pred, labels, fusion):
+        return self._run("mar", tokens, kept, pred, labels, fusion)[0]
+
+    def diffusion(self, x, t, z, noise, cfg, temperature, coefs):
+        return self._run("diffusion", x, t, z, noise, cfg, temperature, coefs)[0]
+
+    def vae(self, latents):
+        return self._run("vae", latents)[0]
