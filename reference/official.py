@@ -1,13 +1,13 @@
 """Official LlamaGen and MAR checkpoints: format detection, explicit key mapping, strict loading into D2C.
 
-Files as published (torch pickles, read with `torch.load(weights_only=True)`):
-
-| format         | file                        | weights entry                                    | EMA entry   |
-|----------------|-----------------------------|--------------------------------------------------|-------------|
-| `llamagen-gpt` | c2i_B_256.pt, c2i_L_256.pt  | "model" (DDP), "module" (DeepSpeed), "state_dict", or the bare state dict (FSDP), in sample_c2i.py's order | "ema" (train_c2i.py --ema) |
-| `mar`          | mar_{base,large,huge}/checkpoint-last.pth | "model"                            | "model_ema" (util/misc.py save_model: EMA parameters in a full state dict) |
-| `mar-vae`      | kl16.ckpt                   | "model" (models/vae.py init_from_ckpt)           | none        |
-| `native`       | *.safetensors with our config in its metadata (reference/checkpoint.py) |      |             |
+Files as published (torch pickles, read with `torch.load(weights_only=True)`), format: weights entry, EMA entry:
+- `llamagen-gpt` (c2i_B_256.pt, ...): "model" (DDP), "module" (DeepSpeed), "state_dict", or the bare state
+  dict (FSDP), in sample_c2i.py's order; EMA: "ema" (train_c2i.py --ema; sample_c2i.py itself reads
+  "model", which ema=False matches).
+- `mar` (mar_{base,large,huge}/checkpoint-last.pth): "model"; EMA: "model_ema" (util/misc.py save_model:
+  the EMA parameters in a full state dict).
+- `mar-vae` (kl16.ckpt): "model" (models/vae.py init_from_ckpt); no EMA.
+- `native`: our .safetensors with the config in its metadata (reference/checkpoint.py).
 
 A D2C stage 2 may also come in MAR's layout: MAR's keys plus the fusion weights (`condition.*`,
 `*.cross_attn.*`). A .safetensors file without our config is read as a bare state dict of official keys.

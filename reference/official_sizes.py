@@ -194,8 +194,8 @@ def vae_args_from_state(state: dict[str, Tensor], source: str) -> VAEArgs:
                  attn_resolutions=enc_attn, decoder_attn_resolutions=dec_attn,
                  use_variational=_shape(state, "quant_conv.weight", source)[0] == 2 * embed_dim)
     shapes = _module_shapes(AutoencoderKL, args)
-    for preset in VAE_PRESETS.values():  # same network, canonical arguments (e.g. unreached attention levels)
-        if _module_shapes(AutoencoderKL, preset) == shapes:
+    for name, preset in VAE_PRESETS.items():  # same network, canonical arguments (e.g. unreached attention levels)
+        if _preset_shapes("vae", name) == shapes:
             return dataclasses.replace(preset)
     return args
 

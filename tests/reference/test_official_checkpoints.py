@@ -90,7 +90,8 @@ def _damage(state: dict, key: str, how: str) -> dict:
 
 
 DAMAGED = [(name, key) for name, keys in {
-    "mar_base": ["encoder_blocks.5.attn.qkv.weight", "class_emb.weight", "fake_latent", "diffloss.net.res_blocks.2.mlp.0.bias"],
+    "mar_base": ["encoder_blocks.5.attn.qkv.weight", "class_emb.weight", "fake_latent",
+                 "diffloss.net.res_blocks.2.mlp.0.bias"],
     "mar_large": ["decoder_pos_embed_learned"], "mar_huge": ["decoder_blocks.19.norm2.weight"],
     "mar_vae_kl16": ["decoder.up.3.block.1.conv2.weight", "post_quant_conv.weight"],
     "llamagen_gpt_b": ["layers.7.feed_forward.w3.weight", "tok_embeddings.weight"], "llamagen_gpt_l": ["output.weight"],
