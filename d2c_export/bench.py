@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -28,7 +29,7 @@ from d2c_export.flops import stage_flops
 from d2c_export.manifest import EngineError, Manifest
 from d2c_export.runtime import StageTimer, check_request, generate_images, open_backend
 from d2c_export.sources import model_from_source
-from d2c_export.stages import STAGES
+from d2c_export.stages import DEFAULT_MAX_BATCH, STAGES
 from reference.pipeline import SamplingParams, TorchStages
 
 log = logging.getLogger(__name__)
@@ -238,8 +239,10 @@ def measure_once(backend: Backend, labels: list[int], params: SamplingParams, se
         start = time.perf_counter()
         generate_images(backend.stages, labels, params, seed, len(labels), timer=timer)
         if backend.device == "cuda":
-            timer.resolve()  # synchronizes
+            torch.cuda.synchronize()
         into.wall_s.append(time.perf_counter() - start)
+    if backend.device == "cuda":
+        timer.resolve()
     for name, durations in timer.durations.items():
         into.stage_s[name].append(sum(durations))
         into.call_s[name].extend(durations)
@@ -295,6 +298,16 @@ def matmul_roofline(device: str, threads: int, with_ort: bool, size: int = ROOFL
     return out
 
 
+def measure_rooflines(columns: list[Backend], threads: int) -> dict[str, dict[str, float]]:
+    """The matmul roofline of every device the columns run on (with ORT's MatMul where an ORT column runs)."""
+    out = {}
+    for device in sorted({b.device for b in columns}):
+        with_ort = any(b.device == device and b.name.startswith("ort") for b in columns)
+        out[device] = matmul_roofline(device, threads, with_ort)
+        log.info("matmul roofline (%s): %.1f GFLOP/s", device, out[device]["peak"] / 1e9)
+    return out
+
+
 def bench_labels(num_classes: int, batch: int) -> list[int]:
     """A fixed spread of class labels for a batch."""
     return [(7 * i + 1) % num_classes for i in range(batch)]
@@ -313,6 +326,7 @@ class BenchResult:
     devices: dict[str, str]  # backend -> device
     flops: dict[int, dict[str, int]]  # batch -> stage -> FLOPs per generation
     measurements: list[Measurement]
+    load_average: dict[str, float]  # 1-minute load average of the machine at the start and the end
 
 
 def run_benchmark(engines: str | Path, backends: list[str], batches: list[int], params: SamplingParams,
@@ -332,11 +346,8 @@ def run_benchmark(engines: str | Path, backends: list[str], batches: list[int], 
     columns = [open_bench_backend(engines, name, threads) for name in backends]
     for b in columns:
         log.info("%-9s %s", b.name, b.description)
-    roofline = {}
-    for device in sorted({b.device for b in columns}):
-        with_ort = any(b.device == device and b.name.startswith("ort") for b in columns)
-        roofline[device] = matmul_roofline(device, threads, with_ort)
-        log.info("matmul roofline (%s): %.1f GFLOP/s", device, roofline[device]["peak"] / 1e9)
+    load = {"start": os.getloadavg()[0]}
+    roofline = measure_rooflines(columns, threads)
     flops, results = {}, []
     bar = tqdm(total=len(batches) * len(columns) * (warmup + repeat), desc="bench", unit="gen", disable=not progress)
     for batch in batches:
@@ -359,9 +370,13 @@ def run_benchmark(engines: str | Path, backends: list[str], batches: list[int], 
                 bar.update()
         results.extend(cells.values())
     bar.close()
+    load["end"] = os.getloadavg()[0]
+    for device, again in measure_rooflines(columns, threads).items():  # the better of before and after
+        roofline[device] = {k: max(v, again[k]) for k, v in roofline[device].items()}
     return BenchResult(config=config.to_dict(), backends={b.name: b.description for b in columns}, batches=batches,
                        params=params, repeat=repeat, warmup=warmup, threads=threads, roofline=roofline,
-                       devices={b.name: b.device for b in columns}, flops=flops, measurements=results)
+                       devices={b.name: b.device for b in columns}, flops=flops, measurements=results,
+                       load_average=load)
 
 
 def bench_from_config(config: str, out: Path, backends: list[str], batches: list[int], params: SamplingParams,
@@ -370,5 +385,5 @@ def bench_from_config(config: str, out: Path, backends: list[str], batches: list
     check_backends(backends)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".engines-") as tmp:
-        export_for_bench(config, Path(tmp), backends, max(batches))
+        export_for_bench(config, Path(tmp), backends, max(DEFAULT_MAX_BATCH, *batches))
         return run_benchmark(tmp, backends, batches, params, **kwargs)

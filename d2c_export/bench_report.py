@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def _cell(m: Measurement, flops: dict[str, int], peak: float, reference: Measure
     return cell
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def summarize(result: BenchResult) -> dict:
     """Everything the report shows, as plain data."""
     by_key = {(m.backend, m.batch): m for m in result.measurements}
@@ -67,11 +79,11 @@ def summarize(result: BenchResult) -> dict:
         cells.append(_cell(m, result.flops[m.batch], peak, ref))
     return {
         "config": result.config["name"], "model_config": result.config,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "processor": cpu_name(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "threads": result.threads, "torch": torch.__version__, "onnxruntime": ort.__version__},
+                    "threads": result.threads, "cpus": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__},
         "sampling": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(result.params).items()},
-        "repeat": result.repeat, "warmup": result.warmup, "interleaved": True,
+        "repeat": result.repeat, "warmup": result.warmup, "interleaved": True, "load_average": result.load_average,
         "backends": result.backends, "devices": result.devices, "roofline_flops": result.roofline,
         "flops_per_generation": {str(b): f for b, f in result.flops.items()}, "results": cells}
 
@@ -92,10 +104,13 @@ def markdown(summary: dict) -> str:
         + (f", GPU {summary['machine']['gpu']}" if summary['machine']['gpu'] else "")
         + f"; torch {summary['machine']['torch']}, onnxruntime {summary['machine']['onnxruntime']}",
         f"- sampling: num_iter {s['num_iter']}, diffusion_steps {s['diffusion_steps']}, cfg {s['cfg']} "
-        f"({s['cfg_schedule']}), 256-token stage 1 where present",
+        f"({s['cfg_schedule']}), " + (f"{gpt['block_size']} discrete tokens" if (gpt := summary["model_config"]["gpt"])
+                                      else "no discrete stage"),
         f"- {summary['repeat']} measured repeats after {summary['warmup']} warm-up, backends interleaved round-robin; "
         "times are median [p10, p90]",
         f"- fp32 matmul roofline: {rl}",
+        f"- machine load (1-minute average, {summary['machine']['cpus']} CPUs): {summary['load_average']['start']:.1f} "
+        f"at the start, {summary['load_average']['end']:.1f} at the end",
         "- backends: " + "; ".join(f"`{k}` {v}" for k, v in summary["backends"].items()), "",
         "| batch | backend | end to end s | images/s | vs torch | overhead | GFLOP/image | peak RSS MB | largest stage |",
         "|---:|---|---|---:|---:|---:|---:|---:|---|"]

@@ -96,7 +96,7 @@ def check_engines(engines: str | Path, precision: str = "fp32") -> list[StageRep
     reports = []
     for spec in stages_for(model.config):
         entry = manifest.entry(spec.name, f"onnx-{precision}", engines)
-        session = OrtStage(engines / entry.main_file, ["CPUExecutionProvider"])
+        session = OrtStage(engines / entry.main_file, ["CPUExecutionProvider"], optimize=precision == "fp32")
         reports.extend(check_stage(model, spec, session, None if precision == "fp32" else FP16_TOLERANCE))
     return reports
 

@@ -99,7 +99,8 @@ def export_parser() -> argparse.ArgumentParser:
     onnx = sub.add_parser("onnx", help="trace every stage into an ONNX graph and write manifest.json")
     onnx.add_argument("--stage", default="all", choices=["all", *STAGES])
     src = onnx.add_mutually_exclusive_group()
-    src.add_argument("--config", choices=list(PRESETS), help="preset with seeded random weights (default d2c-tiny)")
+    src.add_argument("--config", choices=list(PRESETS), help="preset with seeded random weights (default, with no "
+                     "--checkpoint either: the trained demo, checkpoints/d2c-demo.safetensors)")
     src.add_argument("--checkpoint", "--stage2", dest="checkpoint",
                      help="native checkpoint (.safetensors with its config), or an official MAR / D2C stage-2 file")
     _add_official_inputs(onnx)

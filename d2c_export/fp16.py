@@ -15,10 +15,13 @@ op block list and a node block list read off each graph. The rule that picks the
   linear layer, i.e. `guided_output` and `ddpm_step`, whose sqrt(1/alpha_bar) reaches about 2e4);
 - data movement (Transpose, Reshape, Gather, Slice, ...) whose float inputs all come from FP32 nodes.
 
-The converter casts every FP32 node's output to FP16 and back before the next FP32 node, and gives a
-graph output produced by an FP32 node the FP16 type. `_restore_fp32_paths` removes those round trips
-and restores the output types, so FP32 regions stay FP32 end to end and graph inputs and outputs keep
-their FP32/INT64 types: runtime feeds are the same for both precisions.
+Two small passes around the converter (onnxconverter-common 1.16) keep that intent. Before it,
+`_untie_initializers` gives FP32 nodes their own copy of a constant that FP16 nodes also read, and
+removes the exporter's value_info of initializers; otherwise the converter casts FP32 weights to FP16.
+After it, `_restore_fp32_paths` removes the FP32 -> FP16 -> FP32 casts that the converter puts between
+consecutive FP32 nodes, and gives back the FP32 type of outputs made by FP32 nodes. So FP32 regions
+stay FP32 end to end, and graph inputs and outputs keep their FP32/INT64 types: runtime feeds are the
+same for both precisions. `check_precision` verifies the result with strict type inference.
 """
 from __future__ import annotations
 

@@ -23,15 +23,25 @@ from reference.sampling import TorchDraws
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "trt", "ort", "torch")
+# The loop's own tensor math (sampling over the vocabulary, the DDPM bookkeeping) is small: extra threads only
+# add a wake-up per op, milliseconds when another process holds the other cores. Stage calls keep the caller's.
+LOOP_THREADS = 1
+# ONNX Runtime's idle workers spin by default; here they would take the cores from the loop's torch ops between
+# stage calls (and from any other process), so they sleep instead.
+ORT_ALLOW_SPINNING = "0"
 
 
 class OrtStage:
     """One ONNX Runtime session, created once, run through IO binding (`run(feeds) -> outputs`)."""
 
-    def __init__(self, path: Path, providers: list[str], threads: int = 0):
+    def __init__(self, path: Path, providers: list[str], threads: int = 0, optimize: bool = True):
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # optimize=False for parity checks of FP16 graphs on the CPU: the optimizer drops the FP32->FP16->FP32
+        # cast pairs the CPU provider puts around ops without FP16 kernels, which would hide the FP16 rounding.
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize \
+            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per physical core)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", ORT_ALLOW_SPINNING)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
@@ -46,6 +56,8 @@ class OrtStage:
         for name in self.output_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
+        if self.device == "cpu":  # arrays over ONNX Runtime's own output buffers: no copy, no fresh pages
+            return {name: value.numpy() for name, value in zip(self.output_names, binding.get_outputs())}
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
 
@@ -73,14 +85,14 @@ class OrtStages:
     """The stages of an engines directory on ONNX Runtime; same interface as `reference.pipeline.TorchStages`."""
 
     def __init__(self, engines: Path, manifest: Manifest, precision: str = "fp32", providers: list[str] | None = None,
-                 threads: int = 0):
+                 threads: int = 0, optimize: bool = True):
         self.config: D2CConfig = manifest.d2c_config
         self.max_batch = manifest.max_batch
         providers = providers or ["CPUExecutionProvider"]
         self.sessions: dict[str, OrtStage] = {}
         for spec in stages_for(self.config):
             entry = manifest.entry(spec.name, f"onnx-{precision}", engines)
-            self.sessions[spec.name] = OrtStage(engines / entry.main_file, providers, threads)
+            self.sessions[spec.name] = OrtStage(engines / entry.main_file, providers, threads, optimize)
         self.providers = self.sessions["mar"].session.get_providers()
 
     def _run(self, stage: str, *args: Tensor | None) -> list[Tensor]:
@@ -147,16 +159,37 @@ def generate_images(stages, labels: list[int], params: SamplingParams, seed: int
     """Run the shared generation loop on `stages`, timing each stage's calls (into `timer` when given)."""
     check_request(stages.config, max_batch or len(labels), labels)
     timer = StageTimer() if timer is None else timer
-    timed = _TimedStages(stages, timer)
-    result = generate_with(timed, torch.tensor(labels), params, TorchDraws(seed), progress=progress)
+    stage_threads = torch.get_num_threads()
+    timed = _TimedStages(stages, timer, stage_threads)
+    torch.set_num_threads(LOOP_THREADS)
+    try:
+        result = generate_with(timed, torch.tensor(labels), params, TorchDraws(seed), progress=progress)
+    finally:
+        torch.set_num_threads(stage_threads)
+    if not bool(torch.isfinite(result.images).all()):
+        bad = "latents" if not bool(torch.isfinite(result.latents).all()) else "images"
+        raise EngineError(f"generation produced non-finite {bad} (inf/NaN), e.g. an FP16 overflow of "
+                          "out-of-range latents; run with --precision fp32 or check the weights")
     return result, timer
 
 
 class _TimedStages:
-    def __init__(self, stages, timer: StageTimer):
+    """The stages timed, each call run with the caller's torch threads (the loop itself runs on LOOP_THREADS)."""
+
+    def __init__(self, stages, timer: StageTimer, threads: int):
         self.config = stages.config
         for name in STAGES:
-            setattr(self, name, timer.wrap(name, getattr(stages, name)))
+            setattr(self, name, timer.wrap(name, _with_threads(getattr(stages, name), threads)))
+
+
+def _with_threads(fn: Callable, threads: int) -> Callable:
+    def call(*args):
+        torch.set_num_threads(threads)
+        try:
+            return fn(*args)
+        finally:
+            torch.set_num_threads(LOOP_THREADS)
+    return call
 
 
 def save_images(images: Tensor, path: str | Path) -> Path:

@@ -11,6 +11,8 @@ from reference.model import D2C, D2CConfig, get_config
 from reference.official import assemble, is_native
 
 RANDOM_WEIGHT_NOISE = 0.02  # std of the noise added to every parameter of a random-weight model
+# The trained demo (scripts/train_demo.py): exported when neither a preset nor a checkpoint is named.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "d2c-demo.safetensors"
 
 
 def random_model(config: D2CConfig, seed: int) -> D2C:
@@ -31,7 +33,8 @@ def random_model(config: D2CConfig, seed: int) -> D2C:
 def model_from_args(config: str | None, checkpoint: str | Path | None, seed: int = 0, *,
                     gpt: str | Path | None = None, vae: str | Path | None = None, ema: bool = True,
                     mar_heads: int | None = None, gpt_heads: int | None = None) -> tuple[D2C, dict]:
-    """The model for `d2c-export`: a checkpoint when given, else preset `config` with seeded random weights.
+    """The model for `d2c-export`: a checkpoint when given, else preset `config` with seeded random weights,
+    else (neither given) the trained demo checkpoint `DEMO_CHECKPOINT`.
 
     `checkpoint` is a native checkpoint or an official stage-2 file (MAR, or D2C in MAR's layout);
     `gpt` (LlamaGen) and `vae` (MAR's KL VAE) add or replace parts (`reference.official.assemble`).
@@ -46,7 +49,12 @@ def model_from_args(config: str | None, checkpoint: str | Path | None, seed: int
     if gpt is not None or vae is not None:
         raise ValueError("--gpt and --vae go with --checkpoint (the stage-2 file), e.g. "
                          "`--checkpoint checkpoint-last.pth --vae kl16.ckpt`")
-    return random_model(get_config(config or "d2c-tiny"), seed), {"random_init_seed": seed}
+    if config is None:
+        if not DEMO_CHECKPOINT.is_file():
+            raise ValueError(f"the demo checkpoint {DEMO_CHECKPOINT} is missing; train it with "
+                             "`python scripts/train_demo.py`, or pass --config PRESET / --checkpoint PATH")
+        return model_from_args(None, DEMO_CHECKPOINT)
+    return random_model(get_config(config), seed), {"random_init_seed": seed}
 
 
 def official_model(stage2: str | Path, gpt: str | Path | None = None, vae: str | Path | None = None,

@@ -79,6 +79,18 @@ def _tiny(fusion: Fusion) -> D2CConfig:
     return D2CConfig("d2c-tiny" if fusion is Fusion.QFORMER else f"d2c-tiny-{fusion.value}", mar, vae, gpt)
 
 
+def _demo() -> D2CConfig:
+    """Sized for the synthetic shapes (reference.data) at 16x16, trainable on a CPU (scripts/train_demo.py)."""
+    vae = VAEArgs(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, attn_resolutions=())
+    mar = MARArgs(img_size=16, vae_stride=vae.stride, patch_size=2, vae_embed_dim=vae.embed_dim,
+                  encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,
+                  decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0,
+                  buffer_size=4, class_num=10, diffloss_d=3, diffloss_w=128, fusion=Fusion.QFORMER,
+                  codebook_size=64, discrete_len=16, qformer_depth=1, qformer_num_heads=4)
+    gpt = GPTArgs(dim=64, n_layer=2, n_head=2, vocab_size=64, block_size=16, num_classes=10, multiple_of=32)
+    return D2CConfig("d2c-demo", mar, vae, gpt)
+
+
 def _full(name: str, mar: MARArgs) -> D2CConfig:
     return D2CConfig(name, mar, VAE_PRESETS["kl16"], GPT_PRESETS["gpt-b"])
 
@@ -87,6 +99,7 @@ PRESETS: dict[str, D2CConfig] = {
     "d2c-tiny": _tiny(Fusion.QFORMER),
     "d2c-tiny-cross_attn": _tiny(Fusion.CROSS_ATTN),
     "d2c-tiny-none": _tiny(Fusion.NONE),
+    "d2c-demo": _demo(),
     "d2c-b": _full("d2c-b", _mar_size(768, 12, 12, 6, 1024)),
     "d2c-l": _full("d2c-l", _mar_size(1024, 16, 16, 8, 1280)),
     "d2c-h": _full("d2c-h", _mar_size(1280, 20, 16, 12, 1536)),

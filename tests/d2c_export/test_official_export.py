@@ -153,7 +153,10 @@ def test_changed_or_missing_input_file_is_refused(files, mar_engines, tmp_path, 
     (["--checkpoint", "{mar}", "--vae", "{vae}"], ["not an official size", "--mar-heads"]),
     (["--config", "d2c-tiny", "--vae", "{vae}"], ["--vae go with --checkpoint"]),
 ])
-def test_export_errors_are_one_line_and_write_nothing(files, tmp_path, capsys, argv, needles):
+def test_export_errors_are_one_line_and_write_nothing(files, tmp_path, capsys, argv, needles, monkeypatch):
+    from reference import official_sizes  # the tiny MAR's (64, 2) must not match a preset's heads
+    monkeypatch.setattr(official_sizes, "MAR_HEADS", {k: v for k, v in official_sizes.MAR_HEADS.items()
+                                                      if k != (64, 2)})
     out = tmp_path / "engines"
     argv = [a.format(**{k: str(p) for k, p in files.items()}) for a in argv]
     code, err = run_cli(export_main, ["onnx", *argv, "--out", str(out)], capsys)

@@ -63,3 +63,18 @@ def test_d2c_b_shaped_model_end_to_end(tmp_path_factory):
     got, _ = generate_images(open_backend(engines, "ort")[0], [88], params, seed=0)
     assert torch.equal(ref.discrete_ids, got.discrete_ids)
     assert float((ref.images - got.images).abs().max()) < 1e-3
+
+
+def test_non_finite_output_is_an_error_not_an_image(engines_factory):
+    from d2c_export.manifest import EngineError
+    stages, _ = open_backend(engines_factory("d2c-tiny"), "ort")
+
+    class Overflowing:
+        config = stages.config
+        gpt, cond, mar, diffusion = stages.gpt, stages.cond, stages.mar, stages.diffusion
+
+        def vae(self, latents):
+            return stages.vae(latents) * float("nan")
+
+    with pytest.raises(EngineError, match="non-finite images"):
+        generate_images(Overflowing(), [1], PARAMS, seed=0)

@@ -171,7 +171,11 @@ def test_refused_and_unreadable_files_are_clear(tmp_path):
         read_weights(tmp_path / "absent.pth")
 
 
-def test_parts_in_the_wrong_roles_are_refused(files):
+def test_parts_in_the_wrong_roles_are_refused(files, monkeypatch):
+    # The recorded tiny MAR's (width, depth) must not match a preset, so its heads cannot be inferred.
+    from reference import official_sizes
+    monkeypatch.setattr(official_sizes, "MAR_HEADS", {k: v for k, v in official_sizes.MAR_HEADS.items()
+                                                      if k != (64, 2)})
     with pytest.raises(CheckpointError, match="holds no VAE.*--vae"):
         assemble(files["mar"], mar_heads=MAR_HEADS)
     with pytest.raises(CheckpointError, match="--mar-heads"):

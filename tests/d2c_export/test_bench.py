@@ -1,0 +1,206 @@
+"""The latency benchmark: FLOP formulas against counts by hand and by torch, and complete reports (no timed asserts)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from d2c_export import bench
+from d2c_export.bench import matmul_roofline, peak_memory, trt_unavailable
+from d2c_export.bench_report import REPORT_FILES, STAGE_LABELS
+from d2c_export.cli import bench_main
+from d2c_export.flops import diffusion_flops, gpt_flops, stage_flops
+from d2c_export.sources import random_model
+from d2c_export.stages import stages_for
+from reference.model import get_config
+from tests.d2c_export.test_errors import assert_one_line_error
+
+TINY_ARGS = ["--num-iter", "2", "--diffusion-steps", "3", "--repeat", "2", "--quiet"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def torch_count(model, spec, feeds) -> int:
+    """FLOPs of one reference call as torch's own counter sees them."""
+    args = [feeds[t.name] for t in spec.input_specs(model.config)]
+    with FlopCounterMode(display=False) as counter:
+        spec.wrapper(model).eval()(*args)
+    return counter.get_total_flops()
+
+
+def sizes_to_check(spec, config) -> list[dict[str, int]]:
+    """The export example's sizes and the profile's smallest (kept_len 0 included)."""
+    smallest = {a: lo if a == "kept_len" else max(lo, 1) for a, (lo, _, _) in spec.profile(config).items()}
+    return [{}, smallest]
+
+
+# -- FLOP formulas -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["d2c-tiny", "d2c-tiny-cross_attn", "d2c-tiny-none"])
+def test_stage_flops_equal_torch_flop_counter(name):
+    config = get_config(name)
+    model = random_model(config, 0)
+    for spec in stages_for(config):
+        for sizes in sizes_to_check(spec, config):
+            feeds = spec.example_inputs(config, sizes)
+            shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+            assert stage_flops(config, spec.name, shapes) == torch_count(model, spec, feeds), (spec.name, shapes)
+
+
+def test_flops_by_hand_on_the_tiny_preset():
+    config = get_config("d2c-tiny")
+    # diffusion head, C = 4 * 2 * 2 = 16 channels, width 32, depth 1, z width 32, per row:
+    per_row = (2 * 16 * 32  # input_proj
+               + 2 * 256 * 32 + 2 * 32 * 32  # timestep embedder (256 frequencies, then width x width)
+               + 2 * 32 * 32  # cond_embed
+               + 2 * 2 * 32 * 32 + 2 * 32 * 96  # one res block: MLP, AdaLN (shift, scale, gate)
+               + 2 * 32 * 64 + 2 * 32 * 32)  # final AdaLN (shift, scale) and linear to 2C
+    assert per_row == 37888
+    assert diffusion_flops(config, 32) == 32 * per_row
+    # gpt, dim 32, 2 layers, SwiGLU hidden 96, 17 cache slots, vocab 64, per row and token:
+    per_layer = 2 * 32 * 96 + 2 * 32 * 32 + 3 * 2 * 32 * 96 + 2 * 2 * 17 * 32
+    assert gpt_flops(config, rows=4, tokens=1) == 4 * (2 * per_layer + 2 * 32 * 64)
+    assert stage_flops(config, "cond", {"discrete_ids": (2, 16)}) > 0
+    assert stage_flops(get_config("d2c-tiny-cross_attn"), "cond", {"discrete_ids": (2, 16)}) == 0  # embedding only
+
+
+def test_unknown_stage_has_no_formula():
+    with pytest.raises(ValueError, match="no FLOP formula"):
+        stage_flops(get_config("d2c-tiny"), "upscaler", {})
+
+
+# -- measuring pieces ----------------------------------------------------------------------------------
+def test_peak_memory_sees_a_large_allocation():
+    with peak_memory("cpu") as mem:
+        block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
+        del block
+    assert mem["peak_rss_mb"] - mem["base_rss_mb"] >= 48
+
+
+def test_matmul_roofline_is_measured_for_torch_and_ort():
+    roofline = matmul_roofline("cpu", torch.get_num_threads(), with_ort=True, size=256, runs=2)
+    assert set(roofline) == {"torch", "ort", "peak"}
+    assert all(math.isfinite(v) and v > 0 for v in roofline.values())
+    assert roofline["peak"] == max(roofline["torch"], roofline["ort"])
+
+
+# -- the command and its report ------------------------------------------------------------------------
+def assert_complete(out: Path, backends: list[str], batches: list[int], config: str) -> dict:
+    """Every requested backend x batch with every stage, numbers finite and positive, all files written."""
+    for name in REPORT_FILES:
+        assert (out / name).is_file(), name
+    assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    summary = json.loads((out / "bench.json").read_text())
+    stages = [s.name for s in stages_for(get_config(config))]
+    cells = {(c["backend"], c["batch"]): c for c in summary["results"]}
+    assert set(cells) == {(b, n) for b in backends for n in batches}
+    for (backend, batch), c in cells.items():
+        assert set(c["stages"]) == set(stages)
+        numbers = [c["end_to_end_s"][k] for k in ("median", "p10", "p90")] + [
+            c["images_per_s"], c["overhead_s"]["median"], c["flops_per_image"], c["achieved_flops"], c["peak_rss_mb"]]
+        for st in c["stages"].values():
+            numbers += [st["per_call_ms"]["median"], st["seconds_per_generation"], st["flops_per_call"],
+                        st["achieved_flops"], st["roofline_fraction"], st["calls_per_generation"]]
+        assert all(math.isfinite(x) and x > 0 for x in numbers), (backend, batch)
+        assert c["end_to_end_s"]["p10"] <= c["end_to_end_s"]["median"] <= c["end_to_end_s"]["p90"]
+        assert 0 < c["overhead_fraction"] < 1
+        assert len(c["raw"]["wall_s"]) == summary["repeat"]
+        assert math.isfinite(c["speedup_vs_torch"]) and c["speedup_vs_torch"] > 0
+    table = (out / "bench.md").read_text()
+    for backend, batch in cells:
+        for stage in stages:
+            assert f"| {batch} | {backend} | {STAGE_LABELS[stage]} |" in table
+    return summary
+
+
+def test_bench_report_is_complete(engines_factory, tmp_path, capsys):
+    engines = engines_factory("d2c-tiny")
+    out = tmp_path / "report"
+    code = bench_main(["--engines", str(engines), "--backends", "torch,ort", "--batch", "1,2", "--out", str(out),
+                       *TINY_ARGS])
+    assert code == 0, capsys.readouterr().err
+    summary = assert_complete(out, ["torch", "ort"], [1, 2], "d2c-tiny")
+    assert summary["sampling"]["num_iter"] == 2 and summary["sampling"]["diffusion_steps"] == 3
+    calls = {c["backend"]: c["stages"]["diffusion"]["calls_per_generation"] for c in summary["results"]}
+    assert calls == {"torch": 2 * 3, "ort": 2 * 3}
+    assert "| 1 | ort |" in capsys.readouterr().out
+
+
+def test_bench_from_config_exports_then_cleans_up(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = bench_main(["--config", "d2c-tiny-none", "--backends", "ort,torch", "--batch", "1", "--out", str(out),
+                       *TINY_ARGS])
+    assert code == 0, capsys.readouterr().err
+    assert_complete(out, ["ort", "torch"], [1], "d2c-tiny-none")
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES), "temporary engines removed"
+
+
+def test_requested_trt_without_tensorrt_is_one_clear_error(engines_factory, tmp_path, capsys):
+    reason = trt_unavailable()
+    if reason is None:
+        pytest.skip("TensorRT and a CUDA device are present: the trt column can run here")
+    out = tmp_path / "report"
+    code = bench_main(["--engines", str(engines_factory("d2c-tiny")), "--backends", "torch,trt", "--out", str(out),
+                       *TINY_ARGS])
+    assert_one_line_error(code, capsys.readouterr().err, "backend trt", reason.split(" (")[0])
+    assert not out.exists()
+
+
+def test_ort_fp16_without_fp16_graphs_is_one_clear_error(engines_factory, tmp_path, capsys, monkeypatch):
+    engines = engines_factory("d2c-tiny")  # FP32 graphs only
+    out = tmp_path / "report"
+    argv = ["--engines", str(engines), "--backends", "ort,ort-fp16", "--out", str(out), *TINY_ARGS]
+    monkeypatch.setattr(bench, "fp16_unavailable", lambda: "this install has no FP16 conversion")
+    assert_one_line_error(bench_main(argv), capsys.readouterr().err, "ort-fp16", "onnx-fp16", "no FP16 conversion")
+    monkeypatch.undo()
+    if bench.fp16_unavailable() is None:  # the conversion exists: the missing graphs are named, with their fix
+        assert_one_line_error(bench_main(argv), capsys.readouterr().err, "onnx-fp16", "--fp16")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--backends", "torch,tensorflow"], ["tensorflow", "torch, ort"]),
+    (["--batch", "5"], ["max batch 4"]),
+    (["--repeat", "0"], ["--repeat"]),
+])
+def test_bad_requests_are_one_clear_error(engines_factory, tmp_path, capsys, argv, needles):
+    out = tmp_path / "report"
+    code = bench_main(["--engines", str(engines_factory("d2c-tiny")), "--out", str(out), "--quiet", *argv])
+    assert_one_line_error(code, capsys.readouterr().err, *needles)
+    assert not out.exists()
+
+
+def test_ort_fp16_column(tmp_path, capsys):
+    # Trained weights: random ones give latents beyond FP16's range, which the runtime refuses.
+    from d2c_export.fp16 import convert_engines
+    from d2c_export.onnx_export import export_model
+    from d2c_export.sources import model_from_args
+    engines = tmp_path / "engines"
+    model, source = model_from_args(None, None)
+    export_model(model, engines, source, max_batch=2, progress=False)
+    convert_engines(engines, progress=False)
+    out = tmp_path / "report"
+    code = bench_main(["--engines", str(engines), "--backends", "torch,ort,ort-fp16", "--batch", "2",
+                       "--out", str(out), *TINY_ARGS])
+    assert code == 0, capsys.readouterr().err
+    assert_complete(out, ["torch", "ort", "ort-fp16"], [2], model.config.name)
+
+
+@pytest.mark.slow
+def test_bench_on_d2c_b(tmp_path, capsys):
+    """The full-size architecture end to end, with d2c-b's FLOP formulas checked by torch's counter."""
+    config = get_config("d2c-b")
+    model = random_model(config, 0)
+    for spec in stages_for(config):
+        feeds = spec.example_inputs(config)
+        shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+        assert stage_flops(config, spec.name, shapes) == torch_count(model, spec, feeds), spec.name
+    del model
+    out = tmp_path / "report"
+    code = bench_main(["--config", "d2c-b", "--backends", "torch,ort", "--batch", "1", "--num-iter", "2",
+                       "--diffusion-steps", "2", "--repeat", "1", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert_complete(out, ["torch", "ort"], [1], "d2c-b")

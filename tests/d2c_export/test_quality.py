@@ -1,0 +1,103 @@
+"""The quality gate: the Frechet distance math, and the demo's samples on every CPU backend against the reference."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from d2c_export.fp16 import convert_engines
+from d2c_export.onnx_export import export_model
+from d2c_export.quality import (DEFAULT_CLASSIFIER, MAX_ACCURACY_DROP, MAX_FD_RISE, QualityReport, evaluate_backends,
+                                frechet_distance, gate_failures, quality_main)
+from d2c_export.sources import DEMO_CHECKPOINT, model_from_args
+from reference.classifier import load_classifier
+from reference.pipeline import SamplingParams
+
+CHEAP = SamplingParams(cfg=1.0, num_iter=4, diffusion_steps=500)  # what CI affords; the README lists full figures
+PER_CLASS = 5
+MIN_REFERENCE_ACCURACY = 80.0  # the demo at CHEAP settings (90+ at the README's settings)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_frechet_distance_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 3)) * [1.0, 2.0, 0.5]
+    y = rng.normal(size=(5000, 3)) * [1.5, 1.0, 0.5] + [1.0, 0.0, -2.0]
+    # sample moments, with tr sqrt(C1 C2) from the eigenvalues of the (non-symmetric) product
+    c1, c2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    d = x.mean(0) - y.mean(0)
+    expected = d @ d + np.trace(c1) + np.trace(c2) - 2 * np.sqrt(np.linalg.eigvals(c1 @ c2).real).sum()
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-9)
+    # population value: |mu1 - mu2|^2 + sum (s1 - s2)^2 for diagonal covariances
+    assert frechet_distance(x, y) == pytest.approx(1.0 + 4.0 + 0.25 + 1.0, rel=0.05)
+    assert abs(frechet_distance(x, x)) < 1e-8
+
+
+def test_frechet_distance_rejects_mismatched_features():
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+
+
+def test_gate_flags_only_what_is_worse_than_allowed():
+    ref = QualityReport("torch", "", 50, 96.0, 2.0)
+    ok = QualityReport("ort", "", 50, 96.0 - MAX_ACCURACY_DROP, 2.0 + MAX_FD_RISE)
+    worse = QualityReport("ort-fp16", "", 50, 96.0 - MAX_ACCURACY_DROP - 1, 2.0 + MAX_FD_RISE + 1)
+    assert gate_failures([ref, ok]) == []
+    failures = gate_failures([ref, ok, worse])
+    assert len(failures) == 2 and all(line.startswith("ort-fp16:") for line in failures)
+
+
+@pytest.fixture(scope="module")
+def demo_engines(tmp_path_factory):
+    """The shipped demo checkpoint (the default source of `d2c-export onnx`), exported with FP16 graphs."""
+    model, source = model_from_args(None, None)
+    assert source["checkpoint"] == str(DEMO_CHECKPOINT)
+    out = tmp_path_factory.mktemp("demo_engines")
+    export_model(model, out, source, max_batch=PER_CLASS * 10, progress=False)
+    convert_engines(out, progress=False)
+    return out
+
+
+def test_every_cpu_backend_keeps_the_reference_quality(demo_engines):
+    classifier = load_classifier(DEFAULT_CLASSIFIER)
+    reports, images = evaluate_backends(demo_engines, ["torch", "ort", "ort-fp16"], PER_CLASS, CHEAP, 0,
+                                        classifier, real_per_class=30, threads=1)
+    assert [r.backend for r in reports] == ["torch", "ort", "ort-fp16"]
+    assert images.shape == (PER_CLASS * 10, 3, 16, 16)
+    assert reports[0].accuracy >= MIN_REFERENCE_ACCURACY, reports[0]
+    assert gate_failures(reports) == [], reports
+
+
+def test_quality_cli_writes_reports(demo_engines, tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    grid = tmp_path / "grid.png"
+    rc = quality_main(["--engines", str(demo_engines), "--backends", "torch,ort", "--per-class", "2",
+                       "--real-per-class", "10", "--num-iter", "2", "--diffusion-steps", "20", "--threads", "1",
+                       "--json", str(out), "--grid", str(grid), "--quiet"])
+    data = json.loads(out.read_text())
+    assert rc == (1 if data["failures"] else 0)
+    assert [r["backend"] for r in data["reports"]] == ["torch", "ort"]
+    assert all(r["images"] == 20 and 0.0 <= r["accuracy"] <= 100.0 for r in data["reports"])
+    assert grid.stat().st_size > 0
+    assert "| torch | 20 |" in capsys.readouterr().out
+
+
+def test_missing_fp16_graphs_are_one_clear_error(engines_factory, capsys):
+    rc = quality_main(["--engines", str(engines_factory("d2c-tiny")), "--backends", "torch,ort-fp16", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("error:") and "onnx-fp16" in err[0] and "--fp16" in err[0]
+
+
+def test_unknown_backend_is_refused(engines_factory, capsys):
+    rc = quality_main(["--engines", str(engines_factory("d2c-tiny")), "--backends", "torch,cuda", "--quiet"])
+    assert rc == 2 and "unknown backend 'cuda'" in capsys.readouterr().err
