@@ -81,7 +81,31 @@ class StageTimer:
         return timed
 
 
-class OrtStages:
+class GraphStages:
+    """The five pipeline stages over per-stage graph runners; subclasses define `_run(stage, *args)`."""
+
+    config: D2CConfig
+
+    def _run(self, stage: str, *args: Tensor | None) -> list[Tensor]:
+        raise NotImplementedError
+
+    def gpt(self, ids, input_pos, k_cache, v_cache):
+        return tuple(self._run("gpt", ids, input_pos, k_cache, v_cache))
+
+    def cond(self, ids):
+        return self._run("cond", ids)[0]
+
+    def mar(self, tokens, kept, pred, labels, fusion):
+        return self._run("mar", tokens, kept, pred, labels, fusion)[0]
+
+    def diffusion(self, x, t, z, noise, cfg, temperature, coefs):
+        return self._run("diffusion", x, t, z, noise, cfg, temperature, coefs)[0]
+
+    def vae(self, latents):
+        return self._run("vae", latents)[0]
+
+
+class OrtStages(GraphStages):
     """The stages of an engines directory on ONNX Runtime; same interface as `reference.pipeline.TorchStages`."""
 
     def __init__(self, engines: Path, manifest: Manifest, precision: str = "fp32", providers: list[str] | None = None,
@@ -101,20 +125,6 @@ class OrtStages:
         out = self.sessions[stage].run(feeds)
         return [torch.from_numpy(out[s.name]) for s in STAGES[stage].output_specs(self.config)]
 
-    def gpt(self, ids, input_pos, k_cache, v_cache):
-        return tuple(self._run("gpt", ids, input_pos, k_cache, v_cache))
-
-    def cond(self, ids):
-        return self._run("cond", ids)[0]
-
-    def mar(self, tokens, kept, pred, labels, fusion):
-        return self._run("mar", tokens, kept, pred, labels, fusion)[0]
-
-    def diffusion(self, x, t, z, noise, cfg, temperature, coefs):
-        return self._run("diffusion", x, t, z, noise, cfg, temperature, coefs)[0]
-
-    def vae(self, latents):
-        return self._run("vae", latents)[0]
 
 
 def open_backend(engines: str | Path, backend: str = "auto", precision: str = "fp32", threads: int = 0):

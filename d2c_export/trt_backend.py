@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from d2c_export.manifest import EngineError, Manifest, StageEntry, rebuild_command
+from d2c_export.runtime import GraphStages
 from d2c_export.stages import STAGES, stages_for
 from d2c_export.trt_build import RUN_HINT, require_tensorrt, running_platform, tensorrt_missing
 from reference.model import D2CConfig
@@ -151,7 +152,7 @@ class Engine:
         self._graphs[key] = graph
 
 
-class TrtStages:
+class TrtStages(GraphStages):
     """The stages of an engines directory on TensorRT plans; same interface as `reference.pipeline.TorchStages`."""
 
     def __init__(self, engines: str | Path, manifest: Manifest, precision: str = "fp16"):
@@ -184,17 +185,3 @@ class TrtStages:
                 r.record_stream(caller)  # made on self.stream, used on the caller's
         return results
 
-    def gpt(self, ids, input_pos, k_cache, v_cache):
-        return tuple(self._run("gpt", ids, input_pos, k_cache, v_cache))
-
-    def cond(self, ids):
-        return self._run("cond", ids)[0]
-
-    def mar(self, tokens, kept, pred, labels, fusion):
-        return self._run("mar", tokens, kept, pred, labels, fusion)[0]
-
-    def diffusion(self, x, t, z, noise, cfg, temperature, coefs):
-        return self._run("diffusion", x, t, z, noise, cfg, temperature, coefs)[0]
-
-    def vae(self, latents):
-        return self._run("vae", latents)[0]
