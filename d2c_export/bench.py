@@ -18,14 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from d2c_export import runtime
-from d2c_export.flops import stage_flops
+from d2c_export.flops import matmul_roofline, stage_flops
 from d2c_export.manifest import EngineError, Manifest
 from d2c_export.runtime import StageTimer, check_request, generate_images, open_backend
 from d2c_export.sources import model_from_source
@@ -35,8 +33,6 @@ from reference.pipeline import SamplingParams, TorchStages
 log = logging.getLogger(__name__)
 
 BENCH_BACKENDS = ("torch", "ort", "ort-fp16", "trt")
-ROOFLINE_SIZE = 2048  # square fp32 matmul that sets the roofline
-ROOFLINE_RUNS = 5  # best of this many timed products
 MB = 1 << 20
 
 
@@ -261,43 +257,6 @@ def count_flops(backend: Backend, labels: list[int], params: SamplingParams, see
     return dict(counter.flops)
 
 
-def _matmul_graph(size: int) -> bytes:
-    rng = np.random.default_rng(0)
-    b = helper.make_tensor("b", TensorProto.FLOAT, (size, size), rng.standard_normal((size, size), np.float32).ravel())
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "roofline",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, (size, size))],
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, (size, size))], [b])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
-
-
-def _best_seconds(fn, runs: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def matmul_roofline(device: str, threads: int, with_ort: bool, size: int = ROOFLINE_SIZE,
-                    runs: int = ROOFLINE_RUNS) -> dict[str, float]:
-    """Achievable fp32 FLOP/s of a large square matmul on `device`: torch, ORT's MatMul, and their max."""
-    flops = 2.0 * size ** 3
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    out = {"torch": flops / _best_seconds(lambda: (torch.matmul(a, b), sync()), runs)}
-    if with_ort:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(_matmul_graph(size), sess_options=opts, providers=providers)
-        feed = {"a": a.cpu().numpy()}
-        out["ort"] = flops / _best_seconds(lambda: session.run(None, feed), runs)
-    out["peak"] = max(out.values())
-    return out
-
-
 def measure_rooflines(columns: list[Backend], threads: int) -> dict[str, dict[str, float]]:
     """The matmul roofline of every device the columns run on (with ORT's MatMul where an ORT column runs)."""
     out = {}
@@ -329,13 +288,50 @@ class BenchResult:
     load_average: dict[str, float]  # 1-minute load average of the machine at the start and the end
 
 
+def _warm_up(columns: list[Backend], labels: list[int], params: SamplingParams, seed: int, warmup: int,
+             bar: tqdm) -> dict[str, int]:
+    """`warmup` unmeasured generations per column; the first one counts the FLOPs of a generation."""
+    flops = {}
+    for i, b in enumerate(columns):
+        bar.set_postfix_str(f"warm-up {b.name} x{len(labels)}")
+        for w in range(warmup):
+            if i == 0 and w == 0:
+                flops = count_flops(b, labels, params, seed)
+            else:
+                with torch.inference_mode():
+                    generate_images(b.stages, labels, params, seed, len(labels))
+            bar.update()
+    return flops
+
+
+def _measure_batch(columns: list[Backend], labels: list[int], params: SamplingParams, seed: int, repeat: int,
+                   bar: tqdm) -> list[Measurement]:
+    """`repeat` rounds, each running every column once, starting one column later every round."""
+    cells = {b.name: Measurement(b.name, len(labels)) for b in columns}
+    for r in range(repeat):
+        k = r % len(columns)
+        for b in columns[k:] + columns[:k]:
+            bar.set_postfix_str(f"round {r + 1} {b.name} x{len(labels)}")
+            m = cells[b.name]
+            measure_once(b, labels, params, seed, m)
+            log.info("round %d %s x%d: %.2f s, %.2f s in stage calls", r + 1, b.name, len(labels), m.wall_s[-1],
+                     sum(v[-1] for v in m.stage_s.values()))
+            bar.update()
+    return list(cells.values())
+
+
+def check_settings(backends: list[str], repeat: int, warmup: int) -> None:
+    """Refuse what cannot be measured before any work."""
+    check_backends(backends)
+    if repeat < 1 or warmup < 1:
+        raise ValueError(f"--repeat and --warmup must be >= 1, got {repeat} and {warmup}")
+
+
 def run_benchmark(engines: str | Path, backends: list[str], batches: list[int], params: SamplingParams,
                   repeat: int = 3, warmup: int = 1, threads: int | None = None, seed: int = 0,
                   progress: bool = True) -> BenchResult:
     """Warm up, then measure every backend at every batch `repeat` times, interleaved round-robin."""
-    check_backends(backends)
-    if repeat < 1 or warmup < 1:
-        raise ValueError(f"--repeat and --warmup must be >= 1, got {repeat} and {warmup}")
+    check_settings(backends, repeat, warmup)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     engines = Path(engines)
@@ -350,25 +346,11 @@ def run_benchmark(engines: str | Path, backends: list[str], batches: list[int], 
     roofline = measure_rooflines(columns, threads)
     flops, results = {}, []
     bar = tqdm(total=len(batches) * len(columns) * (warmup + repeat), desc="bench", unit="gen", disable=not progress)
-    for batch in batches:
-        labels = bench_labels(config.num_classes, batch)
-        cells = {b.name: Measurement(b.name, batch) for b in columns}
-        for i, b in enumerate(columns):
-            bar.set_postfix_str(f"warm-up {b.name} x{batch}")
-            for w in range(warmup):
-                if i == 0 and w == 0:
-                    flops[batch] = count_flops(b, labels, params, seed)
-                else:
-                    with torch.inference_mode():
-                        generate_images(b.stages, labels, params, seed, batch)
-                bar.update()
-        for r in range(repeat):
-            k = r % len(columns)
-            for b in columns[k:] + columns[:k]:
-                bar.set_postfix_str(f"repeat {r + 1} {b.name} x{batch}")
-                measure_once(b, labels, params, seed, cells[b.name])
-                bar.update()
-        results.extend(cells.values())
+    with logging_redirect_tqdm():
+        for batch in batches:
+            labels = bench_labels(config.num_classes, batch)
+            flops[batch] = _warm_up(columns, labels, params, seed, warmup, bar)
+            results.extend(_measure_batch(columns, labels, params, seed, repeat, bar))
     bar.close()
     load["end"] = os.getloadavg()[0]
     for device, again in measure_rooflines(columns, threads).items():  # the better of before and after
@@ -382,7 +364,7 @@ def run_benchmark(engines: str | Path, backends: list[str], batches: list[int], 
 def bench_from_config(config: str, out: Path, backends: list[str], batches: list[int], params: SamplingParams,
                       **kwargs) -> BenchResult:
     """Export `config` into a temporary engines directory under `out`, benchmark it, then remove it."""
-    check_backends(backends)
+    check_settings(backends, kwargs.get("repeat", 3), kwargs.get("warmup", 1))
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".engines-") as tmp:
         export_for_bench(config, Path(tmp), backends, max(DEFAULT_MAX_BATCH, *batches))

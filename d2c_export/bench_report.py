@@ -52,6 +52,7 @@ def _cell(m: Measurement, flops: dict[str, int], peak: float, reference: Measure
         "peak_rss_mb": max(m.peak_rss_mb), "working_rss_mb": max(p - b for p, b in zip(m.peak_rss_mb, m.base_rss_mb)),
         "peak_gpu_mb": max(m.peak_gpu_mb) if m.peak_gpu_mb else None,
         "largest_stage": max(stages, key=lambda s: stages[s]["seconds_per_generation"]),
+        "largest_stage_by_flops": max(stages, key=lambda s: stages[s]["flops_per_image"]),
         "stages": stages, "raw": {"wall_s": m.wall_s, "stage_s": dict(m.stage_s)}}
     if reference is not None:  # paired per repeat: both ran in the same round
         cell["speedup_vs_torch"] = float(np.median([r / w for r, w in zip(reference.wall_s, m.wall_s)]))
@@ -112,15 +113,16 @@ def markdown(summary: dict) -> str:
         f"- machine load (1-minute average, {summary['machine']['cpus']} CPUs): {summary['load_average']['start']:.1f} "
         f"at the start, {summary['load_average']['end']:.1f} at the end",
         "- backends: " + "; ".join(f"`{k}` {v}" for k, v in summary["backends"].items()), "",
-        "| batch | backend | end to end s | images/s | vs torch | overhead | GFLOP/image | peak RSS MB | largest stage |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---|"]
+        "| batch | backend | end to end s | images/s | vs torch | overhead | GFLOP/image | peak RSS MB | "
+        "largest stage by time | by FLOPs |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---|---|"]
     for c in summary["results"]:
         speed = f"{c['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in c else "-"
-        largest = c["stages"][c["largest_stage"]]
+        largest = [c["stages"][c[k]] for k in ("largest_stage", "largest_stage_by_flops")]
         lines.append(f"| {c['batch']} | {c['backend']} | {_range(c['end_to_end_s'])} | {c['images_per_s']:.3g} | "
                      f"{speed} | {100 * c['overhead_fraction']:.2f}% | {c['flops_per_image'] / 1e9:.1f} | "
-                     f"{c['peak_rss_mb']:.0f} | {largest['label']} ({100 * largest['roofline_fraction']:.0f}% of "
-                     "roofline) |")
+                     f"{c['peak_rss_mb']:.0f} | " + " | ".join(f"{st['label']} ({100 * st['roofline_fraction']:.0f}% "
+                                                                 "of roofline)" for st in largest) + " |")
     lines += ["", "| batch | backend | stage | calls | ms per call | s per generation | share | GFLOP per call | "
               "GFLOP/s | of roofline |", "|---:|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for c in summary["results"]:
@@ -139,17 +141,17 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     cells = summary["results"]
     names = [f"{c['backend']} x{c['batch']}" for c in cells]
-    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(13, 1.2 + 0.5 * len(cells)))
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(13, 2.2 + 0.5 * len(cells)))
     left = np.zeros(len(cells))
     for stage, label in list(STAGE_LABELS.items()) + [(OVERHEAD, OVERHEAD)]:
-        widths = np.array([c["overhead_s"]["median"] if stage == OVERHEAD else
-                           c["stages"].get(stage, {}).get("seconds_per_generation", 0.0) for c in cells])
+        widths = np.array([(c["overhead_s"]["median"] if stage == OVERHEAD else
+                            c["stages"].get(stage, {}).get("seconds_per_generation", 0.0)) / c["batch"] for c in cells])
         if widths.any():
             ax_t.barh(names, widths, left=left, label=label)
             left += widths
-    ax_t.set_xlabel("seconds per generation (median)")
+    ax_t.set_xlabel("seconds per image (median generation / batch)")
     ax_t.set_title(f"{summary['config']}: time by stage")
-    ax_t.legend(fontsize=7, loc="lower right")
+    ax_t.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
     ax_t.invert_yaxis()
     stages = [s for s in STAGE_LABELS if any(s in c["stages"] for c in cells)]
     height = 0.8 / max(len(stages), 1)
@@ -161,7 +163,8 @@ def plot(summary: dict, path: Path) -> None:
     ax_r.invert_yaxis()
     ax_r.axvline(100, color="black", lw=0.8)
     ax_r.set_xlabel("achieved FLOP/s, % of the fp32 matmul roofline")
-    ax_r.legend(fontsize=7, loc="lower right")
+    ax_r.set_title("stage efficiency")
+    ax_r.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

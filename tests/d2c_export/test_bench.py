@@ -11,10 +11,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from d2c_export import bench
-from d2c_export.bench import matmul_roofline, peak_memory, trt_unavailable
+from d2c_export.bench import peak_memory, trt_unavailable
 from d2c_export.bench_report import REPORT_FILES, STAGE_LABELS
 from d2c_export.cli import bench_main
-from d2c_export.flops import diffusion_flops, gpt_flops, stage_flops
+from d2c_export.flops import diffusion_flops, gpt_flops, matmul_roofline, stage_flops
 from d2c_export.sources import random_model
 from d2c_export.stages import stages_for
 from reference.model import get_config
