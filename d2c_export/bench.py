@@ -106,6 +106,9 @@ class TorchDeviceStages:
     def gpt(self, *args):
         return self._call("gpt", *args)
 
+    def gpt_cache(self, rows):  # on the device, as the reference keeps it there: no cache copies per step
+        return self.inner.gpt_cache(rows)
+
     def cond(self, *args):
         return self._call("cond", *args)
 
@@ -183,6 +186,7 @@ class FlopCounter:
     def __init__(self, stages):
         self.config = stages.config
         self.flops: dict[str, int] = defaultdict(int)
+        self.gpt_cache = stages.gpt_cache
         for name in STAGES:
             setattr(self, name, self._counted(name, getattr(stages, name)))
 

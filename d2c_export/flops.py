@@ -12,7 +12,7 @@ are not counted. With R rows, n tokens and width D, the pieces are:
   3x3 convolution cin -> cout over P pixels       18 B P cin cout (1x1: 2 B P cin cout)
   VAE spatial attention over P pixels, C channels 8 B P C^2 + 4 B P^2 C
 
-Per stage (see each function): `gpt` attends over the whole static cache (S slots) and projects
+Per stage (see each function): `gpt` attends over the whole static cache (S slots) and its own T keys, projects
 every input token to logits; `mar` projects all L tokens, encodes buffer + kept tokens, decodes
 buffer + L tokens; `diffusion` runs the head on all G*N rows; `vae` is post_quant_conv + decoder.
 """
@@ -52,9 +52,10 @@ def _mlp_hidden(m: MARArgs, dim: int) -> int:
 
 
 def gpt_flops(config: D2CConfig, rows: int, tokens: int) -> int:
-    """LlamaGen step: per layer wqkv, wo, SwiGLU (3 matrices), scores and values over all S cache slots."""
+    """LlamaGen step: per layer wqkv, wo, SwiGLU (3 matrices), scores and values over all S cache slots and the
+    step's own `tokens` keys."""
     g = config.gpt
-    d, s = g.dim, g.max_seq_len
+    d, s = g.dim, g.max_seq_len + tokens
     per_layer = linear(rows * tokens, d, 3 * d) + linear(rows * tokens, d, d) + 3 * linear(rows * tokens, d, g.ffn_hidden) \
         + 4 * rows * tokens * s * d
     return g.n_layer * per_layer + linear(rows * tokens, d, g.vocab_size)

@@ -7,11 +7,11 @@ op block list and a node block list read off each graph. The rule that picks the
   GroupNormalization), Softmax, Sin/Cos/Exp, and the converter's own default list (Resize, Range, ...);
 - RMSNorm: each ReduceMean over `Mul(a, a)`, the square itself, and the chain (Add eps, Sqrt,
   Reciprocal/Div) up to the Mul or Div that scales `a`;
-- attention scores: from each Softmax back through Mul/Div/Add/Sub/Where/Cast to the MatMul Q.K^T;
+- attention scores: from each Softmax back through Mul/Div/Add/Sub/Where/Cast/Concat to the MatMuls Q.K^T
+  (the gpt concatenates the scores over the cache and over the step's own keys);
 - timestep embeddings: from each Sin/Cos back through the elementwise ops and casts to the graph input;
 - casts to float (the converter cannot retype them) and, per stage, `FP32_HEADS` (the gpt logits: the
-  output MatMul and what follows it), `FP32_PASS_THROUGH` (the gpt KV caches: every node on a path from
-  a cache input to its output) and `FP32_TAILS` (the diffusion step: everything after the head's last
+  output MatMul and what follows it) and `FP32_TAILS` (the diffusion step: everything after the head's last
   linear layer, i.e. `guided_output` and `ddpm_step`, whose sqrt(1/alpha_bar) reaches about 2e4);
 - data movement (Transpose, Reshape, Gather, Slice, ...) whose float inputs all come from FP32 nodes.
 
@@ -49,12 +49,11 @@ FP16_MAX = 65504.0  # largest finite float16: constants are clipped there, not a
 FP32_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "Softmax", "Sin", "Cos", "Exp")
 OP_BLOCK_LIST = sorted(set(FP32_OPS) | set(float16.DEFAULT_OP_BLOCK_LIST))  # with the converter's defaults
 FP32_HEADS = {"gpt": ("logits",)}  # outputs computed in FP32 from their last MatMul on
-FP32_PASS_THROUGH = {"gpt": (("k_cache", "k_cache_out"), ("v_cache", "v_cache_out"))}
 FP32_TAILS = {"diffusion": ("x_prev",)}  # outputs whose nodes after the last MatMul/Gemm stay FP32
 
 _LINEAR = {"MatMul", "Gemm"}
 _NORM_CHAIN = {"Add", "Sqrt", "Reciprocal", "Div", "Mul"}
-_SCORE_OPS = {"Mul", "Div", "Add", "Sub", "Where", "Cast"}
+_SCORE_OPS = {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Concat"}
 _EMBED_OPS = {"Mul", "Div", "Cast", "Unsqueeze", "Expand", "Reshape", "Squeeze"}
 _HEAD_OPS = {"Reshape", "Cast", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 _MOVEMENT = {"Transpose", "Reshape", "Gather", "GatherElements", "GatherND", "Slice", "Squeeze", "Unsqueeze",
@@ -80,15 +79,6 @@ class _Graph:
             if node.name not in seen:
                 seen.add(node.name)
                 stack += [self.producer[i] for i in node.input if i in self.producer]
-        return seen
-
-    def descendants(self, names: list[str]) -> set[str]:
-        seen, stack = set(), [c for n in names for c in self.consumers[n]]
-        while stack:
-            node = stack.pop()
-            if node.name not in seen:
-                seen.add(node.name)
-                stack += [c for o in node.output for c in self.consumers[o]]
         return seen
 
     def walk_back(self, start: onnx.NodeProto, through: set[str], stop_at: set[str] = frozenset()) -> set[str]:
@@ -143,8 +133,6 @@ def fp32_nodes(model: onnx.ModelProto, stage: str) -> set[str]:
         keep |= g.walk_back(trig, _EMBED_OPS)
     for out in FP32_HEADS.get(stage, ()):
         keep |= g.walk_back(g.producer[out], _HEAD_OPS, stop_at=_LINEAR) | {g.producer[out].name}
-    for src, dst in FP32_PASS_THROUGH.get(stage, ()):
-        keep |= g.descendants([src]) & g.ancestors([dst])
     for out in FP32_TAILS.get(stage, ()):
         upstream = g.ancestors([out])
         last = [n for n in g.nodes if n.op_type in _LINEAR and n.name in upstream][-1]

@@ -41,10 +41,16 @@ def io_specs(spec: StageSpec, model_config) -> tuple[list[dict], list[dict]]:
 
 
 def _dynamic_shapes(spec: StageSpec, config, max_batch: int) -> tuple[dict[int, torch.export.Dim] | None, ...]:
-    """Positional `torch.export` dynamic shapes: one Dim per axis name, shared by every input using it."""
+    """Positional `torch.export` dynamic shapes: one Dim per axis name, shared by every input using it.
+
+    The inputs a wrapper takes as *args get one nested tuple, as `torch.export` matches them.
+    """
     profile = spec.profile(config, max_batch)
     dims = {axis: torch.export.Dim(axis, min=lo, max=hi) for axis, (lo, _, hi) in profile.items()}
-    return tuple(({i: dims[a] for i, a in t.dynamic_axes.items()} or None) for t in spec.input_specs(config))
+    flat = tuple(({i: dims[a] for i, a in t.dynamic_axes.items()} or None) for t in spec.input_specs(config))
+    if spec.varargs_from is None:
+        return flat
+    return flat[:spec.varargs_from] + (flat[spec.varargs_from:],)
 
 
 def check_graph(path: Path, spec: StageSpec, config) -> None:

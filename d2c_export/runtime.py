@@ -17,7 +17,7 @@ from d2c_export.manifest import EngineError, Manifest
 from d2c_export.sources import model_from_source
 from d2c_export.stages import STAGES, stages_for
 from reference.model import D2CConfig
-from reference.pipeline import Generation, SamplingParams, TorchStages, generate_with
+from reference.pipeline import Generation, SamplingParams, TorchStages, empty_gpt_cache, generate_with
 from reference.sampling import TorchDraws
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,11 @@ class GraphStages:
     def _run(self, stage: str, *args: Tensor | None) -> list[Tensor]:
         raise NotImplementedError
 
-    def gpt(self, ids, input_pos, k_cache, v_cache):
-        return tuple(self._run("gpt", ids, input_pos, k_cache, v_cache))
+    def gpt(self, ids, input_pos, k_cache, v_cache):  # the graph takes the caches layer by layer (views, no copy)
+        return tuple(self._run("gpt", ids, input_pos, *k_cache.unbind(0), *v_cache.unbind(0)))
+
+    def gpt_cache(self, rows):
+        return empty_gpt_cache(self.config, rows)
 
     def cond(self, ids):
         return self._run("cond", ids)[0]
@@ -188,6 +191,7 @@ class _TimedStages:
 
     def __init__(self, stages, timer: StageTimer, threads: int):
         self.config = stages.config
+        self.gpt_cache = stages.gpt_cache  # allocation, not a stage call: untimed
         for name in STAGES:
             setattr(self, name, timer.wrap(name, _with_threads(getattr(stages, name), threads)))
 

@@ -57,6 +57,7 @@ class StageSpec:
     example: Callable[[D2CConfig, dict[str, int], torch.Generator], dict[str, Tensor]]
     applies: Callable[[D2CConfig], bool] = lambda config: True
     tolerance: Tolerance = FP32_TOLERANCE
+    varargs_from: int | None = None  # inputs from this index on are the wrapper's *args (the gpt's per-layer caches)
 
     def input_specs(self, config: D2CConfig) -> tuple[TensorSpec, ...]:
         return self.inputs(config)
@@ -88,9 +89,33 @@ class MarStage(nn.Module):
 
 
 # -- gpt -------------------------------------------------------------------------------------------
-def _gpt_cache_spec(c: D2CConfig, name: str) -> TensorSpec:
+class GptStage(nn.Module):
+    """The `gpt` stage with one cache input per layer, keys first: a graph that sliced one stacked cache into
+    layers would copy the whole cache on every decode step (ONNX has no views), while per-layer inputs are
+    read in place. The runtime binds the layers of its stacked cache (`GraphStages.gpt`)."""
+
+    def __init__(self, model: D2C):
+        super().__init__()
+        self.gpt = model.gpt
+
+    def forward(self, ids: Tensor, input_pos: Tensor, *caches: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n = self.gpt.args.n_layer
+        return self.gpt(ids, input_pos, caches[:n], caches[n:])
+
+
+def gpt_cache_names(c: D2CConfig) -> list[str]:
+    """The per-layer cache inputs of the gpt graph: k_cache_0 .. k_cache_{L-1}, then v_cache_0 .. v_cache_{L-1}."""
+    return [f"{kv}_cache_{i}" for kv in "kv" for i in range(c.gpt.n_layer)]
+
+
+def _gpt_layer_cache_spec(c: D2CConfig, name: str) -> TensorSpec:
     g = c.gpt
-    return TensorSpec(name, torch.float32, (g.n_layer, "rows", g.n_head, g.max_seq_len, g.head_dim))
+    return TensorSpec(name, torch.float32, ("rows", g.n_head, g.max_seq_len, g.head_dim))
+
+
+def _gpt_new_spec(c: D2CConfig, name: str) -> TensorSpec:
+    g = c.gpt
+    return TensorSpec(name, torch.float32, (g.n_layer, "rows", g.n_head, "tokens", g.head_dim))
 
 
 def _gpt_example(c: D2CConfig, s: dict[str, int], gen: torch.Generator) -> dict[str, Tensor]:
@@ -100,23 +125,25 @@ def _gpt_example(c: D2CConfig, s: dict[str, int], gen: torch.Generator) -> dict[
     ids = torch.randint(0, g.vocab_size, (rows, tokens), generator=gen)
     if start == 0:
         ids[:, 0] = torch.randint(0, g.num_classes + 1, (rows,), generator=gen)
-    shape = (g.n_layer, rows, g.n_head, g.max_seq_len, g.head_dim)
-    return {"ids": ids, "input_pos": torch.arange(start, start + tokens),
-            "k_cache": torch.randn(shape, generator=gen), "v_cache": torch.randn(shape, generator=gen)}
+    shape = (rows, g.n_head, g.max_seq_len, g.head_dim)
+    caches = {name: torch.randn(shape, generator=gen) for name in gpt_cache_names(c)}
+    return {"ids": ids, "input_pos": torch.arange(start, start + tokens), **caches}
 
 
 GPT = StageSpec(
     name="gpt",
-    runs="once per token: prefill of the class token, then one-token decode steps with the KV cache",
+    runs="once per token: prefill of the class token, then one-token decode steps with the KV cache; the cache "
+         "is an input only, the step's keys and values come out and the runtime writes them into it",
     inputs=lambda c: (TensorSpec("ids", torch.int64, ("rows", "tokens")),
                       TensorSpec("input_pos", torch.int64, ("tokens",)),
-                      _gpt_cache_spec(c, "k_cache"), _gpt_cache_spec(c, "v_cache")),
+                      *(_gpt_layer_cache_spec(c, name) for name in gpt_cache_names(c))),
     outputs=lambda c: (TensorSpec("logits", torch.float32, ("rows", "tokens", c.gpt.vocab_size)),
-                       _gpt_cache_spec(c, "k_cache_out"), _gpt_cache_spec(c, "v_cache_out")),
-    wrapper=lambda m: m.gpt,
+                       _gpt_new_spec(c, "k_new"), _gpt_new_spec(c, "v_new")),
+    wrapper=GptStage,
     axes=lambda c, b: {"rows": (1, 2, 2 * b), "tokens": (1, 2, c.gpt.max_seq_len)},
     example=_gpt_example,
     applies=lambda c: c.gpt is not None,
+    varargs_from=2,
 )
 
 

@@ -6,10 +6,12 @@ non-default CUDA stream. Stages in `CUDA_GRAPH_STAGES` run the same shape over a
 step 100 times per masked step, a gpt decode step per token): the second call of a shape captures a
 CUDA graph and every later call replays it; inputs are copied into the bound buffers first.
 
-Host copies: `TrtStages` returns tensors on the device its inputs came from. The shared loop in
+Host copies: `TrtStages` returns tensors on the device its first input came from. The shared loop in
 `reference/pipeline.py` keeps its state on the CPU (the seeded draws, the discrete sampling from the
 gpt logits, the scatter of predicted tokens), so under it every stage call copies its inputs to the
 GPU and its outputs back; a caller holding CUDA tensors gets CUDA tensors and no host round trip.
+The gpt KV cache is the exception: `gpt_cache` hands out the engine's bound device buffers, so the
+cache (up to hundreds of MB at batch 16) never crosses the bus; only each step's keys and values do.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from d2c_export.manifest import EngineError, Manifest, StageEntry, rebuild_command
 from d2c_export.runtime import GraphStages
-from d2c_export.stages import STAGES, stages_for
+from d2c_export.stages import STAGES, gpt_cache_names, stages_for
 from d2c_export.trt_build import RUN_HINT, require_tensorrt, running_platform, tensorrt_missing
 from reference.model import D2CConfig
 
@@ -96,11 +98,28 @@ class Engine:
         self._calls: dict[tuple, int] = {}
         self._bound: tuple | None = None
 
-    def _allocate(self, key: tuple, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
-        buffers = {n: device_buffer(tuple(feeds[n].shape), self.dtypes[n]) for n in self.inputs}
+    def buffers(self, shapes: dict[str, tuple[int, ...]], given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The device buffers bound for these input shapes, allocated on first use and then reused. The inputs in
+        `given` are bound to those tensors instead (the caller's, e.g. views of one stacked cache); a CUDA graph
+        captured with other buffers for these shapes is dropped."""
+        key = tuple(tuple(shapes[n]) for n in self.inputs)
+        if key not in self._buffers:
+            return self._allocate(key, shapes, given)
+        buffers = self._buffers[key]
+        if any(buffers[n].data_ptr() != t.data_ptr() for n, t in (given or {}).items()):
+            buffers.update(given)
+            self._graphs.pop(key, None)
+            self._calls.pop(key, None)
+            self._bound = None
+        return buffers
+
+    def _allocate(self, key: tuple, shapes: dict[str, tuple[int, ...]],
+                  given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        given = given or {}
+        buffers = {n: given[n] if n in given else device_buffer(tuple(shapes[n]), self.dtypes[n]) for n in self.inputs}
         for n in self.inputs:
-            if not self.context.set_input_shape(n, tuple(feeds[n].shape)):
-                raise EngineError(f"{self.path.name}: input {n} of shape {tuple(feeds[n].shape)} is outside the "
+            if not self.context.set_input_shape(n, tuple(shapes[n])):
+                raise EngineError(f"{self.path.name}: input {n} of shape {tuple(shapes[n])} is outside the "
                                   f"built profile; rebuild with a larger --max-batch")
         for n in self.outputs:
             buffers[n] = device_buffer(tuple(self.context.get_tensor_shape(n)), self.dtypes[n])
@@ -121,12 +140,16 @@ class Engine:
             raise EngineError(f"TensorRT failed to run {self.path.name} (see the TensorRT log above)")
 
     def run(self, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Run on `self.stream` (the caller orders it); returns the output buffers of this shape (reused)."""
+        """Run on `self.stream` (the caller orders it); returns the output buffers of this shape (reused).
+
+        A feed that is the bound buffer itself (see `buffers`) is not copied.
+        """
         key = tuple(tuple(feeds[n].shape) for n in self.inputs)
-        buffers = self._buffers.get(key) or self._allocate(key, feeds)
+        buffers = self.buffers({n: tuple(feeds[n].shape) for n in self.inputs})
         with torch.cuda.stream(self.stream):
             for n in self.inputs:
-                buffers[n].copy_(feeds[n], non_blocking=True)
+                if not (feeds[n].is_cuda and feeds[n].data_ptr() == buffers[n].data_ptr()):
+                    buffers[n].copy_(feeds[n], non_blocking=True)
             graph = self._graphs.get(key)
             if graph is not None:
                 graph.replay()
@@ -163,16 +186,33 @@ class TrtStages(GraphStages):
         self.running = running_platform(trt)
         self.stream = torch.cuda.Stream()  # non-default: execute_async_v3 and graph capture need one
         self.engines: dict[str, Engine] = {}
+        self._gpt_caches: dict[int, tuple[Tensor, Tensor]] = {}  # rows -> stacked k, v bound layer by layer
         for spec in stages_for(self.config):
             entry = manifest.entry(spec.name, f"trt-{precision}", engines)  # files present, sha256 matches
             check_plan(spec.name, entry, self.running, engines, manifest)
             self.engines[spec.name] = Engine(engines / entry.main_file, self.stream, spec.name in CUDA_GRAPH_STAGES)
         self.description = f"TensorRT {trt.__version__} ({precision}) on {self.running['gpu']}"
 
+    def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
+        """Zeroed device caches for `rows` whose layers are the gpt engine's bound inputs: decode steps read them
+        in place, with no copy, and the loop writes each step's keys and values into them (KiB per step)."""
+        g = self.config.gpt
+        if rows not in self._gpt_caches:
+            shape = (g.n_layer, rows, g.n_head, g.max_seq_len, g.head_dim)
+            k, v = torch.zeros(shape, device="cuda"), torch.zeros(shape, device="cuda")
+            layers = dict(zip(gpt_cache_names(self.config), [*k.unbind(0), *v.unbind(0)]))
+            shapes = {"ids": (rows, 1), "input_pos": (1,), **{n: tuple(t.shape) for n, t in layers.items()}}
+            self.engines["gpt"].buffers(shapes, given=layers)
+            self._gpt_caches[rows] = (k, v)
+        k, v = self._gpt_caches[rows]
+        k.zero_()
+        v.zero_()
+        return k, v
+
     def _run(self, stage: str, *args: Tensor | None) -> list[Tensor]:
         specs = STAGES[stage].input_specs(self.config)
         feeds = {s.name: a for s, a in zip(specs, args) if a is not None}
-        on_host = not any(a.is_cuda for a in feeds.values())
+        on_host = not args[0].is_cuda  # the caller's own data (ids, tokens, x, latents), not a gpt_cache buffer
         self.stream.wait_stream(torch.cuda.current_stream())  # inputs made on the caller's stream
         out = self.engines[stage].run(feeds)
         with torch.cuda.stream(self.stream):

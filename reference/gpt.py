@@ -1,8 +1,9 @@
-"""LlamaGen class-conditional GPT (c2i) with a static, export-friendly KV cache."""
+"""LlamaGen class-conditional GPT (c2i) with a static, export-friendly KV cache that the caller owns."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -144,18 +145,26 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def write_cache(cache: Tensor, new: Tensor, input_pos: Tensor) -> Tensor:
-    """Return cache (B, H, S, hd) with new (B, H, T, hd) written at slots input_pos (T,); exact (gather + where)."""
-    S, T = cache.shape[2], new.shape[2]
-    hit = torch.arange(S, device=cache.device, dtype=input_pos.dtype)[:, None] == input_pos[None, :]  # (S, T)
-    src = (hit.to(input_pos.dtype) * torch.arange(T, device=cache.device, dtype=input_pos.dtype)).sum(-1)  # (S,)
-    written = hit.any(dim=-1)  # (S,)
-    gathered = new.index_select(2, src)  # (B, H, S, hd)
-    return torch.where(written[None, None, :, None], gathered, cache)  # (B, H, S, hd)
+def write_cache(cache: Tensor, new: Tensor, input_pos: Tensor) -> None:
+    """Write new (L, B, H, T, hd) into cache (L, B, H, S, hd) at slots input_pos (T,), in place, on the cache's device."""
+    cache.index_copy_(3, input_pos.to(device=cache.device, dtype=torch.long), new.to(cache.device, cache.dtype))
+
+
+def attention_masks(input_pos: Tensor, slots: int) -> tuple[Tensor, Tensor]:
+    """Which keys the queries at input_pos (T,) see: cache slots (T, S) and this call's own keys (T, T), bool.
+
+    A query at position p sees every key at a position <= p: the cache slots up to p, except those this
+    call rewrites (their keys are this call's own), and this call's keys at positions <= p.
+    """
+    s = torch.arange(slots, device=input_pos.device, dtype=input_pos.dtype)  # (S,)
+    rewritten = (s[:, None] == input_pos[None, :]).any(dim=-1)  # (S,)
+    cache_mask = (s[None, :] <= input_pos[:, None]) & ~rewritten[None, :]  # (T, S)
+    new_mask = input_pos[None, :] <= input_pos[:, None]  # (T, T)
+    return cache_mask, new_mask
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with fused wqkv, 2D RoPE and a static KV cache."""
+    """Multi-head self-attention with fused wqkv, 2D RoPE, over a read-only static KV cache and the new keys."""
 
     def __init__(self, args: GPTArgs):
         super().__init__()
@@ -163,25 +172,28 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, 3 * args.dim, bias=False)
         self.wo = nn.Linear(args.dim, args.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
+    def forward(self, x: Tensor, rope: Tensor, masks: tuple[Tensor, Tensor],
                 k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, D), rope (T, hd/2, 2), mask (T, S) bool; caches (B, H, S, hd) -> (out, k_cache, v_cache)."""
+        """x (B, T, D), rope (T, hd/2, 2), masks from `attention_masks`; caches (B, H, S, hd) -> (out, k, v).
+
+        k, v (B, H, T, hd) are this call's keys and values; the caller writes them into the cache.
+        """
         B, T, _ = x.shape
+        S = k_cache.shape[2]
         q, k, v = self.wqkv(x).split([self.dim, self.dim, self.dim], dim=-1)  # 3 x (B, T, D)
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope).transpose(1, 2)  # (B, H, T, hd)
         k = apply_rope(k.view(B, T, self.n_head, self.head_dim), rope).transpose(1, 2)  # (B, H, T, hd)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
 
-        k_cache = write_cache(k_cache, k.to(k_cache.dtype), input_pos)  # (B, H, S, hd)
-        v_cache = write_cache(v_cache, v.to(v_cache.dtype), input_pos)  # (B, H, S, hd)
-
-        scores = torch.matmul(q, k_cache.to(q.dtype).transpose(-1, -2)).float()  # (B, H, T, S)
+        scores = torch.cat([torch.matmul(q, k_cache.to(q.dtype).transpose(-1, -2)),  # (B, H, T, S)
+                            torch.matmul(q, k.transpose(-1, -2))], dim=-1).float()  # (B, H, T, S + T)
         scores = scores * (1.0 / math.sqrt(self.head_dim))
-        scores = torch.where(mask[None, None], scores, torch.full_like(scores, float("-inf")))  # (B, H, T, S)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)  # (B, H, T, S)
-        out = torch.matmul(probs, v_cache.to(q.dtype))  # (B, H, T, hd)
+        mask = torch.cat(masks, dim=-1)  # (T, S + T)
+        scores = torch.where(mask[None, None], scores, torch.full_like(scores, float("-inf")))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)  # (B, H, T, S + T)
+        out = torch.matmul(probs[..., :S], v_cache.to(q.dtype)) + torch.matmul(probs[..., S:], v)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.dim)  # (B, T, D)
-        return self.wo(out), k_cache, v_cache
+        return self.wo(out), k, v
 
 
 class TransformerBlock(nn.Module):
@@ -194,11 +206,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
+    def forward(self, x: Tensor, rope: Tensor, masks: tuple[Tensor, Tensor],
                 k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a, k_cache, v_cache = self.attention(self.attention_norm(x), rope, mask, input_pos, k_cache, v_cache)
+        a, k, v = self.attention(self.attention_norm(x), rope, masks, k_cache, v_cache)
         h = x + a  # (B, T, D)
-        return h + self.feed_forward(self.ffn_norm(h)), k_cache, v_cache
+        return h + self.feed_forward(self.ffn_norm(h)), k, v
 
 
 class LabelEmbedder(nn.Module):
@@ -243,24 +255,31 @@ class GPT(nn.Module):
         tok = self.tok_embeddings(ids.clamp(min=0, max=a.vocab_size - 1))  # (B, T, D)
         return torch.where(is_cls, cls, tok)  # (B, T, D)
 
-    def forward(self, ids: Tensor, input_pos: Tensor, k_cache: Tensor,
-                v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One cached step: ids (B, T), input_pos (T,), caches (L, B, H, S, hd) -> logits (B, T, V) fp32, caches.
+    def forward(self, ids: Tensor, input_pos: Tensor, k_cache: Tensor | Sequence[Tensor],
+                v_cache: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """One cached step: ids (B, T), input_pos (T,), caches (L, B, H, S, hd) -> logits (B, T, V) fp32, k, v.
 
-        New keys/values are written at input_pos; the query at position p attends to slots j <= p.
+        The caches are read, never written: k, v (L, B, H, T, hd) are this step's keys and values, for the
+        caller to write at input_pos (`write_cache`; `step` does both). The query at position p attends to
+        the keys at positions <= p. A cache may also be a sequence of L per-layer (B, H, S, hd) tensors.
         """
-        S = k_cache.shape[3]
         h = self.embed(ids, input_pos)  # (B, T, D)
         rope = self.freqs_cis[input_pos]  # (T, hd/2, 2)
-        slots = torch.arange(S, device=input_pos.device, dtype=input_pos.dtype)  # (S,)
-        mask = slots[None, :] <= input_pos[:, None]  # (T, S)
+        masks = attention_masks(input_pos, k_cache[0].shape[-2])
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            h, k_i, v_i = layer(h, rope, mask, input_pos, k_cache[i], v_cache[i])
+            h, k_i, v_i = layer(h, rope, masks, k_cache[i], v_cache[i])
             new_k.append(k_i)
             new_v.append(v_i)
         logits = self.output(self.norm(h)).float()  # (B, T, V)
-        return logits, torch.stack(new_k), torch.stack(new_v)  # (L, B, H, S, hd) each
+        return logits, torch.stack(new_k), torch.stack(new_v)  # (L, B, H, T, hd) each
+
+    def step(self, ids: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """`forward`, then its keys and values written into the caches in place; returns the logits."""
+        logits, k, v = self.forward(ids, input_pos, k_cache, v_cache)
+        write_cache(k_cache, k, input_pos)
+        write_cache(v_cache, v, input_pos)
+        return logits
 
     def forward_train(self, tokens: Tensor, class_ids: Tensor) -> Tensor:
         """Teacher-forced logits (B, T, V) for tokens (B, T<=block_size) and class_ids (B,).
@@ -270,5 +289,4 @@ class GPT(nn.Module):
         ids = torch.cat([class_ids[:, None].to(tokens.dtype), tokens[:, :-1]], dim=1)  # (B, T)
         input_pos = torch.arange(ids.shape[1], device=ids.device)  # (T,)
         k_cache, v_cache = self.empty_cache(ids.shape[0], dtype=self.output.weight.dtype, device=ids.device)
-        logits, _, _ = self.forward(ids, input_pos, k_cache, v_cache)
-        return logits  # (B, T, V)
+        return self.forward(ids, input_pos, k_cache, v_cache)[0]  # (B, T, V)

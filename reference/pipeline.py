@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from reference.diffusion import DenoiseStep, DiffusionTables, make_tables
+from reference.gpt import write_cache
 from reference.model import D2C, D2CConfig
 from reference.sampling import (CfgSchedule, Draws, TorchDraws, cfg_for_step, filter_logits, guide_logits,
                                 mask_len_schedule, sample_gumbel, step_positions)
@@ -62,7 +63,10 @@ class Stages(Protocol):
 
     config: D2CConfig
 
-    def gpt(self, ids: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+    def gpt(self, ids: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """logits, and this step's keys and values (the caches are read only; see `reference.gpt.GPT.forward`)."""
+    def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
+        """Zeroed k_cache, v_cache (L, rows, H, S, hd) where `gpt` reads them; the loop writes each step into them."""
     def cond(self, ids: Tensor) -> Tensor: ...
     def mar(self, tokens: Tensor, kept: Tensor, pred: Tensor, labels: Tensor, fusion: Tensor | None) -> Tensor: ...
     def diffusion(self, x: Tensor, t: Tensor, z: Tensor, noise: Tensor, cfg: Tensor, temperature: Tensor,
@@ -80,6 +84,9 @@ class TorchStages:
 
     def gpt(self, ids, input_pos, k_cache, v_cache):
         return self.model.gpt(ids, input_pos, k_cache, v_cache)
+
+    def gpt_cache(self, rows):
+        return self.model.gpt.empty_cache(rows)
 
     def cond(self, ids):
         return self.model.mar.condition(ids)
@@ -108,8 +115,15 @@ def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draw
     guided = params.discrete_cfg > 1.0  # LlamaGen guides only above 1
     rows = 2 * bsz if guided else bsz
     ids = torch.cat([labels, torch.full_like(labels, g.null_class)]) if guided else labels
-    k_cache, v_cache = empty_gpt_cache(stages.config, rows)
-    logits, k_cache, v_cache = stages.gpt(ids.view(rows, 1), torch.tensor([0]), k_cache, v_cache)
+    k_cache, v_cache = stages.gpt_cache(rows)
+
+    def step(step_ids: Tensor, pos: Tensor) -> Tensor:
+        logits, k, v = stages.gpt(step_ids.view(rows, 1), pos, k_cache, v_cache)
+        write_cache(k_cache, k, pos)
+        write_cache(v_cache, v, pos)
+        return logits
+
+    logits = step(ids, torch.tensor([0]))
     out = []
     for i in tqdm(range(g.block_size), desc="discrete tokens", disable=not progress, leave=False):
         last = logits[:, -1].float()  # (rows, V)
@@ -120,8 +134,7 @@ def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draw
         out.append(token)
         if i + 1 < g.block_size:
             step_ids = torch.cat([token, token]) if guided else token
-            pos = torch.tensor([g.cls_token_num + i])
-            logits, k_cache, v_cache = stages.gpt(step_ids.view(rows, 1), pos, k_cache, v_cache)
+            logits = step(step_ids, torch.tensor([g.cls_token_num + i]))
     return torch.stack(out, dim=1)
 
 

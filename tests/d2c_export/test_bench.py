@@ -60,8 +60,8 @@ def test_flops_by_hand_on_the_tiny_preset():
                + 2 * 32 * 64 + 2 * 32 * 32)  # final AdaLN (shift, scale) and linear to 2C
     assert per_row == 37888
     assert diffusion_flops(config, 32) == 32 * per_row
-    # gpt, dim 32, 2 layers, SwiGLU hidden 96, 17 cache slots, vocab 64, per row and token:
-    per_layer = 2 * 32 * 96 + 2 * 32 * 32 + 3 * 2 * 32 * 96 + 2 * 2 * 17 * 32
+    # gpt, dim 32, 2 layers, SwiGLU hidden 96, 17 cache slots + the new key, vocab 64, per row and token:
+    per_layer = 2 * 32 * 96 + 2 * 32 * 32 + 3 * 2 * 32 * 96 + 2 * 2 * (17 + 1) * 32
     assert gpt_flops(config, rows=4, tokens=1) == 4 * (2 * per_layer + 2 * 32 * 64)
     assert stage_flops(config, "cond", {"discrete_ids": (2, 16)}) > 0
     assert stage_flops(get_config("d2c-tiny-cross_attn"), "cond", {"discrete_ids": (2, 16)}) == 0  # embedding only

@@ -12,8 +12,10 @@ from PIL import Image
 from d2c_export.cli import export_main, run_main
 from d2c_export.manifest import MANIFEST, Manifest, sha256_file
 from d2c_export.runtime import OrtStage
+from d2c_export.stages import gpt_cache_names
 from reference.checkpoint import load_checkpoint
 from reference.diffusion import make_tables
+from reference.gpt import write_cache
 from reference.mar import mask_to_kept
 from reference.model import PRESETS, D2C
 from reference.official import assemble
@@ -91,16 +93,20 @@ def test_onnx_gpt_stage_of_llamagen_file_matches_official(files, tmp_path):
     out = tmp_path / "engines"
     assert export_main(["onnx", "--stage", "gpt", "--gpt", str(files["gpt"]), "--stage2", str(tmp_path / "stage2.pth"),
                         "--vae", str(files["vae"]), "--gpt-heads", str(GPT_HEADS), "--out", str(out)]) == 0
-    assert set(Manifest.load(out).source["official"]) == {"gpt", "stage2", "vae"}
+    manifest = Manifest.load(out)
+    assert set(manifest.source["official"]) == {"gpt", "stage2", "vae"}
     io = arrays(OFFICIAL / "gpt_tiny_a" / "io.npz")
     session = OrtStage(out / "gpt.onnx", CPU)
-    k = v = np.zeros((2, 6, 4, 17, 16), dtype=np.float32)  # (layers, rows, heads, 1 + 16 tokens, head_dim)
+    shape = (2, 6, 4, 17, 16)  # (layers, rows, heads, 1 + 16 tokens, head_dim)
+    k, v = torch.zeros(shape), torch.zeros(shape)
     steps = [("prefill", io["out_kv_cond_combined"][:, None], torch.tensor([0]))]
     steps += [(f"decode{s}", io[f"out_kv_decode{s}_input"], io[f"out_kv_decode{s}_input_pos"]) for s in range(3)]
     for name, ids, pos in steps:
-        got = session.run({"ids": ids.long().numpy(), "input_pos": pos.long().numpy(), "k_cache": k, "v_cache": v})
+        caches = dict(zip(gpt_cache_names(manifest.d2c_config), [c.numpy() for c in [*k, *v]]))
+        got = session.run({"ids": ids.long().numpy(), "input_pos": pos.long().numpy(), **caches})
         _close(got["logits"], io[f"out_kv_{name}_logits"])
-        k, v = got["k_cache_out"], got["v_cache_out"]
+        write_cache(k, torch.from_numpy(got["k_new"]), pos.long())
+        write_cache(v, torch.from_numpy(got["v_new"]), pos.long())
 
 
 def test_d2c_run_plain_mar_end_to_end(mar_engines, tmp_path):

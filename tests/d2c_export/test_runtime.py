@@ -71,7 +71,7 @@ def test_non_finite_output_is_an_error_not_an_image(engines_factory):
 
     class Overflowing:
         config = stages.config
-        gpt, cond, mar, diffusion = stages.gpt, stages.cond, stages.mar, stages.diffusion
+        gpt, gpt_cache, cond, mar, diffusion = stages.gpt, stages.gpt_cache, stages.cond, stages.mar, stages.diffusion
 
         def vae(self, latents):
             return stages.vae(latents) * float("nan")

@@ -85,18 +85,18 @@ def test_kv_cache_matches_official(tiny_a) -> None:
     model, io = tiny_a
     k, v = model.empty_cache(6)
     with torch.no_grad():
-        logits, k, v = model(_t(io["out_kv_cond_combined"])[:, None], torch.zeros(1, dtype=torch.long), k, v)
+        logits = model.step(_t(io["out_kv_cond_combined"])[:, None], torch.zeros(1, dtype=torch.long), k, v)
         assert _max_abs(logits, io["out_kv_prefill_logits"]) < TOL
         for step in range(3):
             ids = _t(io[f"out_kv_decode{step}_input"]).long()
             pos = _t(io[f"out_kv_decode{step}_input_pos"]).long()
-            logits, k, v = model(ids, pos, k, v)
+            logits = model.step(ids, pos, k, v)
             assert logits.shape == (6, 1, 64)
             assert _max_abs(logits, io[f"out_kv_decode{step}_logits"]) < TOL
     # int32 ids / positions (as the official decode uses) give the same result
     k2, v2 = model.empty_cache(6)
     with torch.no_grad():
-        l32, _, _ = model(_t(io["out_kv_cond_combined"])[:, None].int(), torch.zeros(1, dtype=torch.int32), k2, v2)
+        l32 = model.step(_t(io["out_kv_cond_combined"])[:, None].int(), torch.zeros(1, dtype=torch.int32), k2, v2)
     assert _max_abs(l32, io["out_kv_prefill_logits"]) < TOL
 
 
@@ -118,16 +118,14 @@ def test_incremental_decode_matches_full_forward() -> None:
     with torch.no_grad():
         full = model.forward_train(tokens, labels)  # (3, 16, V)
         k, v = model.empty_cache(3)
-        steps = [model(labels[:, None], torch.tensor([0]), k, v)]
-        k, v = steps[0][1], steps[0][2]
+        steps = [model.step(labels[:, None], torch.tensor([0]), k, v)]
         for t in range(a.block_size - 1):
-            logits, k, v = model(tokens[:, t:t + 1], torch.tensor([t + 1]), k, v)
-            steps.append((logits, k, v))
-        inc = torch.cat([s[0] for s in steps], dim=1)
+            steps.append(model.step(tokens[:, t:t + 1], torch.tensor([t + 1]), k, v))
+        inc = torch.cat(steps, dim=1)
         # a multi-token chunk after a one-token prefill agrees as well
         k2, v2 = model.empty_cache(3)
-        _, k2, v2 = model(labels[:, None], torch.tensor([0]), k2, v2)
-        chunk, k2, v2 = model(tokens[:, :-1], torch.arange(1, a.block_size), k2, v2)
+        model.step(labels[:, None], torch.tensor([0]), k2, v2)
+        chunk = model.step(tokens[:, :-1], torch.arange(1, a.block_size), k2, v2)
     assert inc.shape == full.shape
     assert (inc - full).abs().max().item() < TOL
     assert (chunk - full[:, 1:]).abs().max().item() < TOL
@@ -136,31 +134,36 @@ def test_incremental_decode_matches_full_forward() -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
-def test_dynamic_batch_and_cache_untouched_outside_written_slots(batch: int) -> None:
+def test_forward_reads_the_cache_and_step_writes_only_its_slots(batch: int) -> None:
     model = _random_tiny(1)
     a = model.args
     g = torch.Generator().manual_seed(batch)
     k = torch.randn(a.n_layer, batch, a.n_head, a.max_seq_len, a.head_dim, generator=g)
     v = torch.randn(a.n_layer, batch, a.n_head, a.max_seq_len, a.head_dim, generator=g)
+    k0, v0 = k.clone(), v.clone()
     pos = torch.tensor([4, 5, 6])
     ids = torch.randint(0, a.vocab_size, (batch, 3), generator=g)
     with torch.no_grad():
-        logits, k_new, v_new = model(ids, pos, k.clone(), v.clone())
+        logits, k_new, v_new = model(ids, pos, k, v)
     assert logits.shape == (batch, 3, a.vocab_size) and logits.dtype == torch.float32
-    assert k_new.shape == k.shape and v_new.shape == v.shape
+    assert k_new.shape == v_new.shape == (a.n_layer, batch, a.n_head, 3, a.head_dim)
+    assert torch.equal(k, k0) and torch.equal(v, v0)  # forward never writes the cache
+    with torch.no_grad():
+        assert torch.equal(model.step(ids, pos, k, v), logits)
     keep = torch.ones(a.max_seq_len, dtype=torch.bool)
     keep[pos] = False
-    assert torch.equal(k_new[:, :, :, keep], k[:, :, :, keep])
-    assert torch.equal(v_new[:, :, :, keep], v[:, :, :, keep])
-    assert not torch.equal(k_new[:, :, :, pos], k[:, :, :, pos])
-    # slots after the current position are masked out: garbage there does not change the logits
-    k_junk, v_junk = k.clone(), v.clone()
-    k_junk[:, :, :, 7:] = 1e3
-    v_junk[:, :, :, 7:] = -1e3
+    assert torch.equal(k[:, :, :, keep], k0[:, :, :, keep]) and torch.equal(v[:, :, :, keep], v0[:, :, :, keep])
+    assert torch.equal(k[:, :, :, pos], k_new) and torch.equal(v[:, :, :, pos], v_new)
+    # the slots this call rewrites and those after it are masked out: garbage there does not change the logits
+    k_junk, v_junk = k0.clone(), v0.clone()
+    k_junk[:, :, :, 4:] = 1e3
+    v_junk[:, :, :, 4:] = -1e3
     with torch.no_grad():
         logits_junk, _, _ = model(ids, pos, k_junk, v_junk)
+        changed, _, _ = model(ids, pos, k0 * 2, v0)  # the slots before do count
     assert torch.equal(logits_junk, logits)
+    assert not torch.allclose(changed, logits)
     # each batch row is independent of the others
     with torch.no_grad():
-        row0, _, _ = model(ids[:1], pos, k[:, :1].clone(), v[:, :1].clone())
+        row0, _, _ = model(ids[:1], pos, k0[:, :1].clone(), v0[:, :1].clone())
     assert (row0 - logits[:1]).abs().max().item() < TOL

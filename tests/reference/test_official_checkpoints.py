@@ -221,10 +221,10 @@ def test_gpt_from_file_matches_official_kv_path(files):
     gpt = load_gpt(files["gpt"], n_head=GPT_HEADS, block_size=16)
     io = {k: torch.from_numpy(np.asarray(v)) for k, v in np.load(OFFICIAL / "gpt_tiny_a" / "io.npz").items()}
     k, v = gpt.empty_cache(6)
-    logits, k, v = gpt(io["out_kv_cond_combined"][:, None], torch.zeros(1, dtype=torch.long), k, v)
+    logits = gpt.step(io["out_kv_cond_combined"][:, None], torch.zeros(1, dtype=torch.long), k, v)
     torch.testing.assert_close(logits, io["out_kv_prefill_logits"], atol=TOL, rtol=0)
     for step in range(3):
-        logits, k, v = gpt(io[f"out_kv_decode{step}_input"].long(), io[f"out_kv_decode{step}_input_pos"].long(), k, v)
+        logits = gpt.step(io[f"out_kv_decode{step}_input"].long(), io[f"out_kv_decode{step}_input_pos"].long(), k, v)
         torch.testing.assert_close(logits, io[f"out_kv_decode{step}_logits"], atol=TOL, rtol=0)
 
 

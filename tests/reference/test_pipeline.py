@@ -25,6 +25,9 @@ class _GptOnlyStages:
     def gpt(self, *args):
         return self.model(*args)
 
+    def gpt_cache(self, rows):
+        return self.model.empty_cache(rows)
+
 
 @torch.no_grad()
 def test_replayed_generate_matches_official(official_dir, monkeypatch):
@@ -83,10 +86,10 @@ def test_gpt_cfg_scale_one_equals_conditional_logits(tiny_model):
     gpt = tiny_model.gpt
     labels = torch.tensor([2, 5])
     k, v = gpt.empty_cache(4)
-    both, _, _ = gpt(torch.cat([labels, torch.full_like(labels, gpt.args.null_class)]).view(4, 1),
-                     torch.tensor([0]), k, v)
+    both = gpt.step(torch.cat([labels, torch.full_like(labels, gpt.args.null_class)]).view(4, 1),
+                    torch.tensor([0]), k, v)
     k, v = gpt.empty_cache(2)
-    cond, _, _ = gpt(labels.view(2, 1), torch.tensor([0]), k, v)
+    cond = gpt.step(labels.view(2, 1), torch.tensor([0]), k, v)
     from reference.sampling import guide_logits
     torch.testing.assert_close(guide_logits(both[:2], both[2:], 1.0), cond, atol=1e-6, rtol=1e-6)
 
