@@ -16,8 +16,9 @@ from torch import Tensor
 from d2c_export.manifest import EngineError, Manifest
 from d2c_export.sources import model_from_source
 from d2c_export.stages import STAGES, stages_for
+from reference.gpt import empty_cache
 from reference.model import D2CConfig
-from reference.pipeline import Generation, SamplingParams, TorchStages, empty_gpt_cache, generate_with
+from reference.pipeline import Generation, SamplingParams, TorchStages, generate_with
 from reference.sampling import TorchDraws
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class GraphStages:
         return tuple(self._run("gpt", ids, input_pos, *k_cache.unbind(0), *v_cache.unbind(0)))
 
     def gpt_cache(self, rows):
-        return empty_gpt_cache(self.config, rows)
+        return empty_cache(self.config.gpt, rows)
 
     def cond(self, ids):
         return self._run("cond", ids)[0]

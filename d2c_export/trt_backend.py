@@ -25,6 +25,7 @@ from d2c_export.manifest import EngineError, Manifest, StageEntry, rebuild_comma
 from d2c_export.runtime import GraphStages
 from d2c_export.stages import STAGES, gpt_cache_names, stages_for
 from d2c_export.trt_build import RUN_HINT, require_tensorrt, running_platform, tensorrt_missing
+from reference.gpt import empty_cache
 from reference.model import D2CConfig
 
 log = logging.getLogger(__name__)
@@ -196,10 +197,8 @@ class TrtStages(GraphStages):
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
         """Zeroed device caches for `rows` whose layers are the gpt engine's bound inputs: decode steps read them
         in place, with no copy, and the loop writes each step's keys and values into them (KiB per step)."""
-        g = self.config.gpt
         if rows not in self._gpt_caches:
-            shape = (g.n_layer, rows, g.n_head, g.max_seq_len, g.head_dim)
-            k, v = torch.zeros(shape, device="cuda"), torch.zeros(shape, device="cuda")
+            k, v = empty_cache(self.config.gpt, rows, device="cuda")
             layers = dict(zip(gpt_cache_names(self.config), [*k.unbind(0), *v.unbind(0)]))
             shapes = {"ids": (rows, 1), "input_pos": (1,), **{n: tuple(t.shape) for n, t in layers.items()}}
             self.engines["gpt"].buffers(shapes, given=layers)

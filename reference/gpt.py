@@ -150,6 +150,13 @@ def write_cache(cache: Tensor, new: Tensor, input_pos: Tensor) -> None:
     cache.index_copy_(3, input_pos.to(device=cache.device, dtype=torch.long), new.to(cache.device, cache.dtype))
 
 
+def empty_cache(args: GPTArgs, rows: int, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Zero k_cache, v_cache of shape (n_layer, rows, n_head, max_seq_len, head_dim)."""
+    shape = (args.n_layer, rows, args.n_head, args.max_seq_len, args.head_dim)
+    return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+
 def attention_masks(input_pos: Tensor, slots: int) -> tuple[Tensor, Tensor]:
     """Which keys the queries at input_pos (T,) see: cache slots (T, S) and this call's own keys (T, T), bool.
 
@@ -240,12 +247,8 @@ class GPT(nn.Module):
 
     def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32,
                     device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-        """Zero k_cache, v_cache of shape (n_layer, batch, n_head, max_seq_len, head_dim)."""
-        a = self.args
-        if device is None:
-            device = self.output.weight.device
-        shape = (a.n_layer, batch, a.n_head, a.max_seq_len, a.head_dim)
-        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        """`empty_cache` of this model's size, on its device unless `device` says otherwise."""
+        return empty_cache(self.args, batch, dtype, self.output.weight.device if device is None else device)
 
     def embed(self, ids: Tensor, input_pos: Tensor) -> Tensor:
         """ids (B, T) at positions input_pos (T,): class ids where pos < cls_token_num, else image tokens."""

@@ -101,12 +101,6 @@ class TorchStages:
         return self.model.vae(latents)
 
 
-def empty_gpt_cache(config: D2CConfig, rows: int) -> tuple[Tensor, Tensor]:
-    g = config.gpt
-    shape = (g.n_layer, rows, g.n_head, g.max_seq_len, g.head_dim)
-    return torch.zeros(shape), torch.zeros(shape)
-
-
 def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draws: Draws,
                     progress: bool = False) -> Tensor:
     """Stage 1: (B,) labels -> (B, block_size) token ids, LlamaGen's prefill + one-token decode."""
