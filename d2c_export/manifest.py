@@ -13,7 +13,7 @@ from typing import Iterator
 from reference.model import D2CConfig
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the gpt graph reads a per-layer cache and returns only the step's keys and values
 
 
 class EngineError(RuntimeError):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from d2c_export.cli import export_main, run_main
-from d2c_export.manifest import MANIFEST, sha256_file
+from d2c_export.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 from reference.checkpoint import save_checkpoint
 from reference.model import D2C, get_config
 
@@ -65,6 +65,18 @@ def test_manifest_hash_mismatch(tiny_engines_copy, tmp_path, capsys):
     code, err = run_cli(run_main, ["--engines", str(tiny_engines_copy), "--class", "1", "--out", str(out),
                                    "--backend", "ort", "--quiet"], capsys)
     assert_one_line_error(code, err, "mar.onnx", "sha256", "d2c-export onnx")
+    assert not out.exists()
+
+
+def test_engines_of_an_older_format_are_refused(tiny_engines_copy, tmp_path, capsys):
+    """Graphs exported under an older stage contract (e.g. the gpt's whole-cache inputs) are not fed new inputs."""
+    manifest = json.loads((tiny_engines_copy / MANIFEST).read_text())
+    manifest["format_version"] = FORMAT_VERSION - 1
+    (tiny_engines_copy / MANIFEST).write_text(json.dumps(manifest))
+    out = tmp_path / "img.png"
+    code, err = run_cli(run_main, ["--engines", str(tiny_engines_copy), "--class", "1", "--out", str(out),
+                                   "--quiet"], capsys)
+    assert_one_line_error(code, err, f"format version {FORMAT_VERSION - 1}", "d2c-export onnx --stage all")
     assert not out.exists()
 
 
