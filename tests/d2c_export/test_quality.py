@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from d2c_export.fp16 import convert_engines
 from d2c_export.onnx_export import export_model
@@ -20,12 +19,7 @@ PER_CLASS = 5
 MIN_REFERENCE_ACCURACY = 80.0  # the demo at CHEAP settings (90+ at the README's settings)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_frechet_distance_matches_the_closed_form():

@@ -10,13 +10,7 @@ from reference.training import PARTS, TrainSettings, normalise_latent_scale, tra
 from reference.vae import LATENT_SCALE, DiagonalGaussian
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_dataset_is_seeded_balanced_and_in_range():
