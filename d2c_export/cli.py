@@ -1,249 +1,394 @@
-"""Command line: `d2c-export` (onnx, check), `d2c-run` and `d2c-bench`; each command a few library calls."""
+"""Every command (`d2c-export`, `d2c-run`, `d2c-bench`, `d2c-quality`): a few library calls each, on click.
+
+The sampling flags, the engines flag and the backend flags are defined once, as option decorators.
+A sampling flag left out takes the value the engines recorded for their model (the model's recommended
+settings), so `d2c-run --engines DIR --class N` works on every exported model. Every project error,
+bad flag and interrupt ends as one line on stderr (`error: ...`) with exit status 2 (130 for an
+interrupt); no command prints a traceback for bad input.
+"""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 from typing import Callable
 
-from d2c_export.manifest import EngineError
+import click
+
+from d2c_export.engines import DEFAULT_ENGINES, Engines
+from d2c_export.errors import EngineError
 from d2c_export.stages import DEFAULT_MAX_BATCH, STAGES
+from d2c_export.targets import AUTO, BackendName, Precision, TargetError, choices, parse_list
 from reference.checkpoint import CheckpointError
+from reference.files import OutputPathError, check_output_file
 from reference.model import PRESETS
 from reference.pipeline import SamplingParams
 from reference.sampling import CfgSchedule
 
 log = logging.getLogger("d2c")
-DEFAULT_ENGINES = "engines"
-USER_ERRORS = (EngineError, CheckpointError, ValueError, KeyError, FileNotFoundError)
+USER_ERRORS = (EngineError, CheckpointError, TargetError, OutputPathError, ValueError, KeyError, OSError)
+QUIET_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")  # per-op chatter of the ONNX exporter's passes
 
 
-def _guard(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command; a user error becomes one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
-                        format="%(message)s")
+def one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def run_handled(call: Callable[[], object]) -> int:
+    """Run a command; a user error, a bad flag or an interrupt becomes one line on stderr."""
     try:
-        return fn(args)
+        rv = call()
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        print(f"error: {one_line(exc.format_message())}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("error: interrupted; nothing was written under a final name", file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
-        message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
-        print("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
 
 
+class _Handled:
+    """click's `main` with the project's error handling: returns the exit code, or exits with it standalone."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        code = run_handled(lambda: super(_Handled, self).main(args, prog_name, complete_var, standalone_mode=False,
+                                                              **extra))
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+class Command(_Handled, click.Command):
+    pass
+
+
+class Group(_Handled, click.Group):
+    command_class = Command
+
+
+def _logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", force=True)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# -- shared options ------------------------------------------------------------------------------------
+def _options(*decorators):
+    def apply(fn):
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+    return apply
+
+
+def engines_option(fn=None, *, help_text: str = "exported engines directory"):
+    option = click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=DEFAULT_ENGINES,
+                          show_default=True, help=help_text)
+    return option if fn is None else option(fn)
+
+
+quiet_option = click.option("--quiet", is_flag=True, help="no progress display")
+SAMPLING_FIELDS = ("cfg", "cfg_schedule", "num_iter", "diffusion_steps", "temperature", "top_k", "top_p")
+sampling_options = _options(
+    click.option("--cfg", type=float, help="guidance scale (1: none)"),
+    click.option("--cfg-schedule", type=click.Choice([s.value for s in CfgSchedule]), help="MAR's guidance schedule"),
+    click.option("--num-iter", type=int, help="masked autoregressive steps"),
+    click.option("--diffusion-steps", type=int, help="denoising steps per masked step (respacing of 1000)"),
+    click.option("--temperature", type=float, help="diffusion-head temperature"),
+    click.option("--top-k", type=int, help="discrete sampling: keep the k most likely tokens (0: all)"),
+    click.option("--top-p", type=float, help="discrete sampling: nucleus mass (1: all)"),
+)
+SAMPLING_HELP = "Sampling flags left out take the engines' recommended settings for their model."
+
+
+def sampling_from(engines: Engines, flags: dict) -> SamplingParams:
+    """The engines' recommended settings with the given flags over them, validated for the model."""
+    given = {k: flags[k] for k in SAMPLING_FIELDS if flags.get(k) is not None}
+    base = {k: v for k, v in vars(engines.sampling).items()}
+    try:
+        params = SamplingParams(**{**base, **given})
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    params.check_for(engines.config)
+    log.info("sampling: %s (%s)", params.describe(),
+             "the engines' recommended settings" + (f", with {', '.join(sorted(given))} given" if given else ""))
+    return params
+
+
+def _backend_choice():
+    return click.Choice([AUTO, *(b.value for b in BackendName)])
+
+
+backend_options = _options(
+    click.option("--backend", type=_backend_choice(), default=AUTO, show_default=True,
+                 help="auto: TensorRT where its plans and a GPU exist, else ONNX Runtime"),
+    click.option("--precision", type=click.Choice([p.value for p in Precision]), default=Precision.FP32.value,
+                 show_default=True),
+)
+
+
+def _checked_out(path: str | Path | None) -> Path | None:
+    """An output file path checked before any work (a regular file in a writable folder), or None."""
+    return None if path is None else check_output_file(path)
+
+
 # -- d2c-export ----------------------------------------------------------------------------------------
-def _cmd_onnx(args: argparse.Namespace) -> int:
-    from d2c_export.onnx_export import export_model
-    from d2c_export.sources import model_from_args
-    if args.checkpoint and args.config:
-        raise ValueError("give either --config or --checkpoint, not both")
-    model, source = model_from_args(args.config, args.checkpoint, args.seed, **_official_options(args))
-    stages = "all" if args.stage == "all" else [args.stage]
-    manifest = export_model(model, args.out, source, stages, opset=args.opset, max_batch=args.max_batch)
-    if args.fp16:
-        from d2c_export.fp16 import convert_engines
-        manifest = convert_engines(args.out, stages)
-    log.info("wrote %s (stages: %s)", Path(args.out) / "manifest.json", ", ".join(manifest.stages))
+@click.group(cls=Group, help="Export D2C stages to ONNX and TensorRT, and check their parity.")
+def export_cli():
+    pass
+
+
+def _stage_choice():
+    return click.Choice(["all", *STAGES])
+
+
+@export_cli.command("onnx", help="Trace every stage into an ONNX graph and write manifest.json.")
+@click.option("--stage", type=_stage_choice(), default="all", show_default=True)
+@click.option("--config", type=click.Choice(list(PRESETS)), help="preset with seeded random weights (default, with no "
+              "--checkpoint either: the trained demo, checkpoints/d2c-demo.safetensors)")
+@click.option("--checkpoint", "--stage2", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="native checkpoint (.safetensors with its config), or an official MAR / D2C stage-2 file")
+@click.option("--gpt", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="LlamaGen c2i GPT checkpoint (stage 1 of a D2C stage-2 --checkpoint)")
+@click.option("--vae", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="MAR's KL VAE checkpoint (kl16.ckpt); needed with an official MAR --checkpoint")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="use the EMA weights where a file has them")
+@click.option("--mar-heads", type=click.IntRange(min=1), help="attention heads of a MAR that is not an official size")
+@click.option("--gpt-heads", type=click.IntRange(min=1), help="attention heads of a GPT that is not an official size")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights with --config")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ENGINES, show_default=True)
+@click.option("--opset", type=click.IntRange(min=18, max=23), default=None, help="ONNX opset [default: 18]")
+@click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
+              help="images per call the profiles admit")
+@click.option("--fp16", is_flag=True, help="also write mixed-precision <stage>.fp16.onnx graphs (FP32 where FP16 breaks)")
+@quiet_option
+def _onnx(stage, config, checkpoint, gpt, vae, ema, mar_heads, gpt_heads, seed, out, opset, max_batch, fp16, quiet):
+    from d2c_export.export.onnx import DEFAULT_OPSET, export_model
+    from d2c_export.sources import ModelRequest, OfficialParts, build_model
+    from reference.model import RECOMMENDED_SAMPLING
+    _logging(quiet)
+    parts = OfficialParts(gpt=gpt, vae=vae, ema=ema, mar_heads=mar_heads, gpt_heads=gpt_heads)
+    model, source = build_model(ModelRequest(config=config, checkpoint=checkpoint, seed=seed, parts=parts))
+    stages = "all" if stage == "all" else [stage]
+    export_model(model, out, source, stages, opset=opset or DEFAULT_OPSET, max_batch=max_batch, progress=not quiet,
+                 sampling=RECOMMENDED_SAMPLING.get(model.config.name, {}))
+    engines = Engines.open(out)
+    if fp16:
+        from d2c_export.export.fp16 import convert_engines
+        convert_engines(engines, stages, progress=not quiet)
+    log.info("wrote %s (stages: %s)", out / "manifest.json", ", ".join(engines.manifest.stages))
     return 0
 
 
-def _cmd_trt(args: argparse.Namespace) -> int:
-    from d2c_export.trt_build import build_engines
-    stages = "all" if args.stage == "all" else [args.stage]
-    manifest = build_engines(args.engines, args.fp16, stages, args.workspace, args.timing_cache)
-    log.info("wrote %s (plans: %s)", Path(args.engines) / "manifest.json",
-             ", ".join(s for s, kinds in manifest.stages.items() if any(k.startswith("trt") for k in kinds)))
+@export_cli.command("trt", help="Build one strongly typed TensorRT plan per stage (needs TensorRT and a GPU).")
+@engines_option
+@click.option("--fp16", is_flag=True, help="FP16 plans from the fp16 graphs (made first if missing)")
+@click.option("--stage", type=_stage_choice(), default="all", show_default=True)
+@click.option("--workspace", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              help="builder workspace limit in GiB")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="timing cache, loaded if present and saved after the build (default: ENGINES/timing.cache)")
+@quiet_option
+def _trt(engines_dir, fp16, stage, workspace, timing_cache, quiet):
+    from d2c_export.export.trt_build import build_engines
+    _logging(quiet)
+    engines = Engines.open(engines_dir)
+    build_engines(engines, fp16, "all" if stage == "all" else [stage], workspace, timing_cache, progress=not quiet)
+    log.info("wrote %s (plans: %s)", engines_dir / "manifest.json", ", ".join(engines.manifest.kinds()))
     return 0
 
 
-def _official_options(args: argparse.Namespace) -> dict:
-    return dict(gpt=args.gpt, vae=args.vae, ema=args.ema, mar_heads=args.mar_heads, gpt_heads=args.gpt_heads)
-
-
-def _add_official_inputs(p: argparse.ArgumentParser) -> None:
-    """Options of the parts beside --checkpoint: official LlamaGen / MAR files as published."""
-    p.add_argument("--gpt", help="LlamaGen c2i GPT checkpoint (stage 1 of a D2C stage-2 --checkpoint)")
-    p.add_argument("--vae", help="MAR's KL VAE checkpoint (kl16.ckpt); needed with an official MAR --checkpoint")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="use the EMA weights where a file has them (default: yes)")
-    p.add_argument("--mar-heads", type=int, help="attention heads of a MAR that is not an official size")
-    p.add_argument("--gpt-heads", type=int, help="attention heads of a GPT that is not an official size")
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
+@export_cli.command("convert", help="Write official LlamaGen / MAR files as one native checkpoint.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="native checkpoint to write (.safetensors)")
+@click.option("--checkpoint", "--stage2", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="official MAR / D2C stage-2 file (or a native checkpoint whose parts --gpt/--vae "
+              "replace)")
+@click.option("--gpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--vae", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--ema/--no-ema", default=True, show_default=True)
+@click.option("--mar-heads", type=click.IntRange(min=1))
+@click.option("--gpt-heads", type=click.IntRange(min=1))
+def _convert(out, checkpoint, gpt, vae, ema, mar_heads, gpt_heads):
     from reference.checkpoint import save_checkpoint
     from reference.official import assemble
-    if args.checkpoint is None:
-        raise ValueError("convert needs the stage-2 file: --checkpoint PATH (or --stage2 PATH with --gpt)")
-    model = assemble(args.checkpoint, args.gpt, args.vae, ema=args.ema, mar_heads=args.mar_heads,
-                     gpt_heads=args.gpt_heads)
-    save_checkpoint(model, args.out)
-    log.info("wrote %s (config %s)", args.out, model.config.name)
+    _logging(False)
+    check_output_file(out)
+    model = assemble(checkpoint, gpt, vae, ema=ema, mar_heads=mar_heads, gpt_heads=gpt_heads)
+    save_checkpoint(model, out)
+    log.info("wrote %s (config %s)", out, model.config.name)
     return 0
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    from d2c_export.check import check_engines, format_table
-    from d2c_export.trt_check import available_plan_reports
-    reports = check_engines(args.engines, args.precision)
-    reports += available_plan_reports(args.engines, args.precision)  # TensorRT plans, where TensorRT runs
+@export_cli.command("check", help="Per-stage parity table against the reference (teacher forcing).")
+@engines_option
+@click.option("--precision", type=click.Choice([p.value for p in Precision]), default=Precision.FP32.value,
+              show_default=True)
+def _check(engines_dir, precision):
+    from d2c_export.verify.parity import check_engines, check_targets, format_table
+    _logging(False)
+    engines = Engines.open(engines_dir)
+    reports = check_engines(engines, check_targets(engines, Precision(precision)))
     print(format_table(reports))
     failed = [r for r in reports if not r.passed]
     print(f"{len(reports) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
 
-def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="d2c-export", description="Export D2C stages to ONNX and check their parity.")
-    sub = p.add_subparsers(dest="command", required=True)
-    onnx = sub.add_parser("onnx", help="trace every stage into an ONNX graph and write manifest.json")
-    onnx.add_argument("--stage", default="all", choices=["all", *STAGES])
-    src = onnx.add_mutually_exclusive_group()
-    src.add_argument("--config", choices=list(PRESETS), help="preset with seeded random weights (default, with no "
-                     "--checkpoint either: the trained demo, checkpoints/d2c-demo.safetensors)")
-    src.add_argument("--checkpoint", "--stage2", dest="checkpoint",
-                     help="native checkpoint (.safetensors with its config), or an official MAR / D2C stage-2 file")
-    _add_official_inputs(onnx)
-    onnx.add_argument("--seed", type=int, default=0, help="seed of the random weights with --config")
-    onnx.add_argument("--out", default=DEFAULT_ENGINES)
-    onnx.add_argument("--opset", type=int, default=18)
-    onnx.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="images per call the profiles admit")
-    onnx.add_argument("--fp16", action="store_true",
-                      help="also write mixed-precision <stage>.fp16.onnx graphs (FP32 kept where FP16 breaks)")
-    onnx.set_defaults(fn=_cmd_onnx)
-    from d2c_export.trt_build import DEFAULT_WORKSPACE_GIB
-    trt = sub.add_parser("trt", help="build one strongly typed TensorRT plan per stage (needs TensorRT and a GPU)")
-    trt.add_argument("--engines", default=DEFAULT_ENGINES)
-    trt.add_argument("--fp16", action="store_true", help="FP16 plans from the fp16 graphs (made first if missing)")
-    trt.add_argument("--stage", default="all", choices=["all", *STAGES])
-    trt.add_argument("--workspace", type=float, default=DEFAULT_WORKSPACE_GIB, help="builder workspace limit in GiB")
-    trt.add_argument("--timing-cache", help="timing cache file, loaded if present and saved after the build "
-                     "(default: ENGINES/timing.cache)")
-    trt.set_defaults(fn=_cmd_trt)
-    convert = sub.add_parser("convert", help="write official LlamaGen / MAR files as one native checkpoint")
-    convert.add_argument("--out", required=True, help="native checkpoint to write (.safetensors)")
-    convert.add_argument("--checkpoint", "--stage2", dest="checkpoint",
-                         help="official MAR / D2C stage-2 file (or a native checkpoint whose parts --gpt/--vae replace)")
-    _add_official_inputs(convert)
-    convert.set_defaults(fn=_cmd_convert)
-    check = sub.add_parser("check", help="per-stage parity table against the reference (teacher forcing)")
-    check.add_argument("--engines", default=DEFAULT_ENGINES)
-    check.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-    check.set_defaults(fn=_cmd_check)
-    return p
-
-
-def export_main(argv: list[str] | None = None) -> int:
-    args = export_parser().parse_args(argv)
-    return _guard(args.fn, args)
-
-
 # -- d2c-run -------------------------------------------------------------------------------------------
-def run_parser() -> argparse.ArgumentParser:
-    d = SamplingParams()
-    p = argparse.ArgumentParser(prog="d2c-run", description="Generate images from exported D2C engines.")
-    p.add_argument("--engines", default=DEFAULT_ENGINES)
-    p.add_argument("--class", dest="classes", type=int, action="append", required=True,
-                   help="class label; repeat for several classes")
-    p.add_argument("--num-images", type=int, default=1, help="images per class")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=d.cfg)
-    p.add_argument("--cfg-schedule", default=d.cfg_schedule.value, choices=[s.value for s in CfgSchedule])
-    p.add_argument("--num-iter", type=int, default=d.num_iter)
-    p.add_argument("--diffusion-steps", type=int, default=d.diffusion_steps)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--backend", default="auto", choices=["auto", "trt", "ort", "torch"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--out", default="out.png")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    return p
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from d2c_export.runtime import check_request, generate_images, open_backend, save_images
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    params = SamplingParams(cfg=args.cfg, cfg_schedule=args.cfg_schedule, num_iter=args.num_iter,
-                            diffusion_steps=args.diffusion_steps, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p)
-    from d2c_export.manifest import Manifest
-    manifest = Manifest.load(args.engines)
-    labels = [c for c in args.classes for _ in range(args.num_images)]
-    check_request(manifest.d2c_config, manifest.max_batch, labels)
-    stages, description = open_backend(args.engines, args.backend, args.precision)
-    log.info("backend: %s", description)
-    result, timer = generate_images(stages, labels, params, args.seed, manifest.max_batch, progress=not args.quiet)
-    path = save_images(result.images, args.out)
-    total = sum(timer.seconds.values())
+@click.command(cls=Command, help="Generate images from exported D2C engines. " + SAMPLING_HELP)
+@engines_option
+@click.option("--class", "classes", type=int, multiple=True, required=True, help="class label; repeat for several")
+@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="images per class")
+@click.option("--seed", type=int, default=0, show_default=True)
+@sampling_options
+@backend_options
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
+@quiet_option
+def run_cli(engines_dir, classes, num_images, seed, backend, precision, out, quiet, **flags):
+    from d2c_export.backends import open_named
+    from d2c_export.generate import check_request, generate_images
+    from d2c_export.images import save_images
+    _logging(quiet)
+    _checked_out(out)
+    engines = Engines.open(engines_dir)
+    labels = [c for c in classes for _ in range(num_images)]
+    check_request(engines.config, engines.max_batch, labels)
+    params = sampling_from(engines, flags)
+    with open_named(engines, backend, precision) as stages:
+        log.info("backend: %s", stages.description)
+        result, timer = generate_images(stages, labels, params, seed, progress=not quiet)
+    path = save_images(result.images, out)
     for name, seconds in timer.seconds.items():
         log.info("  %-10s %5d calls %9.3f s", name, timer.calls[name], seconds)
-    log.info("wrote %s (%d image%s, %.2f s in stages)", path, len(labels), "s" * (len(labels) > 1), total)
+    log.info("wrote %s (%d image%s, %.2f s in stages)", path, len(labels), "s" * (len(labels) > 1),
+             sum(timer.seconds.values()))
     return 0
 
 
-def run_main(argv: list[str] | None = None) -> int:
-    args = run_parser().parse_args(argv)
-    return _guard(_cmd_run, args)
-
-
 # -- d2c-bench -----------------------------------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
+def _int_list(ctx, param, text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        raise click.BadParameter(f"expected positive integers, got {text!r}")
     return values
 
 
-def bench_parser() -> argparse.ArgumentParser:
-    from d2c_export.bench import BENCH_BACKENDS
-    d = SamplingParams()
-    p = argparse.ArgumentParser(prog="d2c-bench", description="Latency of the D2C stages and backends, measured "
-                                "interleaved; writes bench.json, bench.md and bench.png.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", choices=list(PRESETS), help="export this preset (random weights) into a "
-                     "temporary engines directory first")
-    src.add_argument("--engines", help=f"exported engines to measure (default {DEFAULT_ENGINES})")
-    p.add_argument("--backends", default="torch,ort", type=lambda t: [b.strip() for b in t.split(",") if b.strip()],
-                   help=f"comma-separated columns from {', '.join(BENCH_BACKENDS)} (default torch,ort)")
-    p.add_argument("--batch", default=[1, 4], type=_int_list, help="comma-separated batch sizes (default 1,4)")
-    p.add_argument("--num-iter", type=int, default=d.num_iter)
-    p.add_argument("--diffusion-steps", type=int, default=d.diffusion_steps)
-    p.add_argument("--cfg", type=float, default=d.cfg)
-    p.add_argument("--repeat", type=int, default=3, help="measured generations per backend and batch")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured generations per backend and batch first")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads of every backend (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench", help="directory of bench.json, bench.md, bench.png")
-    p.add_argument("--no-plot", action="store_true", help="skip bench.png")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    return p
+def _targets(ctx, param, text: str):
+    try:
+        return parse_list(text)
+    except TargetError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+@click.command(cls=Command, help="Latency of the D2C stages and backends, measured interleaved; writes bench.json, "
+               "bench.md and bench.png. " + SAMPLING_HELP)
+@click.option("--config", type=click.Choice(list(PRESETS)), help="export this preset (random weights) into a "
+              "temporary engines directory first")
+@engines_option(help_text="exported engines to measure (when no --config)")
+@click.option("--backends", default="torch,ort", show_default=True, callback=_targets,
+              help=f"comma-separated columns from {', '.join(choices())}")
+@click.option("--batch", default="1,4", show_default=True, callback=_int_list, help="comma-separated batch sizes")
+@sampling_options
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
+              help="measured generations per backend and batch")
+@click.option("--warmup", type=click.IntRange(min=1), default=1, show_default=True,
+              help="unmeasured generations per backend and batch first")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads of every backend (0: torch's)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"), show_default=True,
+              help="directory of bench.json, bench.md, bench.png")
+@click.option("--no-plot", is_flag=True, help="skip bench.png")
+@quiet_option
+def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, seed, out, no_plot, quiet, **flags):
     import importlib.util
 
-    from d2c_export.bench import bench_from_config, run_benchmark
-    from d2c_export.bench_report import markdown, summarize, write_report
-    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+    from d2c_export.bench.report import markdown, summarize, write_report
+    from d2c_export.bench.run import bench_from_config, check_available, run_benchmark
+    _logging(quiet)
+    if not no_plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("bench.png needs matplotlib: pip install -e '.[plot]', or pass --no-plot")
-    params = SamplingParams(cfg=args.cfg, num_iter=args.num_iter, diffusion_steps=args.diffusion_steps)
-    options = dict(repeat=args.repeat, warmup=args.warmup, threads=args.threads or None, seed=args.seed,
-                   progress=not args.quiet)
-    if args.config:
-        result = bench_from_config(args.config, Path(args.out), args.backends, args.batch, params, **options)
+    check_available(backends)
+    options = dict(repeat=repeat, warmup=warmup, threads=threads or None, seed=seed, progress=not quiet)
+    if config:
+        params = SamplingParams(**{k: v for k, v in flags.items() if v is not None})
+        result = bench_from_config(config, out, backends, batch, params, **options)
     else:
-        result = run_benchmark(args.engines or DEFAULT_ENGINES, args.backends, args.batch, params, **options)
-    paths = write_report(result, args.out, with_plot=not args.no_plot)
+        engines = Engines.open(engines_dir)
+        result = run_benchmark(engines, backends, batch, sampling_from(engines, flags), **options)
+    paths = write_report(result, out, with_plot=not no_plot)
     print(markdown(summarize(result)))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0
 
 
+# -- d2c-quality ---------------------------------------------------------------------------------------
+@click.command(cls=Command, help="Sample quality of backends on the demo shapes: class accuracy and Frechet distance "
+               "under the shapes classifier; exit 1 when a backend falls behind the first. " + SAMPLING_HELP)
+@engines_option
+@click.option("--backends", default="torch,ort", show_default=True, callback=_targets,
+              help=f"comma-separated, the first is the reference of the gate; from {', '.join(choices())}")
+@click.option("--classifier", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="default: the demo's, under checkpoints/")
+@click.option("--per-class", type=click.IntRange(min=1), default=20, show_default=True,
+              help="samples per class and backend")
+@click.option("--real-per-class", type=click.IntRange(min=2), default=200, show_default=True,
+              help="held-out real images per class for the FD")
+@click.option("--seed", type=int, default=0, show_default=True)
+@sampling_options
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads (0: its default)")
+@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path),
+              help="also write the first backend's first 16 samples as a 4x4 PNG grid here (8x zoom)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="also write the reports as JSON here")
+@quiet_option
+def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, threads, grid, json_path, quiet,
+                **flags):
+    from dataclasses import asdict
+
+    from d2c_export.images import GRID_ZOOM, save_images
+    from d2c_export.verify.quality import DEFAULT_CLASSIFIER, evaluate_backends, gate_failures, markdown
+    from reference.files import write_json_atomic
+    from training.classifier import load_classifier
+    _logging(quiet)
+    _checked_out(grid), _checked_out(json_path)
+    engines = Engines.open(engines_dir)
+    params = sampling_from(engines, flags)
+    model = load_classifier(classifier or DEFAULT_CLASSIFIER)
+    reports, images = evaluate_backends(engines, backends, per_class, params, seed, model, real_per_class, threads,
+                                        progress=not quiet)
+    print(markdown(reports))
+    failures = gate_failures(reports)
+    if json_path:
+        write_json_atomic(json_path, {"params": {**params.as_dict(), "seed": seed},
+                                      "reports": [asdict(r) for r in reports], "failures": failures})
+    if grid:
+        log.info("wrote %s", save_images(images[:16], grid, zoom=GRID_ZOOM))
+    for line in failures:
+        print(f"FAIL {line}")
+    return 1 if failures else 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    return export_cli.main(argv, prog_name="d2c-export", standalone_mode=False)
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    return run_cli.main(argv, prog_name="d2c-run", standalone_mode=False)
+
+
 def bench_main(argv: list[str] | None = None) -> int:
-    args = bench_parser().parse_args(argv)
-    return _guard(_cmd_bench, args)
+    return bench_cli.main(argv, prog_name="d2c-bench", standalone_mode=False)
+
+
+def quality_main(argv: list[str] | None = None) -> int:
+    return quality_cli.main(argv, prog_name="d2c-quality", standalone_mode=False)

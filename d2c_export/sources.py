@@ -1,11 +1,18 @@
-"""Where a model comes from: a native checkpoint, official LlamaGen/MAR files, or a preset with random weights."""
+"""Where a model comes from: a native checkpoint, official LlamaGen/MAR files, or a preset with random weights.
+
+A source is recorded in the manifest (`source_record`) so that the exact model can be rebuilt
+(`model_from_source`) and so that every fix command names the export that rebuilds exactly what
+was recorded (`export_command`).
+"""
 from __future__ import annotations
 
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from d2c_export.manifest import EngineError
+from d2c_export.errors import EngineError
 from reference.checkpoint import checkpoint_sha256, load_checkpoint
 from reference.model import D2C, D2CConfig, get_config
 from reference.official import assemble, is_native
@@ -13,6 +20,31 @@ from reference.official import assemble, is_native
 RANDOM_WEIGHT_NOISE = 0.02  # std of the noise added to every parameter of a random-weight model
 # The trained demo (scripts/train_demo.py): exported when neither a preset nor a checkpoint is named.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "d2c-demo.safetensors"
+
+
+@dataclass(frozen=True)
+class OfficialParts:
+    """The files and options beside a stage-2 checkpoint: LlamaGen's GPT, MAR's VAE, EMA choice, head counts."""
+
+    gpt: Path | None = None
+    vae: Path | None = None
+    ema: bool = True
+    mar_heads: int | None = None
+    gpt_heads: int | None = None
+
+    @property
+    def has_files(self) -> bool:
+        return self.gpt is not None or self.vae is not None
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What `d2c-export onnx` was asked to export: a preset (random weights), a checkpoint, or the demo."""
+
+    config: str | None = None
+    checkpoint: Path | None = None
+    seed: int = 0
+    parts: OfficialParts = OfficialParts()
 
 
 def random_model(config: D2CConfig, seed: int) -> D2C:
@@ -30,82 +62,95 @@ def random_model(config: D2CConfig, seed: int) -> D2C:
     return model
 
 
-def model_from_args(config: str | None, checkpoint: str | Path | None, seed: int = 0, *,
-                    gpt: str | Path | None = None, vae: str | Path | None = None, ema: bool = True,
-                    mar_heads: int | None = None, gpt_heads: int | None = None) -> tuple[D2C, dict]:
-    """The model for `d2c-export`: a checkpoint when given, else preset `config` with seeded random weights,
-    else (neither given) the trained demo checkpoint `DEMO_CHECKPOINT`.
+def build_model(request: ModelRequest) -> tuple[D2C, dict]:
+    """The model of `request` (eval mode) and its source record for the manifest.
 
-    `checkpoint` is a native checkpoint or an official stage-2 file (MAR, or D2C in MAR's layout);
-    `gpt` (LlamaGen) and `vae` (MAR's KL VAE) add or replace parts (`reference.official.assemble`).
-    Returns the model (eval mode) and its source record for the manifest.
+    A checkpoint is a native checkpoint or an official stage-2 file (MAR, or D2C in MAR's layout), with the
+    official parts adding or replacing pieces (`reference.official.assemble`); a preset gets seeded random
+    weights; neither given: the trained demo checkpoint `DEMO_CHECKPOINT`.
     """
-    if checkpoint is not None:
-        path = Path(checkpoint).resolve()
-        if gpt is None and vae is None and is_native(path):
-            model = load_checkpoint(path)
-            return model, {"checkpoint": str(path), "sha256": checkpoint_sha256(path)}
-        return official_model(path, gpt, vae, ema, mar_heads, gpt_heads)
-    if gpt is not None or vae is not None:
+    if request.checkpoint is not None:
+        if request.config is not None:
+            raise ValueError("give either --config or --checkpoint, not both")
+        path = Path(request.checkpoint).resolve()
+        if not request.parts.has_files and is_native(path):
+            return load_checkpoint(path), {"checkpoint": str(path), "sha256": checkpoint_sha256(path)}
+        return official_model(path, request.parts)
+    if request.parts.has_files:
         raise ValueError("--gpt and --vae go with --checkpoint (the stage-2 file), e.g. "
                          "`--checkpoint checkpoint-last.pth --vae kl16.ckpt`")
-    if config is None:
+    if request.config is None:
         if not DEMO_CHECKPOINT.is_file():
             raise ValueError(f"the demo checkpoint {DEMO_CHECKPOINT} is missing; train it with "
                              "`python scripts/train_demo.py`, or pass --config PRESET / --checkpoint PATH")
-        return model_from_args(None, DEMO_CHECKPOINT)
-    return random_model(get_config(config), seed), {"random_init_seed": seed}
+        return build_model(ModelRequest(checkpoint=DEMO_CHECKPOINT))
+    return random_model(get_config(request.config), request.seed), {"random_init_seed": request.seed}
 
 
-def official_model(stage2: str | Path, gpt: str | Path | None = None, vae: str | Path | None = None,
-                   ema: bool = True, mar_heads: int | None = None, gpt_heads: int | None = None) -> tuple[D2C, dict]:
+def official_model(stage2: str | Path, parts: OfficialParts = OfficialParts()) -> tuple[D2C, dict]:
     """A D2C assembled from official files, and its source: every input file with its sha256, and the options."""
-    files = {role: Path(p).resolve() for role, p in (("stage2", stage2), ("gpt", gpt), ("vae", vae)) if p is not None}
-    model = assemble(files["stage2"], files.get("gpt"), files.get("vae"), ema=ema, mar_heads=mar_heads,
-                     gpt_heads=gpt_heads)
+    files = {role: Path(p).resolve() for role, p in (("stage2", stage2), ("gpt", parts.gpt), ("vae", parts.vae))
+             if p is not None}
+    model = assemble(files["stage2"], files.get("gpt"), files.get("vae"), ema=parts.ema, mar_heads=parts.mar_heads,
+                     gpt_heads=parts.gpt_heads)
     source = {"official": {role: {"path": str(p), "sha256": checkpoint_sha256(p)} for role, p in files.items()},
-              "ema": ema, "mar_heads": mar_heads, "gpt_heads": gpt_heads}
+              "ema": parts.ema, "mar_heads": parts.mar_heads, "gpt_heads": parts.gpt_heads}
     return model, source
 
 
-def _official_command(source: dict) -> str:
-    """The `d2c-export onnx` command line that exports from the official files of `source`."""
+def _official_parts(source: dict) -> OfficialParts:
     files = source["official"]
-    parts = [f"d2c-export onnx --checkpoint {files['stage2']['path']}"]
-    parts += [f"--{role} {files[role]['path']}" for role in ("gpt", "vae") if role in files]
-    parts += [] if source.get("ema", True) else ["--no-ema"]
-    parts += [f"--{k.replace('_', '-')} {source[k]}" for k in ("mar_heads", "gpt_heads") if source.get(k) is not None]
-    return " ".join(parts)
+    return OfficialParts(gpt=files["gpt"]["path"] if "gpt" in files else None,
+                         vae=files["vae"]["path"] if "vae" in files else None, ema=source.get("ema", True),
+                         mar_heads=source.get("mar_heads"), gpt_heads=source.get("gpt_heads"))
 
 
-def _official_from_source(config: D2CConfig, source: dict) -> D2C:
-    for role, record in source["official"].items():
-        path = Path(record["path"])
-        if not path.is_file():
-            raise EngineError(f"{role} file {path} recorded in the manifest is missing; restore it or re-export with "
-                              f"`{_official_command(source)}`")
-        if checkpoint_sha256(path) != record["sha256"]:
-            raise EngineError(f"{role} file {path} changed since export; re-export with `{_official_command(source)}`")
-    files = {role: record["path"] for role, record in source["official"].items()}
-    model = assemble(files["stage2"], files.get("gpt"), files.get("vae"), ema=source.get("ema", True),
-                     mar_heads=source.get("mar_heads"), gpt_heads=source.get("gpt_heads"))
-    if model.config.to_dict() != config.to_dict():
-        raise EngineError(f"the files recorded in the manifest build {model.config.name!r}, not the exported "
-                          f"{config.name!r}; re-export with `{_official_command(source)}`")
-    return model
-
-
-def model_from_source(config: D2CConfig, source: dict) -> D2C:
-    """Rebuild the exact model a manifest was exported from (for the torch backend and `check`)."""
+def source_flags(source: dict, config_name: str) -> list[str]:
+    """The `d2c-export onnx` flags that select the model of a recorded source."""
     if "official" in source:
-        return _official_from_source(config, source)
+        files, parts = source["official"], _official_parts(source)
+        flags = ["--checkpoint", files["stage2"]["path"]]
+        flags += [x for role in ("gpt", "vae") if role in files for x in (f"--{role}", files[role]["path"])]
+        flags += [] if parts.ema else ["--no-ema"]
+        flags += [x for k in ("mar_heads", "gpt_heads") if source.get(k) is not None
+                  for x in (f"--{k.replace('_', '-')}", str(source[k]))]
+        return flags
+    if "checkpoint" in source:
+        return ["--checkpoint", source["checkpoint"]]
+    return ["--config", config_name, "--seed", str(source["random_init_seed"])]
+
+
+def export_command(source: dict, config_name: str, out: str | Path, *, fp16: bool = False,
+                   max_batch: int | None = None, opset: int | None = None) -> str:
+    """The `d2c-export onnx` command line that exports exactly the recorded model into `out`."""
+    parts = ["d2c-export", "onnx", "--stage", "all", *source_flags(source, config_name), "--out", str(out)]
+    parts += ["--max-batch", str(max_batch)] if max_batch is not None else []
+    parts += ["--opset", str(opset)] if opset is not None else []
+    parts += ["--fp16"] if fp16 else []
+    return shlex.join(parts)
+
+
+def _check_recorded(path: Path, digest: str, what: str, fix: str) -> None:
+    if not path.is_file():
+        raise EngineError(f"{what} {path} recorded in the manifest is missing; restore it or re-export with `{fix}`")
+    if checkpoint_sha256(path) != digest:
+        raise EngineError(f"{what} {path} changed since export; re-export with `{fix}`")
+
+
+def model_from_source(config: D2CConfig, source: dict, fix: str) -> D2C:
+    """Rebuild the exact model a manifest was exported from; `fix` is the export command named when that fails."""
+    if "official" in source:
+        for role, record in source["official"].items():
+            _check_recorded(Path(record["path"]), record["sha256"], f"{role} file", fix)
+        model, _ = official_model(source["official"]["stage2"]["path"], _official_parts(source))
+        if model.config.to_dict() != config.to_dict():
+            raise EngineError(f"the files recorded in the manifest build {model.config.name!r}, not the exported "
+                              f"{config.name!r}; re-export with `{fix}`")
+        return model
     if "checkpoint" in source:
         path = Path(source["checkpoint"])
-        if not path.is_file():
-            raise EngineError(f"checkpoint {path} recorded in the manifest is missing; pass the engines of a "
-                              "checkpoint that exists or re-export with `d2c-export onnx --checkpoint PATH`")
-        if checkpoint_sha256(path) != source["sha256"]:
-            raise EngineError(f"checkpoint {path} changed since export; re-export with "
-                              f"`d2c-export onnx --checkpoint {path}`")
+        _check_recorded(path, source["sha256"], "checkpoint", fix)
         return load_checkpoint(path)
-    return random_model(config, int(source["random_init_seed"]))
+    if "random_init_seed" in source:
+        return random_model(config, int(source["random_init_seed"]))
+    raise EngineError(f"the manifest's source {source!r} names no model; re-export with `{fix}`")

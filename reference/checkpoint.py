@@ -1,12 +1,10 @@
 """The native D2C checkpoint: one .safetensors file of D2C.state_dict() with the config in its metadata."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from reference.files import atomic_path, sha256_file
 from reference.model import D2C, D2CConfig
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "FORMAT_VERSION", "CONFIG_KEY", "VERSION_KEY",
@@ -80,16 +79,8 @@ def save_checkpoint(model: D2C, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {CONFIG_KEY: json.dumps(model.config.to_dict(), sort_keys=True), VERSION_KEY: str(FORMAT_VERSION)}
     tensors = _plain_tensors(model.state_dict())
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+    with atomic_path(path) as tmp:
         _write_safetensors(tensors, tmp, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("saved checkpoint %s (%d tensors, config %s)", path, len(tensors), model.config.name)
     return path
 
@@ -218,8 +209,4 @@ def checkpoint_sha256(path: str | Path) -> str:
     """Hex SHA-256 of the file's bytes."""
     path = Path(path)
     _check_file(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)

@@ -157,6 +157,16 @@ def empty_cache(args: GPTArgs, rows: int, dtype: torch.dtype = torch.float32,
     return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
 
+def cache_input_names(n_layer: int) -> list[str]:
+    """Names of the per-layer cache inputs of a gpt step: k_cache_0 .. k_cache_{L-1}, then v_cache_0 .. v_cache_{L-1}."""
+    return [f"{kv}_cache_{i}" for kv in "kv" for i in range(n_layer)]
+
+
+def cache_feeds(k_cache: Tensor, v_cache: Tensor) -> dict[str, Tensor]:
+    """The layers of stacked caches (L, B, H, S, hd) as named step inputs: views, no copy."""
+    return dict(zip(cache_input_names(k_cache.shape[0]), [*k_cache.unbind(0), *v_cache.unbind(0)]))
+
+
 def attention_masks(input_pos: Tensor, slots: int) -> tuple[Tensor, Tensor]:
     """Which keys the queries at input_pos (T,) see: cache slots (T, S) and this call's own keys (T, T), bool.
 

@@ -80,7 +80,7 @@ def _tiny(fusion: Fusion) -> D2CConfig:
 
 
 def _demo() -> D2CConfig:
-    """Sized for the synthetic shapes (reference.data) at 16x16, trainable on a CPU (scripts/train_demo.py)."""
+    """Sized for the synthetic shapes (training.data) at 16x16, trainable on a CPU (scripts/train_demo.py)."""
     vae = VAEArgs(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, attn_resolutions=())
     mar = MARArgs(img_size=16, vae_stride=vae.stride, patch_size=2, vae_embed_dim=vae.embed_dim,
                   encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,
@@ -106,6 +106,15 @@ PRESETS: dict[str, D2CConfig] = {
     "mar-b": D2CConfig("mar-b", _mar_size(768, 12, 12, 6, 1024, fusion=Fusion.NONE), VAE_PRESETS["kl16"]),
     "mar-l": D2CConfig("mar-l", _mar_size(1024, 16, 16, 8, 1280, fusion=Fusion.NONE), VAE_PRESETS["kl16"]),
     "mar-h": D2CConfig("mar-h", _mar_size(1280, 20, 16, 12, 1536, fusion=Fusion.NONE), VAE_PRESETS["kl16"]),
+}
+
+
+# Sampling settings a preset needs other than SamplingParams' ImageNet defaults; exported engines record them so that
+# `d2c-run` works on every model without flags. The demo has 16 latent tokens, and its small diffusion head is not
+# precise enough near t = 999 (where the cosine schedule's sqrt(1 / alpha_bar) reaches 2e4) for coarser respacings
+# than about 250 steps, which blow up; it was trained without guidance in mind.
+RECOMMENDED_SAMPLING: dict[str, dict] = {
+    "d2c-demo": {"cfg": 1.0, "num_iter": 16, "diffusion_steps": 500},
 }
 
 

@@ -1,7 +1,7 @@
 """The generation loop: discrete tokens, fusion, masked steps with the diffusion head, then the VAE.
 
-The loop is written once against a small `Stages` interface; the reference passes its PyTorch
-modules (`TorchStages`) and the runtime passes ONNX Runtime or TensorRT stages, so every backend
+The loop is written once against a small `Stages` interface (`run(stage, inputs)`); the reference passes its
+PyTorch modules (`reference.stage_networks.TorchStages`) and the toolchain its backends, so every backend
 runs the same sampling math.
 
 Draw order (DESIGN.md section 4). One `Draws` object supplies, in this order:
@@ -16,25 +16,27 @@ Draw order (DESIGN.md section 4). One `Draws` object supplies, in this order:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from reference.diffusion import DenoiseStep, DiffusionTables, make_tables
-from reference.gpt import write_cache
+from reference.diffusion import TRAIN_STEPS, DiffusionTables, make_tables
+from reference.gpt import cache_feeds, write_cache
 from reference.model import D2C, D2CConfig
 from reference.sampling import (CfgSchedule, Draws, TorchDraws, cfg_for_step, filter_logits, guide_logits,
                                 mask_len_schedule, sample_gumbel, step_positions)
 from reference.mar import unpatchify
+from reference.stage_networks import TorchStages
 from reference.vae import LATENT_SCALE
 
 
 @dataclass
 class SamplingParams:
-    """How to sample. `gpt_cfg` None: stage 1 uses `cfg` too."""
+    """How to sample. `gpt_cfg` None: stage 1 uses `cfg` too. The defaults are ImageNet's (MAR's and LlamaGen's)."""
 
     cfg: float = 4.0
     cfg_schedule: CfgSchedule = CfgSchedule.LINEAR
@@ -48,8 +50,19 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.cfg_schedule = CfgSchedule(self.cfg_schedule)
-        if self.diffusion_steps < 1 or self.diffusion_steps > 1000:
-            raise ValueError(f"diffusion_steps must be in [1, 1000], got {self.diffusion_steps}")
+        for name in ("cfg", "temperature", "gpt_temperature", "top_p") + (("gpt_cfg",) if self.gpt_cfg is not None
+                                                                          else ()):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.cfg < 0 or (self.gpt_cfg is not None and self.gpt_cfg < 0):
+            raise ValueError(f"cfg must be >= 0 (1: no guidance), got {self.cfg}")
+        if self.temperature <= 0 or self.gpt_temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (gpt {self.gpt_temperature})")
+        if not 1 <= self.diffusion_steps <= TRAIN_STEPS:
+            raise ValueError(f"diffusion_steps must be in [1, {TRAIN_STEPS}], got {self.diffusion_steps}")
+        if self.num_iter < 1:
+            raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p}, {self.top_k}")
 
@@ -57,48 +70,33 @@ class SamplingParams:
     def discrete_cfg(self) -> float:
         return self.cfg if self.gpt_cfg is None else self.gpt_cfg
 
+    def check_for(self, config: D2CConfig) -> None:
+        """Refuse settings the model cannot run (more masked steps than tokens, top-k above the vocabulary)."""
+        if self.num_iter > config.mar.seq_len:
+            raise ValueError(f"num_iter must be in [1, {config.mar.seq_len}] for this model ({config.mar.seq_len} "
+                             f"latent tokens), got {self.num_iter}")
+        if config.gpt is not None and self.top_k > config.gpt.vocab_size:
+            raise ValueError(f"top_k must be in [0, {config.gpt.vocab_size}] (the vocabulary), got {self.top_k}")
+
+    def as_dict(self) -> dict:
+        return {k: (v.value if isinstance(v, CfgSchedule) else v) for k, v in vars(self).items()}
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.as_dict().items() if v is not None)
+
 
 class Stages(Protocol):
-    """The five stages as tensor functions (CPU torch tensors in and out)."""
+    """What the loop runs on: `run(stage, inputs) -> outputs` over the stages of DESIGN.md section 3.
+
+    `inputs` maps the stage's input names to tensors, in the stage's input order; the result is the
+    tuple of its outputs in order. `gpt_cache` allocates the zeroed KV caches where `run("gpt")` reads
+    them (a backend may keep them on its device); the loop writes each step's keys and values into them.
+    """
 
     config: D2CConfig
 
-    def gpt(self, ids: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """logits, and this step's keys and values (the caches are read only; see `reference.gpt.GPT.forward`)."""
-    def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
-        """Zeroed k_cache, v_cache (L, rows, H, S, hd) where `gpt` reads them; the loop writes each step into them."""
-    def cond(self, ids: Tensor) -> Tensor: ...
-    def mar(self, tokens: Tensor, kept: Tensor, pred: Tensor, labels: Tensor, fusion: Tensor | None) -> Tensor: ...
-    def diffusion(self, x: Tensor, t: Tensor, z: Tensor, noise: Tensor, cfg: Tensor, temperature: Tensor,
-                  coefs: Tensor) -> Tensor: ...
-    def vae(self, latents: Tensor) -> Tensor: ...
-
-
-class TorchStages:
-    """The reference modules as stages."""
-
-    def __init__(self, model: D2C):
-        self.model = model.eval()
-        self.config = model.config
-        self.denoise = DenoiseStep(model.mar.diffloss.net)
-
-    def gpt(self, ids, input_pos, k_cache, v_cache):
-        return self.model.gpt(ids, input_pos, k_cache, v_cache)
-
-    def gpt_cache(self, rows):
-        return self.model.gpt.empty_cache(rows)
-
-    def cond(self, ids):
-        return self.model.mar.condition(ids)
-
-    def mar(self, tokens, kept, pred, labels, fusion):
-        return self.model.mar(tokens, kept, pred, labels, fusion)
-
-    def diffusion(self, x, t, z, noise, cfg, temperature, coefs):
-        return self.denoise(x, t, z, noise, cfg, temperature, coefs)
-
-    def vae(self, latents):
-        return self.model.vae(latents)
+    def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]: ...
+    def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]: ...
 
 
 def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draws: Draws,
@@ -112,7 +110,8 @@ def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draw
     k_cache, v_cache = stages.gpt_cache(rows)
 
     def step(step_ids: Tensor, pos: Tensor) -> Tensor:
-        logits, k, v = stages.gpt(step_ids.view(rows, 1), pos, k_cache, v_cache)
+        logits, k, v = stages.run("gpt", {"ids": step_ids.view(rows, 1), "input_pos": pos,
+                                          **cache_feeds(k_cache, v_cache)})
         write_cache(k_cache, k, pos)
         write_cache(v_cache, v, pos)
         return logits
@@ -132,7 +131,7 @@ def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draw
     return torch.stack(out, dim=1)
 
 
-def sample_latents(denoise: Callable[..., Tensor], z: Tensor, channels: int, tables: DiffusionTables,
+def sample_latents(stages: Stages, z: Tensor, channels: int, tables: DiffusionTables,
                    cfg: float, temperature: float, guided: bool, draws: Draws) -> Tensor:
     """MAR's DiffLoss.sample: z (G*N, Dz), conditional rows first -> (N, C) token latents."""
     rows = z.shape[0] // (2 if guided else 1)
@@ -142,7 +141,8 @@ def sample_latents(denoise: Callable[..., Tensor], z: Tensor, channels: int, tab
     for index in reversed(range(tables.num_timesteps)):
         noise = draws.normal((z.shape[0], channels))[:rows]
         t = torch.tensor([tables.model_timestep(index)], dtype=torch.int64)
-        x = denoise(x, t, z, noise, cfg_t, temp_t, tables.coefficients(index))
+        x, = stages.run("diffusion", {"x": x, "t": t, "z": z, "noise": noise, "cfg": cfg_t, "temperature": temp_t,
+                                      "coefs": tables.coefficients(index)})
     return x
 
 
@@ -160,17 +160,18 @@ def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, p
         ids_in = discrete_ids
         if guided:
             ids_in = torch.cat([discrete_ids, torch.full_like(discrete_ids, m.null_token)])
-        fusion = stages.cond(ids_in)
+        fusion, = stages.run("cond", {"discrete_ids": ids_in})
     tables = make_tables(params.diffusion_steps)
     tokens = torch.zeros(bsz, seq_len, channels)
     mask_lens = mask_len_schedule(seq_len, params.num_iter)
     steps = list(zip(step_positions(order, seq_len, params.num_iter), mask_lens))
     for (kept, pred), mask_len in tqdm(steps, desc="masked steps", disable=not progress, leave=False):
         rep = (lambda t: torch.cat([t] * groups))
-        z = stages.mar(rep(tokens), rep(kept), rep(pred), labels_in, fusion)  # (G*B, P, Dd)
+        feeds = {"tokens": rep(tokens), "kept": rep(kept), "pred": rep(pred), "labels": labels_in}
+        z, = stages.run("mar", feeds if fusion is None else {**feeds, "fusion": fusion})  # (G*B, P, Dd)
         z = z.reshape(-1, z.shape[-1])  # (G*B*P, Dd): conditional rows first, batch-major
         cfg_iter = cfg_for_step(params.cfg, params.cfg_schedule, mask_len, seq_len)
-        x = sample_latents(stages.diffusion, z, channels, tables, cfg_iter, params.temperature, guided, draws)
+        x = sample_latents(stages, z, channels, tables, cfg_iter, params.temperature, guided, draws)
         tokens = tokens.scatter(1, pred.unsqueeze(-1).expand(-1, -1, channels), x.reshape(bsz, -1, channels))
     return tokens
 
@@ -194,7 +195,7 @@ def generate_with(stages: Stages, labels: Tensor, params: SamplingParams, draws:
     tokens = sample_tokens(stages, labels, discrete, params, draws, progress)
     m = config.mar
     latents = unpatchify(tokens, m.patch_size, m.vae_embed_dim) / LATENT_SCALE
-    images = stages.vae(latents).clamp(-1, 1)
+    images = stages.run("vae", {"latents": latents})[0].clamp(-1, 1)
     return Generation(images=images, latents=latents, discrete_ids=discrete)
 
 

@@ -314,24 +314,3 @@ class AutoencoderKL(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.decode(z)
-
-
-def kl_vae_loss(model: AutoencoderKL, images: Tensor, noise: Tensor,
-                kl_weight: float = 1e-6) -> tuple[Tensor, dict[str, Tensor]]:
-    """LDM-style KL-VAE loss without LPIPS/GAN terms.
-
-    Every term is summed over (C, H, W) per sample and averaged over the batch, as in LDM's
-    LPIPSWithDiscriminator, so `kl_weight=1e-6` keeps its LDM meaning. Reconstruction is
-    L1 + MSE (L1 is LDM's pixel term; MSE adds a smooth gradient near zero error).
-    `noise` (shape of the posterior mean) drives the reparameterised sample.
-    """
-    posterior = model.encode(images)
-    recon = model.decode(posterior.sample(noise))  # (B, 3, H, W)
-    diff = recon - images
-    bsz = images.shape[0]
-    l1 = diff.abs().sum() / bsz
-    mse = diff.pow(2).sum() / bsz
-    kl = posterior.kl().mean()
-    total = l1 + mse + kl_weight * kl
-    parts = {"total": total.detach(), "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
-    return total, parts

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from reference.checkpoint import save_checkpoint
-from reference.classifier import save_classifier
-from reference.training import PARTS, TrainSettings, train_demo
+from training.classifier import save_classifier
+from training.demo import PARTS, TrainSettings, train_demo
 
 log = logging.getLogger("train_demo")
 DEFAULT_OUT = "checkpoints/d2c-demo.safetensors"

@@ -11,7 +11,7 @@ from d2c_export.onnx_export import export_model
 from d2c_export.quality import (DEFAULT_CLASSIFIER, MAX_ACCURACY_DROP, MAX_FD_RISE, QualityReport, evaluate_backends,
                                 frechet_distance, gate_failures, quality_main)
 from d2c_export.sources import DEMO_CHECKPOINT, model_from_args
-from reference.classifier import load_classifier
+from training.classifier import load_classifier
 from reference.pipeline import SamplingParams
 
 CHEAP = SamplingParams(cfg=1.0, num_iter=4, diffusion_steps=500)  # what CI affords; the README lists full figures

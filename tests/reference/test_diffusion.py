@@ -10,6 +10,7 @@ from reference.diffusion import DenoiseStep, make_tables, space_timesteps
 from reference.diffusion_head import HeadArgs, SimpleMLPAdaLN
 from reference.pipeline import sample_latents
 from reference.sampling import ReplayDraws
+from reference.stage_networks import ModuleStages
 
 TABLE_NAMES = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next", "sqrt_alphas_cumprod",
                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -96,7 +97,7 @@ def test_replayed_sample_loop_matches_official(mar_rec, guided):
     call = "sample_cfg" if guided else "sample_nocfg"
     z = t_(io["in_sample_z"] if guided else io["in_sample_z_nocfg"])
     replay = ReplayDraws(call_draws(draws, call))
-    out = sample_latents(DenoiseStep(head), z, 16, make_tables(10), 2.0 if guided else 1.0, 0.9, guided, replay)
+    out = sample_latents(ModuleStages(None, {"diffusion": DenoiseStep(head)}), z, 16, make_tables(10), 2.0 if guided else 1.0, 0.9, guided, replay)
     assert replay.exhausted
     ref = t_(io[f"out_{call}_out"])[: out.shape[0]]
     scale = ref.abs().max()

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from reference.stage_networks import ModuleStages
 from reference.diffusion import DenoiseStep
 from reference.mar import MAR, Fusion, MARArgs, mask_to_kept, patchify, unpatchify
 from reference.pipeline import SamplingParams, sample_tokens
@@ -47,16 +48,9 @@ def test_cfg_layout_matches_official(official_mar):
     close(model(x, kept, all_pos, labels), io["out_cfg_dec_out"])
 
 
-class _MarOnlyStages:
-    def __init__(self, model: MAR):
-        self.config = SimpleNamespace(mar=model.args)
-        self.model, self.denoise = model, DenoiseStep(model.diffloss.net)
-
-    def mar(self, tokens, kept, pred, labels, fusion):
-        return self.model(tokens, kept, pred, labels, fusion)
-
-    def diffusion(self, *args):
-        return self.denoise(*args)
+def _mar_only_stages(model: MAR) -> ModuleStages:
+    """A bare official-layout MAR (no D2C around it) as the loop's mar and diffusion stages."""
+    return ModuleStages(SimpleNamespace(mar=model.args), {"mar": model, "diffusion": DenoiseStep(model.diffloss.net)})
 
 
 @torch.no_grad()
@@ -66,7 +60,7 @@ def test_replayed_sample_tokens_match_official(official_mar):
     replay = ReplayDraws(draw_records(fx, "tokens"))
     params = SamplingParams(cfg=call["cfg"], cfg_schedule=call["cfg_schedule"], num_iter=call["num_iter"],
                             diffusion_steps=10, temperature=call["temperature"])
-    tokens = sample_tokens(_MarOnlyStages(model), io["out_tokens_labels"], None, params, replay)
+    tokens = sample_tokens(_mar_only_stages(model), io["out_tokens_labels"], None, params, replay)
     assert replay.exhausted, "every recorded draw is consumed"
     ref = io["out_tokens_out"]
     got = unpatchify(tokens, 1, 16)

@@ -12,21 +12,15 @@ import torch
 from reference import pipeline
 from reference.gpt import GPT, GPTArgs
 from reference.model import D2C, PRESETS, get_config
-from reference.pipeline import SamplingParams, TorchStages, generate, generate_with, sample_discrete
+from reference.pipeline import SamplingParams, generate, generate_with, sample_discrete
+from reference.stage_networks import GptStage, ModuleStages, TorchStages
 from reference.sampling import ReplayDraws, TorchDraws, uniforms_for_outcome
 from tests.reference.official import arrays, weights
 
 
-class _GptOnlyStages:
-    def __init__(self, gpt: GPT):
-        self.config = SimpleNamespace(gpt=gpt.args)
-        self.model = gpt
-
-    def gpt(self, *args):
-        return self.model(*args)
-
-    def gpt_cache(self, rows):
-        return self.model.empty_cache(rows)
+def _gpt_only_stages(gpt: GPT) -> ModuleStages:
+    """A bare official-layout GPT (no D2C around it) as the loop's gpt stage."""
+    return ModuleStages(SimpleNamespace(gpt=gpt.args), {"gpt": GptStage(SimpleNamespace(gpt=gpt))})
 
 
 @torch.no_grad()
@@ -50,7 +44,7 @@ def test_replayed_generate_matches_official(official_dir, monkeypatch):
     original = pipeline.filter_logits
     monkeypatch.setattr(pipeline, "filter_logits", lambda *a, **k: seen_scores.append(original(*a, **k))
                         or seen_scores[-1])
-    ids = sample_discrete(_GptOnlyStages(gpt.eval()), io["in_labels"],
+    ids = sample_discrete(_gpt_only_stages(gpt.eval()), io["in_labels"],
                           SamplingParams(cfg=2.0, top_k=5, gpt_temperature=1.0), replay)
     assert replay.exhausted
     assert torch.equal(ids.to(torch.int32), io["out_generate_out"])

@@ -1,0 +1,59 @@
+"""The backend interface: a runner with a context-managed lifecycle and one `run(stage, inputs) -> outputs`.
+
+What differs per stage is data on the stage's spec (`d2c_export.stages`), never a method per stage:
+a backend binds inputs and outputs by the spec's tensor names. The shared loop
+(`reference.pipeline.generate_with`) calls `run` and `gpt_cache` and nothing else.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from d2c_export.stages import STAGES
+from d2c_export.targets import Target
+from reference.gpt import empty_cache
+from reference.model import D2CConfig
+
+
+class Backend:
+    """Stages of one model on one target. Subclasses implement `run`; `gpt_cache` may place the cache elsewhere."""
+
+    target: Target
+    config: D2CConfig
+    max_batch: int  # images per call the stages admit (the exported profile)
+    description: str  # what runs, for logs and reports
+    device: str = "cpu"  # where the stage calls compute ("cpu" or "cuda")
+
+    def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """Run `stage` on `inputs` (input name -> CPU tensor, in the stage's order); its outputs, in order."""
+        raise NotImplementedError
+
+    def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
+        """Zeroed k_cache, v_cache (L, rows, H, S, hd) where `run("gpt")` reads them."""
+        return empty_cache(self.config.gpt, rows)
+
+    def output_names(self, stage: str) -> list[str]:
+        return [t.name for t in STAGES[stage].output_specs(self.config)]
+
+    def close(self) -> None:
+        """Release what the backend holds (sessions, engines, device memory)."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Wrapper:
+    """Stages that pass every call to `inner`: the base of timing, FLOP counting and thread control."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.config = inner.config
+        self.max_batch = inner.max_batch
+
+    def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return self.inner.run(stage, inputs)
+
+    def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:  # allocation, not a stage call
+        return self.inner.gpt_cache(rows)

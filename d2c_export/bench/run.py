@@ -1,0 +1,263 @@
+"""Latency benchmark: backends measured interleaved, per stage and end to end, against a matmul roofline.
+
+Within each repeat every backend generates the same batch once, in an order rotated by the repeat
+index (round-robin), so a slow spell of a shared machine hits all backends alike and their ratios
+hold. Stage calls are timed by `backends.hooks` (CUDA events when the backend runs on a GPU);
+the runtime overhead is the end-to-end wall time minus the time inside stage calls.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from d2c_export.backends import open_backend
+from d2c_export.backends.base import Backend
+from d2c_export.backends.hooks import CudaEventTimer, FlopCounted, StageTimer
+from d2c_export.bench.roofline import matmul_roofline
+from d2c_export.engines import Engines
+from d2c_export.errors import EngineError
+from d2c_export.generate import check_request, generate_images
+from d2c_export.stages import DEFAULT_MAX_BATCH
+from d2c_export.targets import BackendName, Target
+from reference.pipeline import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MB = 1 << 20
+
+
+@dataclass
+class Column:
+    """One column of the benchmark: a target's backend, and where it computes."""
+
+    target: Target
+    backend: Backend
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def device(self) -> str:
+        return self.backend.device
+
+    @property
+    def description(self) -> str:
+        return self.backend.description
+
+
+@dataclass
+class Measurement:
+    """Every measured generation of one backend at one batch size (lists run over the repeats)."""
+
+    backend: str
+    batch: int
+    wall_s: list[float] = field(default_factory=list)
+    stage_s: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    call_s: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # every call of every repeat
+    calls: dict[str, int] = field(default_factory=dict)  # per generation
+    base_rss_mb: list[float] = field(default_factory=list)
+    peak_rss_mb: list[float] = field(default_factory=list)
+    peak_gpu_mb: list[float] = field(default_factory=list)
+
+
+def _rss_mb(field_name: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024 / MB
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def peak_memory(device: str) -> Iterator[dict[str, float | None]]:
+    """Peak resident memory of this process over the block (Linux resets VmHWM via clear_refs) and GPU peak."""
+    import resource
+    out: dict[str, float | None] = {"base_rss_mb": _rss_mb("VmRSS"), "peak_rss_mb": None, "peak_gpu_mb": None}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS watermark
+        reset = True
+    except OSError:
+        reset = False
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    yield out
+    if reset:
+        out["peak_rss_mb"] = _rss_mb("VmHWM")
+    else:  # the process's lifetime peak: an upper bound
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
+    if device == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / MB
+
+
+def measure_once(column: Column, labels: list[int], params: SamplingParams, seed: int, into: Measurement) -> None:
+    """One generation of `labels` on `column`, appended to `into`."""
+    timer = CudaEventTimer() if column.device == "cuda" else StageTimer()
+    with peak_memory(column.device) as mem, torch.inference_mode():
+        start = time.perf_counter()
+        generate_images(column.backend, labels, params, seed, timer=timer)
+        if column.device == "cuda":
+            torch.cuda.synchronize()
+        into.wall_s.append(time.perf_counter() - start)
+    for name, durations in timer.durations.items():
+        into.stage_s[name].append(sum(durations))
+        into.call_s[name].extend(durations)
+        into.calls[name] = len(durations)
+    into.base_rss_mb.append(mem["base_rss_mb"] or 0.0)
+    into.peak_rss_mb.append(mem["peak_rss_mb"] or 0.0)
+    if mem["peak_gpu_mb"] is not None:
+        into.peak_gpu_mb.append(mem["peak_gpu_mb"])
+
+
+def count_flops(column: Column, labels: list[int], params: SamplingParams, seed: int) -> dict[str, int]:
+    """FLOPs per stage of one generation (a warm-up run through counting stages)."""
+    counter = FlopCounted(column.backend)
+    with torch.inference_mode():
+        generate_images(counter, labels, params, seed)
+    return dict(counter.flops)
+
+
+def measure_rooflines(columns: list[Column], threads: int) -> dict[str, dict[str, float]]:
+    """The matmul roofline of every device the columns run on (with ORT's MatMul where an ORT column runs)."""
+    out = {}
+    for device in sorted({b.device for b in columns}):
+        with_ort = any(b.device == device and b.target.backend is BackendName.ORT for b in columns)
+        out[device] = matmul_roofline(device, threads, with_ort)
+        log.info("matmul roofline (%s): %.1f GFLOP/s", device, out[device]["peak"] / 1e9)
+    return out
+
+
+def bench_labels(num_classes: int, batch: int) -> list[int]:
+    """A fixed spread of class labels for a batch."""
+    return [(7 * i + 1) % num_classes for i in range(batch)]
+
+
+@dataclass
+class BenchResult:
+    config: dict
+    backends: dict[str, str]  # name -> description
+    batches: list[int]
+    params: SamplingParams
+    repeat: int
+    warmup: int
+    threads: int
+    roofline: dict[str, dict[str, float]]  # device -> {"torch", "ort", "peak"} FLOP/s
+    devices: dict[str, str]  # backend -> device
+    flops: dict[int, dict[str, int]]  # batch -> stage -> FLOPs per generation
+    measurements: list[Measurement]
+    load_average: dict[str, float]  # 1-minute load average of the machine at the start and the end
+
+
+def _warm_up(columns: list[Column], labels: list[int], params: SamplingParams, seed: int, warmup: int,
+             bar: tqdm) -> dict[str, int]:
+    """`warmup` unmeasured generations per column; the first one counts the FLOPs of a generation."""
+    flops = {}
+    for i, b in enumerate(columns):
+        bar.set_postfix_str(f"warm-up {b.name} x{len(labels)}")
+        for w in range(warmup):
+            if i == 0 and w == 0:
+                flops = count_flops(b, labels, params, seed)
+            else:
+                with torch.inference_mode():
+                    generate_images(b.backend, labels, params, seed)
+            bar.update()
+    return flops
+
+
+def _measure_batch(columns: list[Column], labels: list[int], params: SamplingParams, seed: int, repeat: int,
+                   bar: tqdm) -> list[Measurement]:
+    """`repeat` rounds, each running every column once, starting one column later every round."""
+    cells = {b.name: Measurement(b.name, len(labels)) for b in columns}
+    for r in range(repeat):
+        k = r % len(columns)
+        for b in columns[k:] + columns[:k]:
+            bar.set_postfix_str(f"round {r + 1} {b.name} x{len(labels)}")
+            m = cells[b.name]
+            measure_once(b, labels, params, seed, m)
+            log.info("round %d %s x%d: %.2f s, %.2f s in stage calls", r + 1, b.name, len(labels), m.wall_s[-1],
+                     sum(v[-1] for v in m.stage_s.values()))
+            bar.update()
+    return list(cells.values())
+
+
+def check_available(targets: list[Target]) -> None:
+    """Refuse a column that cannot run here, before any work, naming why."""
+    from d2c_export.trt_platform import tensorrt_missing
+    for t in targets:
+        if t.backend is BackendName.TRT and (why := tensorrt_missing()):
+            raise EngineError(f"backend {t.name} cannot run: {why}; drop it from --backends")
+
+
+def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], params: SamplingParams,
+                  repeat: int = 3, warmup: int = 1, threads: int | None = None, seed: int = 0,
+                  progress: bool = True) -> BenchResult:
+    """Warm up, then measure every target at every batch `repeat` times, interleaved round-robin."""
+    if repeat < 1 or warmup < 1:
+        raise ValueError(f"--repeat and --warmup must be >= 1, got {repeat} and {warmup}")
+    check_available(targets)
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    config = engines.config
+    for batch in batches:
+        check_request(config, engines.max_batch, bench_labels(config.num_classes, batch))
+    columns = [Column(t, open_backend(engines, t, threads)) for t in targets]
+    for b in columns:
+        log.info("%-9s %s", b.name, b.description)
+    load = {"start": os.getloadavg()[0]}
+    roofline = measure_rooflines(columns, threads)
+    flops, results = {}, []
+    bar = tqdm(total=len(batches) * len(columns) * (warmup + repeat), desc="bench", unit="gen", disable=not progress)
+    with logging_redirect_tqdm():
+        for batch in batches:
+            labels = bench_labels(config.num_classes, batch)
+            flops[batch] = _warm_up(columns, labels, params, seed, warmup, bar)
+            results.extend(_measure_batch(columns, labels, params, seed, repeat, bar))
+    bar.close()
+    load["end"] = os.getloadavg()[0]
+    for device, again in measure_rooflines(columns, threads).items():  # the better of before and after
+        roofline[device] = {k: max(v, again[k]) for k, v in roofline[device].items()}
+    for b in columns:
+        b.backend.close()
+    return BenchResult(config=config.to_dict(), backends={b.name: b.description for b in columns}, batches=batches,
+                       params=params, repeat=repeat, warmup=warmup, threads=threads, roofline=roofline,
+                       devices={b.name: b.device for b in columns}, flops=flops, measurements=results,
+                       load_average=load)
+
+
+def export_for_bench(config: str, directory: Path, targets: list[Target], max_batch: int) -> Engines:
+    """Export preset `config` (random weights) with what `targets` need (FP16 graphs, TensorRT plans)."""
+    from d2c_export.export.onnx import export_model
+    from d2c_export.sources import ModelRequest, build_model
+    model, source = build_model(ModelRequest(config=config))
+    export_model(model, directory, source, max_batch=max_batch)
+    engines = Engines.open(directory)
+    if any(t.kind == "onnx-fp16" for t in targets):
+        from d2c_export.export.fp16 import convert_engines
+        convert_engines(engines)
+    for t in targets:
+        if t.backend is BackendName.TRT and not engines.has(t.kind):
+            from d2c_export.export.trt_build import build_engines
+            build_engines(engines, fp16=t.kind.endswith("fp16"))
+    return engines
+
+
+def bench_from_config(config: str, out: Path, targets: list[Target], batches: list[int], params: SamplingParams,
+                      **kwargs) -> BenchResult:
+    """Export `config` into a temporary engines directory under `out`, benchmark it, then remove it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".engines-") as tmp:
+        engines = export_for_bench(config, Path(tmp), targets, max(DEFAULT_MAX_BATCH, *batches))
+        return run_benchmark(engines, targets, batches, params, **kwargs)

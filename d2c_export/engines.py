@@ -1,0 +1,142 @@
+"""An engines directory opened once: its manifest, config, model source, files by kind, and the fix commands.
+
+Every command opens the directory once (`Engines.open`) and hands the object down: the manifest is
+read once, each file's sha256 is checked once, and the reference model is rebuilt from its source at
+most once (`Engines.model`).
+"""
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+
+from d2c_export.errors import EngineError
+from d2c_export.export.manifest import MANIFEST, Manifest, StageEntry
+from d2c_export.export.onnx import DEFAULT_OPSET
+from d2c_export.sources import export_command, model_from_source
+from d2c_export.stages import DEFAULT_MAX_BATCH, stages_for
+from reference.files import sha256_file
+from reference.model import D2C, D2CConfig
+from reference.pipeline import SamplingParams
+
+log = logging.getLogger(__name__)
+DEFAULT_ENGINES = Path("engines")
+
+
+def export_hint(directory: Path) -> str:
+    """The export command for a directory that holds no manifest (so no recorded model to name)."""
+    return f"d2c-export onnx --stage all (--config PRESET | --checkpoint PATH) --out {directory}"
+
+
+class Engines:
+    """The exported stages of one model in one directory."""
+
+    def __init__(self, directory: Path, manifest: Manifest):
+        self.directory = directory
+        self.manifest = manifest
+        self._verified: dict[tuple[str, str], StageEntry] = {}
+        self._model: D2C | None = None
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "Engines":
+        directory = Path(directory)
+        if not directory.exists():
+            raise EngineError(f"engines directory {directory} does not exist; export one with "
+                              f"`{export_hint(directory)}`")
+        if not directory.is_dir():
+            raise EngineError(f"engines path {directory} is not a directory; export one with "
+                              f"`{export_hint(directory)}`")
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise EngineError(f"{path} is missing; export with `{export_hint(directory)}`")
+        try:
+            manifest = Manifest.read(path)
+        except EngineError as exc:
+            raise EngineError(f"{exc}; re-export with `{export_hint(directory)}`") from None
+        engines = cls(directory, manifest)
+        engines.config  # noqa: B018  (a config that does not build is refused here, with the export command)
+        return engines
+
+    @cached_property
+    def config(self) -> D2CConfig:
+        try:
+            return self.manifest.d2c_config
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise EngineError(f"{self.directory / MANIFEST} records a config that does not build ({exc}); "
+                              f"re-export with `{export_hint(self.directory)}`") from None
+
+    @property
+    def max_batch(self) -> int:
+        return self.manifest.max_batch
+
+    @property
+    def source(self) -> dict:
+        return self.manifest.source
+
+    @cached_property
+    def sampling(self) -> SamplingParams:
+        """The model's recommended sampling settings, recorded at export (SamplingParams' defaults where none are)."""
+        try:
+            return SamplingParams(**self.manifest.sampling)
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"{self.directory / MANIFEST} records invalid sampling settings ({exc}); "
+                              f"re-export with `{self.rebuild_command('onnx-fp32')}`") from None
+
+    def specs(self, names: str | list[str] = "all"):
+        return stages_for(self.config, names)
+
+    def model(self) -> D2C:
+        """The reference model the engines were exported from, rebuilt (once) from the recorded source."""
+        if self._model is None:
+            self._model = model_from_source(self.config, self.source, self.rebuild_command("onnx-fp32")).eval()
+        return self._model
+
+    def rebuild_command(self, kind: str) -> str:
+        """The command that (re)builds files of `kind` ("onnx-fp32", "onnx-fp16", "trt-fp16", ...) of this model."""
+        fp16 = kind.endswith("fp16")
+        if kind.startswith("trt"):
+            return f"d2c-export trt{' --fp16' if fp16 else ''} --engines {self.directory}"
+        opsets = {e.opset for kinds in self.manifest.stages.values() for e in kinds.values() if e.opset}
+        return export_command(self.source, self.config.name, self.directory, fp16=fp16,
+                              max_batch=None if self.max_batch == DEFAULT_MAX_BATCH else self.max_batch,
+                              opset=opsets.pop() if len(opsets) == 1 and opsets != {DEFAULT_OPSET} else None)
+
+    def has(self, kind: str) -> bool:
+        """Whether every stage of the model has a build of `kind` recorded."""
+        return all(kind in self.manifest.stages.get(s.name, {}) for s in self.specs())
+
+    def entry(self, stage: str, kind: str) -> StageEntry:
+        """The entry of `stage` built as `kind`, every file present and matching its sha256 (checked once)."""
+        key = (stage, kind)
+        if key in self._verified:
+            return self._verified[key]
+        kinds = self.manifest.stages.get(stage, {})
+        if kind not in kinds:
+            have = ", ".join(f"{s}:{k}" for s, ks in self.manifest.stages.items() for k in ks) or "nothing"
+            raise EngineError(f"{self.directory} has no {kind} build of stage {stage!r} (it has {have}); "
+                              f"run `{self.rebuild_command(kind)}`")
+        entry = kinds[kind]
+        for name, digest in entry.files.items():
+            path = self.path_of(name, kind)
+            if not path.is_file():
+                raise EngineError(f"{path} is missing; rebuild with `{self.rebuild_command(kind)}`")
+            if sha256_file(path) != digest:
+                raise EngineError(f"{path} does not match its sha256 in the manifest (changed or truncated); "
+                                  f"rebuild with `{self.rebuild_command(kind)}`")
+        self._verified[key] = entry
+        return entry
+
+    def path_of(self, name: str, kind: str) -> Path:
+        """A file named in the manifest, refused unless it lies inside the engines directory."""
+        path = (self.directory / name).resolve()
+        if Path(name).is_absolute() or self.directory.resolve() not in path.parents:
+            raise EngineError(f"{self.directory / MANIFEST} names {name!r}, outside the engines directory; "
+                              f"rebuild with `{self.rebuild_command(kind)}`")
+        return self.directory / name
+
+    def file(self, stage: str, kind: str) -> Path:
+        """The main file (graph or plan) of `stage` built as `kind`, verified."""
+        return self.path_of(self.entry(stage, kind).main_file, kind)
+
+    def __repr__(self) -> str:
+        return f"Engines({self.directory}, {self.config.name}, kinds {self.manifest.kinds()})"

@@ -1,0 +1,136 @@
+"""Stage-by-stage ONNX export with `torch.onnx.export(dynamo=True)`, graph checks and atomic writes.
+
+Exporter: the `torch.export`-based ONNX exporter (`dynamo=True`). It is the maintained path of
+PyTorch (the TorchScript exporter is deprecated), it takes the dynamic axes as `torch.export.Dim`
+ranges that are verified while tracing, and it writes graphs above 2 GB with external data.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from d2c_export.errors import EngineError
+from d2c_export.export.manifest import MANIFEST, Manifest, StageEntry
+from d2c_export.stages import DEFAULT_MAX_BATCH, StageSpec, stages_for
+from reference.files import publish_dir
+from reference.model import D2C
+
+log = logging.getLogger(__name__)
+EXPORTER_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")  # per-op chatter of the exporter's passes (the CLI quiets)
+
+DEFAULT_OPSET = 18
+EXPORTER = f"torch.onnx.export(dynamo=True) torch {torch.__version__}"
+EXTERNAL_DATA_BYTES = 1 << 30  # graphs whose weights exceed this keep them in a `.onnx.data` file
+
+
+def graph_name(stage: str, precision: str = "fp32") -> str:
+    return f"{stage}.onnx" if precision == "fp32" else f"{stage}.{precision}.onnx"
+
+
+def io_specs(spec: StageSpec, config) -> tuple[list[dict], list[dict]]:
+    return [t.as_dict() for t in spec.input_specs(config)], [t.as_dict() for t in spec.output_specs(config)]
+
+
+def entry_for(files: dict[str, str], main: str, spec: StageSpec, config, precision: str, opset: int,
+              profile: dict[str, list[int]]) -> StageEntry:
+    """A manifest entry whose first file is the graph `main` (its external data after it)."""
+    ins, outs = io_specs(spec, config)
+    return StageEntry(files={main: files[main], **{k: v for k, v in files.items() if k != main}}, precision=precision,
+                      inputs=ins, outputs=outs, opset=opset, profile=profile)
+
+
+def _dynamic_shapes(spec: StageSpec, config, max_batch: int) -> tuple[dict[int, torch.export.Dim] | None, ...]:
+    """Positional `torch.export` dynamic shapes: one Dim per axis name, shared by every input using it.
+
+    The inputs a wrapper takes as *args get one nested tuple, as `torch.export` matches them.
+    """
+    profile = spec.profile(config, max_batch)
+    dims = {axis: torch.export.Dim(axis, min=lo, max=hi) for axis, (lo, _, hi) in profile.items()}
+    flat = tuple(({i: dims[a] for i, a in t.dynamic_axes.items()} or None) for t in spec.input_specs(config))
+    if spec.varargs_from is None:
+        return flat
+    return flat[:spec.varargs_from] + (flat[spec.varargs_from:],)
+
+
+def check_graph(path: Path, spec: StageSpec, config) -> None:
+    """onnx checker, shape inference, and every intended dynamic axis symbolic, every static one fixed."""
+    onnx.checker.check_model(str(path), full_check=False)
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    graph_io = {v.name: v for v in list(inferred.graph.input) + list(inferred.graph.output)}
+    for t in spec.input_specs(config) + spec.output_specs(config):
+        if t.name not in graph_io:
+            raise EngineError(f"{path.name}: graph has no tensor {t.name!r}")
+        dims = graph_io[t.name].type.tensor_type.shape.dim
+        if len(dims) != len(t.shape):
+            raise EngineError(f"{path.name}: {t.name} has rank {len(dims)}, expected {len(t.shape)}")
+        for i, (d, want) in enumerate(zip(dims, t.shape)):
+            if isinstance(want, str) and not d.dim_param:
+                raise EngineError(f"{path.name}: axis {i} ({want}) of {t.name} is fixed to {d.dim_value}, "
+                                  "expected a symbolic dimension")
+            if isinstance(want, int) and d.dim_value != want:
+                raise EngineError(f"{path.name}: axis {i} of {t.name} is {d.dim_param or d.dim_value}, expected {want}")
+
+
+def export_stage(model: D2C, spec: StageSpec, out_dir: Path, opset: int = DEFAULT_OPSET,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> StageEntry:
+    """Export one stage to `out_dir/<stage>.onnx` (plus `.onnx.data` when large); returns its manifest entry."""
+    config = model.config
+    wrapper: nn.Module = spec.wrapper(model).eval()
+    feeds = spec.example_inputs(config)
+    inputs = spec.input_specs(config)
+    outputs = spec.output_specs(config)
+    args = tuple(feeds[t.name] for t in inputs)
+    big = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > EXTERNAL_DATA_BYTES
+    main = graph_name(spec.name)
+    with publish_dir(out_dir, spec.name) as (tmp, digests), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, opset_version=opset, verbose=False,
+                input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
+                dynamic_shapes=_dynamic_shapes(spec, config, max_batch))
+        program.save(str(tmp / main), external_data=big)
+        check_graph(tmp / main, spec, config)
+    return entry_for(digests, main, spec, config, "fp32", opset,
+                     {a: list(r) for a, r in spec.profile(config, max_batch).items()})
+
+
+def export_model(model: D2C, out_dir: str | Path, source: dict, stages: str | list[str] = "all",
+                 opset: int = DEFAULT_OPSET, max_batch: int = DEFAULT_MAX_BATCH, progress: bool = True,
+                 sampling: dict | None = None) -> Manifest:
+    """Export the chosen stages and write/refresh `manifest.json`; stale stages of another model are dropped.
+
+    `sampling`: the model's recommended sampling settings (SamplingParams fields), recorded for `d2c-run`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = model.config.to_dict()
+    manifest = None
+    if (out_dir / MANIFEST).is_file():
+        try:
+            manifest = Manifest.read(out_dir / MANIFEST)
+        except EngineError:
+            manifest = None
+    if manifest is not None and (manifest.config != config_dict or manifest.source != source
+                                 or manifest.max_batch != max_batch):
+        manifest = None
+    manifest = manifest or Manifest(config=config_dict, source=source, max_batch=max_batch, exporter=EXPORTER)
+    manifest.sampling = dict(sampling or {})
+    specs = stages_for(model.config, stages)
+    bar = tqdm(specs, desc="export", unit="stage", disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        start = time.perf_counter()
+        entry = export_stage(model, spec, out_dir, opset, max_batch)
+        manifest.stages.setdefault(spec.name, {})["onnx-fp32"] = entry
+        manifest.save(out_dir)
+        log.info("exported %s in %.1f s -> %s", spec.name, time.perf_counter() - start, ", ".join(entry.files))
+    return manifest
+

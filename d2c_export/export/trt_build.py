@@ -1,0 +1,130 @@
+"""TensorRT plans from the ONNX graphs: strongly typed networks, one profile per dynamic input, a timing cache.
+
+Precision lives in the graph (DESIGN.md section 5): FP16 plans are built from the mixed-precision
+`<stage>.fp16.onnx` graphs, FP32 plans from the FP32 graphs, both with TF32 off so FP32 tensors compute
+in FP32. TensorRT 10 takes `1 << STRONGLY_TYPED` at network creation; TensorRT 11 networks are strongly
+typed (and explicit batch) by default and the flag may be gone, so it is looked up with getattr and
+passed only where it exists; BuilderFlag.TF32 likewise. `tensorrt` is imported only after a CUDA
+device is found: creating a builder or runtime without one can crash the process.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from types import ModuleType
+
+from tqdm import tqdm
+
+from d2c_export.engines import Engines
+from d2c_export.errors import EngineError
+from d2c_export.export.manifest import StageEntry
+from d2c_export.trt_platform import require_tensorrt, running_platform
+from reference.files import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKSPACE_GIB = 4.0
+TIMING_CACHE = "timing.cache"  # default timing cache, inside the engines directory
+
+
+def plan_name(stage: str, precision: str) -> str:
+    return f"{stage}.{precision}.plan"
+
+
+def input_profiles(entry: StageEntry) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) shapes of every input with a dynamic axis, from the entry's input specs and profile."""
+    profiles = {}
+    for spec in entry.inputs:
+        shape = spec["shape"]
+        if not any(isinstance(d, str) for d in shape):
+            continue
+        missing = [d for d in shape if isinstance(d, str) and d not in entry.profile]
+        if missing:
+            raise EngineError(f"input {spec['name']} has axes {missing} without a profile in the manifest; "
+                              "re-export the graphs")
+        profiles[spec["name"]] = tuple(tuple(entry.profile[d][k] if isinstance(d, str) else d for d in shape)
+                                       for k in range(3))
+    return profiles
+
+
+def plan_entry(source: StageEntry, source_file: str, plan: str, digest: str, precision: str, platform: dict,
+               build: dict) -> StageEntry:
+    """The manifest entry of a plan built from the graph `source_file` (entry `source`) on `platform`."""
+    return StageEntry(files={plan: digest}, precision=precision, inputs=source.inputs, outputs=source.outputs,
+                      profile=source.profile, opset=source.opset,
+                      tensorrt={**platform, "onnx": source_file, "onnx_sha256": source.files[source_file], **build})
+
+
+def _network_flags(trt: ModuleType) -> int:
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def _load_timing_cache(config, path: Path | None):
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s does not fit this device/TensorRT; starting a new one", path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
+    return cache
+
+
+def build_plan(trt: ModuleType, onnx_path: Path, plan_path: Path, source: StageEntry, workspace_gib: float,
+               timing_cache: Path | None) -> None:
+    """Parse `onnx_path` into a strongly typed network, build with `source`'s profile, write `plan_path` atomically."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from the file, so external weights resolve
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT cannot parse {onnx_path.name}: {errors}; re-export the graphs")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in input_profiles(source).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = _load_timing_cache(config, timing_cache)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"TensorRT could not build {onnx_path.name} (see the TensorRT log above); "
+                          "try a larger --workspace")
+    if timing_cache is not None:
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(bytes(cache.serialize()))
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+
+
+def build_engines(engines: Engines, fp16: bool = True, stages: str | list[str] = "all",
+                  workspace_gib: float = DEFAULT_WORKSPACE_GIB, timing_cache: str | Path | None = None,
+                  progress: bool = True) -> None:
+    """One plan per stage, kind `trt-fp16` (from the FP16 graphs, made first where missing) or `trt-fp32`."""
+    trt = require_tensorrt()
+    precision = "fp16" if fp16 else "fp32"
+    specs = engines.specs(stages)
+    if fp16:
+        todo = [s.name for s in specs if "onnx-fp16" not in engines.manifest.stages.get(s.name, {})]
+        if todo:
+            from d2c_export.export.fp16 import convert_engines
+            convert_engines(engines, todo, progress=progress)
+    platform = running_platform(trt)
+    cache = Path(timing_cache) if timing_cache is not None else engines.directory / TIMING_CACHE
+    bar = tqdm(specs, desc=f"trt {precision}", unit="stage", disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        start = time.perf_counter()
+        source = engines.entry(spec.name, f"onnx-{precision}")
+        plan = engines.directory / plan_name(spec.name, precision)
+        build_plan(trt, engines.file(spec.name, f"onnx-{precision}"), plan, source, workspace_gib, cache)
+        seconds = time.perf_counter() - start
+        engines.manifest.stages[spec.name][f"trt-{precision}"] = plan_entry(
+            source, source.main_file, plan.name, sha256_file(plan), precision, platform,
+            {"workspace_gib": workspace_gib, "build_seconds": round(seconds, 1)})
+        engines.manifest.save(engines.directory)
+        log.info("built %s in %.1f s -> %s", spec.name, seconds, plan.name)

@@ -1,0 +1,46 @@
+"""One generation on a backend: the request checked first, the shared loop run with timed stage calls."""
+from __future__ import annotations
+
+import torch
+
+from d2c_export.backends.hooks import StageThreads, StageTimer, Timed
+from d2c_export.errors import EngineError
+from reference.model import D2CConfig
+from reference.pipeline import Generation, SamplingParams, generate_with
+from reference.sampling import TorchDraws
+
+# The loop's own tensor math is small (see `hooks.StageThreads`); stage calls keep the caller's threads.
+LOOP_THREADS = 1
+
+
+def check_request(config: D2CConfig, max_batch: int, labels: list[int]) -> None:
+    """Refuse what the exported graphs cannot run, before any work."""
+    if not labels:
+        raise EngineError("no class to generate; name at least one with --class")
+    bad = [c for c in labels if not 0 <= c < config.num_classes]
+    if bad:
+        raise EngineError(f"class {bad[0]} is out of range: this model has classes 0..{config.num_classes - 1}")
+    if len(labels) > max_batch:
+        raise EngineError(f"{len(labels)} images in one batch exceeds the exported profile (max batch {max_batch}); "
+                          f"ask for at most {max_batch} images in all (classes x --num-images) or re-export with a "
+                          "larger --max-batch")
+
+
+def generate_images(stages, labels: list[int], params: SamplingParams, seed: int, progress: bool = False,
+                    timer: StageTimer | None = None) -> tuple[Generation, StageTimer]:
+    """Run the shared generation loop on `stages` (a backend, or a wrapper of one), timing each stage call."""
+    check_request(stages.config, stages.max_batch, labels)
+    timer = StageTimer() if timer is None else timer
+    stage_threads = torch.get_num_threads()
+    timed = Timed(StageThreads(stages, stage_threads, LOOP_THREADS), timer)
+    torch.set_num_threads(LOOP_THREADS)
+    try:
+        result = generate_with(timed, torch.tensor(labels), params, TorchDraws(seed), progress=progress)
+    finally:
+        torch.set_num_threads(stage_threads)
+    timer.resolve()
+    if not bool(torch.isfinite(result.images).all()):
+        bad = "latents" if not bool(torch.isfinite(result.latents).all()) else "images"
+        raise EngineError(f"generation produced non-finite {bad} (inf/NaN), e.g. an FP16 overflow of "
+                          "out-of-range latents; run with --precision fp32 or check the weights")
+    return result, timer

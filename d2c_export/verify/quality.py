@@ -1,0 +1,129 @@
+"""Sample quality of a backend on the demo shapes: the classifier's accuracy and a Frechet distance on its features."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from d2c_export.backends import open_backend
+from d2c_export.engines import Engines
+from d2c_export.generate import generate_images
+from d2c_export.sources import DEMO_CHECKPOINT
+from d2c_export.targets import Target
+from reference.pipeline import SamplingParams
+from training.classifier import ShapesClassifier
+from training.data import NUM_CLASSES, make_dataset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLASSIFIER = DEMO_CHECKPOINT.parent / "shapes-classifier.safetensors"  # trained with the demo
+HELD_OUT_SEED = 20_000  # the real images of the Frechet distance; training uses small seeds
+# A backend passes when its accuracy (percentage points) and Frechet distance are this close to the reference's.
+MAX_ACCURACY_DROP = 3.0
+MAX_FD_RISE = 3.0
+
+
+def sqrtm_psd_trace(a: np.ndarray, b: np.ndarray) -> float:
+    """tr sqrt(A B) for symmetric PSD A, B, as tr sqrt(sqrt(A) B sqrt(A)) by eigen-decompositions."""
+    w, v = np.linalg.eigh(a)
+    root_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = root_a @ b @ root_a
+    eig = np.linalg.eigvalsh((m + m.T) / 2.0)
+    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+
+
+def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature rows x (N, D) and y (M, D) (float64)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
+        raise ValueError(f"need two (N>=2, D) feature sets of the same D, got {x.shape} and {y.shape}")
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    diff = mu_x - mu_y
+    return float(diff @ diff + np.trace(cov_x) + np.trace(cov_y) - 2.0 * sqrtm_psd_trace(cov_x, cov_y))
+
+
+@torch.no_grad()
+def classify(classifier: ShapesClassifier, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Images (B, 3, H, W) in [-1, 1] -> (predicted labels (B,), penultimate features (B, D))."""
+    features = classifier.features(images.float())
+    return classifier.head(features).argmax(dim=1), features
+
+
+def real_features(classifier: ShapesClassifier, per_class: int, seed: int = HELD_OUT_SEED) -> np.ndarray:
+    """Classifier features of `per_class` held-out real images of every class."""
+    images, _ = make_dataset(per_class * NUM_CLASSES, seed)
+    return classify(classifier, images)[1].numpy()
+
+
+@dataclass
+class QualityReport:
+    backend: str
+    description: str
+    images: int
+    accuracy: float  # percent of samples the classifier labels as their class
+    frechet: float  # on the classifier's penultimate features, against held-out real images
+
+
+def quality_labels(per_class: int) -> list[int]:
+    """`per_class` images of every class, classes interleaved (so any prefix covers the classes evenly)."""
+    return [c for _ in range(per_class) for c in range(NUM_CLASSES)]
+
+
+def sample_quality(stages, labels: list[int], params: SamplingParams, seed: int, classifier: ShapesClassifier,
+                   reference: np.ndarray, progress: bool = False) -> tuple[float, float, Tensor]:
+    """Generate `labels` in batches of the stages' max batch (batch i seeded seed + i); returns (accuracy %,
+    Frechet distance, images)."""
+    batch = stages.max_batch
+    chunks = []
+    for i in range(0, len(labels), batch):
+        result, _ = generate_images(stages, labels[i:i + batch], params, seed + i // batch, progress)
+        chunks.append(result.images)
+    images = torch.cat(chunks)
+    predicted, features = classify(classifier, images)
+    accuracy = 100.0 * float((predicted == torch.tensor(labels)).float().mean())
+    return accuracy, frechet_distance(features.numpy(), reference), images
+
+
+def evaluate_backends(engines: Engines, targets: list[Target], per_class: int, params: SamplingParams, seed: int,
+                      classifier: ShapesClassifier, real_per_class: int, threads: int = 0,
+                      progress: bool = False) -> tuple[list[QualityReport], Tensor]:
+    """Quality of every target on the same labels and seeds; returns the reports and the first one's images."""
+    if engines.config.num_classes != classifier.num_classes:
+        raise ValueError(f"the model has {engines.config.num_classes} classes, the classifier "
+                         f"{classifier.num_classes}: use the checkpoint the classifier was trained with")
+    backends = [open_backend(engines, t, threads) for t in targets]  # every target opens before any sampling
+    reference = real_features(classifier, real_per_class)
+    labels = quality_labels(per_class)
+    reports, first = [], None
+    for target, backend in zip(targets, backends):
+        with backend:
+            acc, fd, images = sample_quality(backend, labels, params, seed, classifier, reference, progress)
+        reports.append(QualityReport(target.name, backend.description, len(labels), acc, fd))
+        log.info("%s: accuracy %.1f%%, Frechet %.3f (%s)", target.name, acc, fd, backend.description)
+        first = images if first is None else first
+    return reports, first
+
+
+def gate_failures(reports: list[QualityReport], max_drop: float = MAX_ACCURACY_DROP,
+                  max_rise: float = MAX_FD_RISE) -> list[str]:
+    """One line per backend whose figures are worse than the first report's (the reference) by more than allowed."""
+    ref = reports[0]
+    out = []
+    for r in reports[1:]:
+        if ref.accuracy - r.accuracy > max_drop:
+            out.append(f"{r.backend}: accuracy {r.accuracy:.1f}% is {ref.accuracy - r.accuracy:.1f} points below "
+                       f"{ref.backend}'s {ref.accuracy:.1f}% (allowed {max_drop})")
+        if r.frechet - ref.frechet > max_rise:
+            out.append(f"{r.backend}: Frechet {r.frechet:.2f} is {r.frechet - ref.frechet:.2f} above "
+                       f"{ref.backend}'s {ref.frechet:.2f} (allowed {max_rise})")
+    return out
+
+
+def markdown(reports: list[QualityReport]) -> str:
+    lines = ["| backend | images | accuracy % | Frechet | runtime |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {r.backend} | {r.images} | {r.accuracy:.1f} | {r.frechet:.3f} | {r.description} |" for r in reports]
+    return "\n".join(lines)
