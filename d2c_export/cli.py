@@ -171,13 +171,11 @@ def _stage_choice():
 def _onnx(stage, config, checkpoint, gpt, vae, ema, mar_heads, gpt_heads, seed, out, opset, max_batch, fp16, quiet):
     from d2c_export.export.onnx import DEFAULT_OPSET, export_model
     from d2c_export.sources import ModelRequest, OfficialParts, build_model
-    from reference.model import RECOMMENDED_SAMPLING
     _logging(quiet)
     parts = OfficialParts(gpt=gpt, vae=vae, ema=ema, mar_heads=mar_heads, gpt_heads=gpt_heads)
     model, source = build_model(ModelRequest(config=config, checkpoint=checkpoint, seed=seed, parts=parts))
     stages = "all" if stage == "all" else [stage]
-    export_model(model, out, source, stages, opset=opset or DEFAULT_OPSET, max_batch=max_batch, progress=not quiet,
-                 sampling=RECOMMENDED_SAMPLING.get(model.config.name, {}))
+    export_model(model, out, source, stages, opset=opset or DEFAULT_OPSET, max_batch=max_batch, progress=not quiet)
     engines = Engines.open(out)
     if fp16:
         from d2c_export.export.fp16 import convert_engines

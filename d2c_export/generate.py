@@ -1,10 +1,13 @@
 """One generation on a backend: the request checked first, the shared loop run with timed stage calls."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from d2c_export.backends.hooks import StageThreads, StageTimer, Timed
 from d2c_export.errors import EngineError
+from d2c_export.stages import stages_for
 from reference.model import D2CConfig
 from reference.pipeline import Generation, SamplingParams, generate_with
 from reference.sampling import TorchDraws
@@ -28,7 +31,8 @@ def check_request(config: D2CConfig, max_batch: int, labels: list[int]) -> None:
 
 def generate_images(stages, labels: list[int], params: SamplingParams, seed: int, progress: bool = False,
                     timer: StageTimer | None = None) -> tuple[Generation, StageTimer]:
-    """Run the shared generation loop on `stages` (a backend, or a wrapper of one), timing each stage call."""
+    """Run the shared generation loop on `stages` (a backend, or a wrapper of one), timing each stage call; then the
+    post-processing stages (`StageSpec.postprocess`) on its images."""
     check_request(stages.config, stages.max_batch, labels)
     timer = StageTimer() if timer is None else timer
     stage_threads = torch.get_num_threads()
@@ -36,6 +40,9 @@ def generate_images(stages, labels: list[int], params: SamplingParams, seed: int
     torch.set_num_threads(LOOP_THREADS)
     try:
         result = generate_with(timed, torch.tensor(labels), params, TorchDraws(seed), progress=progress)
+        for spec in (s for s in stages_for(stages.config) if s.postprocess):
+            (name,) = [t.name for t in spec.input_specs(stages.config)]
+            result = dataclasses.replace(result, images=timed.run(spec.name, {name: result.images})[0])
     finally:
         torch.set_num_threads(stage_threads)
     timer.resolve()

@@ -283,15 +283,3 @@ def unpatchify(tokens: Tensor, patch_size: int, channels: int) -> Tensor:
     p, h = patch_size, int(round(seq_len ** 0.5))
     x = tokens.reshape(b, h, h, channels, p, p)
     return torch.einsum("nhwcpq->nchpwq", x).reshape(b, channels, h * p, h * p)
-
-
-def mask_to_kept(mask: Tensor) -> Tensor:
-    """(B, L) 0/1 mask (1 = masked, the same count per row) -> (B, K) sorted kept positions."""
-    keep = mask < 0.5
-    counts = keep.sum(-1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError("every row must keep the same number of tokens")
-    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    order = torch.where(keep, pos, pos + mask.shape[1]).sort(-1).values
-    return order[:, : int(counts[0])]
-

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from reference.diffusion import TRAIN_STEPS, DiffusionTables, make_tables
 from reference.gpt import cache_feeds, write_cache
-from reference.model import D2C, D2CConfig
+from reference.model import RECOMMENDED_SAMPLING, D2C, D2CConfig
 from reference.sampling import (CfgSchedule, Draws, TorchDraws, cfg_for_step, filter_logits, guide_logits,
                                 mask_len_schedule, sample_gumbel, step_positions)
 from reference.mar import unpatchify
@@ -69,6 +69,14 @@ class SamplingParams:
     @property
     def discrete_cfg(self) -> float:
         return self.cfg if self.gpt_cfg is None else self.gpt_cfg
+
+    @classmethod
+    def recommended_for(cls, config: D2CConfig) -> dict:
+        """The settings recorded with a model's engines (as keyword arguments): the preset's own
+        (`reference.model.RECOMMENDED_SAMPLING`), and never more masked steps than the model has latent tokens."""
+        settings = dict(RECOMMENDED_SAMPLING.get(config.name, {}))
+        settings.setdefault("num_iter", min(cls.num_iter, config.mar.seq_len))
+        return settings
 
     def check_for(self, config: D2CConfig) -> None:
         """Refuse settings the model cannot run (more masked steps than tokens, top-k above the vocabulary)."""

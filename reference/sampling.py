@@ -15,7 +15,7 @@ from torch import Tensor
 # documented in `reference/pipeline.py`. Models never draw.
 # ----------------------------------------------------------------------------------------------
 class Draws(Protocol):
-    """A source of random numbers: a seeded generator, or a replay of recorded draws."""
+    """A source of random numbers: a seeded generator (or, in the tests, a replay of recorded official draws)."""
 
     def uniform(self, shape: Sequence[int]) -> Tensor: ...
     def normal(self, shape: Sequence[int]) -> Tensor: ...
@@ -37,37 +37,6 @@ class TorchDraws:
 
     def permutation(self, n: int) -> Tensor:
         return torch.randperm(n, generator=self.generator, dtype=torch.int64)
-
-
-class ReplayDraws:
-    """Returns recorded draws in order and checks each has the shape the caller asks for."""
-
-    def __init__(self, records: Sequence[tuple[str, Tensor]]):
-        self._records = list(records)
-        self._next = 0
-
-    def _pop(self, kind: str, shape: Sequence[int]) -> Tensor:
-        if self._next >= len(self._records):
-            raise IndexError(f"replay exhausted: asked for {kind}{tuple(shape)} after {self._next} draws")
-        rec_kind, value = self._records[self._next]
-        if rec_kind != kind or tuple(value.shape) != tuple(shape):
-            raise ValueError(f"draw {self._next}: asked for {kind}{tuple(shape)}, "
-                             f"recorded {rec_kind}{tuple(value.shape)}")
-        self._next += 1
-        return value
-
-    def uniform(self, shape: Sequence[int]) -> Tensor:
-        return self._pop("uniform", shape).to(torch.float64)
-
-    def normal(self, shape: Sequence[int]) -> Tensor:
-        return self._pop("normal", shape).to(torch.float32)
-
-    def permutation(self, n: int) -> Tensor:
-        return self._pop("permutation", (n,)).to(torch.int64)
-
-    @property
-    def exhausted(self) -> bool:
-        return self._next == len(self._records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,11 +72,6 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
     return logits
 
 
-def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """(B, V) logits -> (B, V) float32 sampling probabilities."""
-    return F.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-
-
 def sample_gumbel(scores: Tensor, u: Tensor) -> Tensor:
     """Gumbel-max sampling: (B, V) scores and (B, V) uniforms in [0, 1) -> (B,) int64 ids.
 
@@ -117,16 +81,6 @@ def sample_gumbel(scores: Tensor, u: Tensor) -> Tensor:
     """
     gumbel = -torch.log(-torch.log(u.to(torch.float64).clamp(min=1e-300)))  # (B, V)
     return (scores.to(torch.float64) + gumbel).argmax(dim=-1)
-
-
-def uniforms_for_outcome(scores: Tensor, index: Tensor) -> Tensor:
-    """(B, V) uniforms with which `sample_gumbel` picks `index`: replays a recorded categorical draw.
-
-    The chosen token gets a Gumbel value of about +36 and every other one about -3.6, enough to
-    overcome any finite score gap below 39; a filtered (-inf) token cannot be forced.
-    """
-    u = torch.full(scores.shape, 1e-16, dtype=torch.float64)
-    return u.scatter(-1, index.view(-1, 1), 1.0 - 2.0 ** -52)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,15 +106,6 @@ def mask_len_schedule(seq_len: int, num_iter: int) -> list[int]:
         out.append(mask_len)
         masked = mask_len
     return out
-
-
-def tokens_per_step(seq_len: int, num_iter: int) -> list[int]:
-    """How many tokens each step predicts, per image (sums to seq_len)."""
-    lens = mask_len_schedule(seq_len, num_iter)
-    before = [seq_len] + lens[:-1]
-    counts = [b - a for b, a in zip(before, lens)]
-    counts[-1] = before[-1]
-    return counts
 
 
 def cfg_for_step(cfg: float, schedule: CfgSchedule | str, mask_len: int, seq_len: int) -> float:

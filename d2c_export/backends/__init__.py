@@ -30,8 +30,11 @@ def open_backend(engines: Engines, target: Target, threads: int = 0, keep_fp16_r
     `device`: where the PyTorch backend computes (default: CUDA when present, else the CPU).
     """
     if target.backend is BackendName.TORCH:
-        from d2c_export.backends.torch import TorchBackend
+        from d2c_export.backends.pytorch import TorchBackend
         return TorchBackend(engines, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if target.backend is BackendName.TRT:
+        from d2c_export.trt_platform import RUN_HINT, require_tensorrt
+        require_tensorrt(RUN_HINT)  # what is missing here comes before what is missing in the directory
     if not engines.has(target.kind):
         raise EngineError(f"{engines.directory} has no {target.kind} build of every stage, so {target.name!r} "
                           f"cannot run; build it with `{engines.rebuild_command(target.kind)}`")

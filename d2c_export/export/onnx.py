@@ -21,6 +21,7 @@ from d2c_export.export.manifest import MANIFEST, Manifest, StageEntry
 from d2c_export.stages import DEFAULT_MAX_BATCH, StageSpec, stages_for
 from reference.files import publish_dir
 from reference.model import D2C
+from reference.pipeline import SamplingParams
 
 log = logging.getLogger(__name__)
 EXPORTER_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")  # per-op chatter of the exporter's passes (the CLI quiets)
@@ -107,7 +108,8 @@ def export_model(model: D2C, out_dir: str | Path, source: dict, stages: str | li
                  sampling: dict | None = None) -> Manifest:
     """Export the chosen stages and write/refresh `manifest.json`; stale stages of another model are dropped.
 
-    `sampling`: the model's recommended sampling settings (SamplingParams fields), recorded for `d2c-run`.
+    `sampling`: the model's recommended sampling settings (SamplingParams fields) recorded for `d2c-run`; by default
+    `SamplingParams.recommended_for(model.config)`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,7 @@ def export_model(model: D2C, out_dir: str | Path, source: dict, stages: str | li
                                  or manifest.max_batch != max_batch):
         manifest = None
     manifest = manifest or Manifest(config=config_dict, source=source, max_batch=max_batch, exporter=EXPORTER)
-    manifest.sampling = dict(sampling or {})
+    manifest.sampling = dict(SamplingParams.recommended_for(model.config) if sampling is None else sampling)
     specs = stages_for(model.config, stages)
     bar = tqdm(specs, desc="export", unit="stage", disable=not progress)
     for spec in bar:

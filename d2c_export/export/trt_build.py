@@ -20,7 +20,7 @@ from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
 from d2c_export.export.manifest import StageEntry
 from d2c_export.trt_platform import require_tensorrt, running_platform
-from reference.files import atomic_path, sha256_file
+from reference.files import sha256_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,8 @@ def build_plan(trt: ModuleType, onnx_path: Path, plan_path: Path, source: StageE
         raise EngineError(f"TensorRT could not build {onnx_path.name} (see the TensorRT log above); "
                           "try a larger --workspace")
     if timing_cache is not None:
-        with atomic_path(timing_cache) as tmp:
-            tmp.write_bytes(bytes(cache.serialize()))
-    with atomic_path(plan_path) as tmp:
-        tmp.write_bytes(bytes(serialized))
+        write_bytes_atomic(timing_cache, bytes(cache.serialize()))
+    write_bytes_atomic(plan_path, bytes(serialized))
 
 
 def build_engines(engines: Engines, fp16: bool = True, stages: str | list[str] = "all",

@@ -74,6 +74,8 @@ class StageSpec:
     - `cuda_graph`: called with the same shapes over and over, so a backend may replay it as a CUDA graph.
     - `parity_sizes(profile)`: the shapes the parity check runs; `tolerances`: limits per engine kind.
     - `varargs_from`: inputs from this index on are the wrapper's `*args` (the gpt's per-layer caches).
+    - `postprocess`: the stage runs once per generation on the images the `vae` made (one input, one output, both
+      images), in registration order; the five stages of the loop leave it False.
     """
 
     name: str
@@ -92,6 +94,7 @@ class StageSpec:
     parity_sizes: Callable[[dict[str, tuple[int, int, int]]], list[Sizes]] = default_parity_sizes
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     varargs_from: int | None = None
+    postprocess: bool = False
 
     def input_specs(self, config: D2CConfig) -> tuple[TensorSpec, ...]:
         return self.inputs(config)

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from d2c_export.onnx_export import export_model
-from d2c_export.sources import model_from_args
+from d2c_export.export.onnx import export_model
+from d2c_export.sources import ModelRequest, build_model
 
 TINY_CONFIGS = ("d2c-tiny", "d2c-tiny-cross_attn", "d2c-tiny-none")
 
 
-def build_engines(name: str, out: Path, max_batch: int = 4, seed: int = 0) -> Path:
-    model, source = model_from_args(name, None, seed)
+def build_engines(name: str | None, out: Path, max_batch: int = 4, seed: int = 0) -> Path:
+    """Export preset `name` with seeded random weights (None: the trained demo) into `out`, as `d2c-export onnx`."""
+    model, source = build_model(ModelRequest(config=name, seed=seed))
     export_model(model, out, source, max_batch=max_batch, progress=False)
     return out
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from safetensors.torch import load_file
 
 from reference.mar import Fusion, MARArgs
@@ -42,3 +43,14 @@ def mar_tiny_args(fixture: Path) -> MARArgs:
                    decoder_num_heads=c["decoder_num_heads"], mlp_ratio=c["mlp_ratio"],
                    buffer_size=c["buffer_size"], class_num=c["class_num"], diffloss_d=c["diffloss_d"],
                    diffloss_w=c["diffloss_w"], fusion=Fusion.NONE)
+
+
+def mask_to_kept(mask: Tensor) -> Tensor:
+    """(B, L) 0/1 mask (1 = masked, the same count per row) -> (B, K) sorted kept positions."""
+    keep = mask < 0.5
+    counts = keep.sum(-1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("every row must keep the same number of tokens")
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    order = torch.where(keep, pos, pos + mask.shape[1]).sort(-1).values
+    return order[:, : int(counts[0])]

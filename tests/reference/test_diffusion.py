@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from reference.diffusion import DenoiseStep, make_tables, space_timesteps
 from reference.diffusion_head import HeadArgs, SimpleMLPAdaLN
 from reference.pipeline import sample_latents
-from reference.sampling import ReplayDraws
+from tests.reference.replay import ReplayDraws
 from reference.stage_networks import ModuleStages
 
 TABLE_NAMES = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next", "sqrt_alphas_cumprod",

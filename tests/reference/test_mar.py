@@ -9,10 +9,10 @@ import torch
 
 from reference.stage_networks import ModuleStages
 from reference.diffusion import DenoiseStep
-from reference.mar import MAR, Fusion, MARArgs, mask_to_kept, patchify, unpatchify
+from reference.mar import MAR, Fusion, MARArgs, patchify, unpatchify
 from reference.pipeline import SamplingParams, sample_tokens
-from reference.sampling import ReplayDraws
-from tests.reference.official import arrays, draw_records, mar_tiny_args, weights
+from tests.reference.replay import ReplayDraws
+from tests.reference.official import arrays, draw_records, mar_tiny_args, mask_to_kept, weights
 
 
 @pytest.fixture(scope="module")

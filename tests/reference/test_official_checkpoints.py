@@ -10,12 +10,12 @@ import torch
 
 from reference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from reference.gpt import GPT_PRESETS, precompute_rope_2d
-from reference.mar import MAR, Fusion, mask_to_kept
+from reference.mar import MAR, Fusion
 from reference.model import PRESETS, D2C
 from reference.official import Format, assemble, load_gpt, load_vae, read_weights, weights_from_object
 from reference.vae import VAE_PRESETS
 from tests.conftest import OFFICIAL
-from tests.reference.official import arrays, weights
+from tests.reference.official import arrays, mask_to_kept, weights
 from tests.reference.official_layouts import (GPT_HEADS, MANIFESTS, MAR_HEADS, manifest, manifest_state, shifted,
                                               write_official_files)
 

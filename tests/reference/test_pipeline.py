@@ -14,7 +14,8 @@ from reference.gpt import GPT, GPTArgs
 from reference.model import D2C, PRESETS, get_config
 from reference.pipeline import SamplingParams, generate, generate_with, sample_discrete
 from reference.stage_networks import GptStage, ModuleStages, TorchStages
-from reference.sampling import ReplayDraws, TorchDraws, uniforms_for_outcome
+from reference.sampling import TorchDraws
+from tests.reference.replay import ReplayDraws, uniforms_for_outcome
 from tests.reference.official import arrays, weights
 
 

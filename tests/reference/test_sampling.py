@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from reference.sampling import (ReplayDraws, TorchDraws, cfg_for_step, filter_logits, logits_to_probs,
-                                mask_len_schedule, sample_gumbel, step_positions, tokens_per_step,
-                                uniforms_for_outcome)
+from reference.sampling import TorchDraws, cfg_for_step, filter_logits, mask_len_schedule, sample_gumbel, step_positions
+from tests.reference.replay import ReplayDraws, logits_to_probs, tokens_per_step, uniforms_for_outcome
 
 
 @pytest.mark.parametrize("num_iter", ["16", "32", "64", "256"])

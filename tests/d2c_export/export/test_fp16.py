@@ -10,22 +10,32 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from d2c_export.check import check_stage, parity_sizes, psnr
+from d2c_export.backends.ort import CPU, OrtBackend, OrtSession
 from d2c_export.cli import export_main, run_main
-from d2c_export.fp16 import FP32_OPS, check_precision, convert_engines
-from d2c_export.manifest import Manifest
-from d2c_export.onnx_export import export_model
-from d2c_export.runtime import OrtStage, OrtStages, generate_images
-from d2c_export.sources import model_from_args, model_from_source, random_model
-from d2c_export.stages import FP16_TOLERANCE, STAGES, gpt_cache_names, stages_for
+from d2c_export.engines import Engines
+from d2c_export.export.fp16 import FP32_OPS, check_precision, convert_engines
+from d2c_export.export.manifest import MANIFEST, Manifest
+from d2c_export.export.onnx import export_model
+from d2c_export.generate import generate_images
+from d2c_export.sources import ModelRequest, build_model, random_model
+from d2c_export.stages import STAGES, stages_for
+from d2c_export.targets import Precision
+from d2c_export.verify.parity import check_stage
 from reference.checkpoint import save_checkpoint
 from reference.diffusion import make_tables
+from reference.gpt import cache_feeds
 from reference.model import get_config
 from reference.pipeline import SamplingParams
-from tests.d2c_export.test_parity import CASES
+from tests.d2c_export.verify.test_parity import CASES
 
 MIN_COSINE, MAX_REL_L2, MIN_ARGMAX = 0.999, 1e-2, 0.99
 SEEDS = (0, 100)
+
+
+def psnr(got: np.ndarray, ref: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak: the full range); inf when equal."""
+    mse = float(np.mean((np.asarray(got, dtype=np.float64) - np.asarray(ref, dtype=np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +47,20 @@ def fp16_factory(engines_factory, tmp_path_factory):
         if name not in cache:
             dst = tmp_path_factory.mktemp(f"{name.replace('-', '_')}_fp16")
             shutil.copytree(engines_factory(name), dst, dirs_exist_ok=True)
-            convert_engines(dst, progress=False)
+            convert_engines(Engines.open(dst), progress=False)
             cache[name] = dst
         return cache[name]
 
     return get
 
 
-def fp16_session(engines, stage: str) -> OrtStage:
-    entry = Manifest.load(engines).entry(stage, "onnx-fp16", engines)
-    return OrtStage(engines / entry.main_file, ["CPUExecutionProvider"], optimize=False)  # FP16 rounding kept
+def fp16_session(engines: Engines, stage: str) -> OrtSession:
+    return OrtSession(engines.file(stage, "onnx-fp16"), [CPU], optimize=False)  # FP16 rounding kept
+
+
+def fp16_backend(engines: Engines) -> OrtBackend:
+    """Every stage's FP16 graph on ONNX Runtime's CPU provider, FP16 rounding kept (no graph optimisations)."""
+    return OrtBackend(engines, Precision.FP16, keep_fp16_rounding=True, provider_list=[CPU])
 
 
 def value_types(path) -> dict[str, int]:
@@ -59,22 +73,22 @@ def value_types(path) -> dict[str, int]:
 
 @pytest.mark.parametrize("stage,config", CASES, ids=[f"{s}-{c}" for s, c in CASES])
 def test_fp16_matches_reference(fp16_factory, stage, config):
-    engines = fp16_factory(config)
-    manifest = Manifest.load(engines)
-    model = model_from_source(manifest.d2c_config, manifest.source)
-    session = fp16_session(engines, stage)
-    reports = [r for seed in SEEDS for r in check_stage(model, STAGES[stage], session, FP16_TOLERANCE, seed=seed)]
-    assert len(reports) == len(SEEDS) * len(parity_sizes(STAGES[stage], model.config)) \
+    engines = Engines.open(fp16_factory(config))
+    model = engines.model()
+    with fp16_backend(engines) as backend:
+        reports = [r for seed in SEEDS
+                   for r in check_stage(model, STAGES[stage], backend, engines.max_batch, seed=seed)]
+    assert len(reports) == len(SEEDS) * len(STAGES[stage].parity_cases(model.config, engines.max_batch)) \
         * len(STAGES[stage].output_specs(model.config))
+    assert {r.kind for r in reports} == {"onnx-fp16"}
     for r in reports:
         assert r.result.finite, (r.sizes, r.output)
         assert r.result.cosine >= MIN_COSINE and r.result.rel_l2 <= MAX_REL_L2, (r.sizes, r.output, r.result)
 
 
 def test_gpt_argmax_agrees_under_teacher_forcing(fp16_factory):
-    engines = fp16_factory("d2c-tiny")
-    manifest = Manifest.load(engines)
-    model = model_from_source(manifest.d2c_config, manifest.source)
+    engines = Engines.open(fp16_factory("d2c-tiny"))
+    model = engines.model()
     session, g = fp16_session(engines, "gpt"), model.config.gpt
     agree = total = 0
     for seed in SEEDS:
@@ -85,7 +99,7 @@ def test_gpt_argmax_agrees_under_teacher_forcing(fp16_factory):
         k, v = model.gpt.empty_cache(4)
         with torch.no_grad():
             ref = model.gpt(ids, pos, k, v)[0].argmax(-1).numpy()
-        caches = dict(zip(gpt_cache_names(model.config), [c.numpy() for c in [*k, *v]]))
+        caches = {name: c.numpy() for name, c in cache_feeds(k, v).items()}
         got = session.run({"ids": ids.numpy(), "input_pos": pos.numpy(), **caches})["logits"]
         assert np.isfinite(got).all()
         agree, total = agree + int((got.argmax(-1) == ref).sum()), total + ref.size
@@ -94,9 +108,8 @@ def test_gpt_argmax_agrees_under_teacher_forcing(fp16_factory):
 
 def test_ddpm_arithmetic_stays_fp32_at_the_first_step(fp16_factory):
     """At the first respaced step sqrt(1/alpha_bar) is ~2e4: sqrt_recip * x overflows FP16 (65504) for |x| > 3."""
-    engines = fp16_factory("d2c-tiny")
-    manifest = Manifest.load(engines)
-    model = model_from_source(manifest.d2c_config, manifest.source)
+    engines = Engines.open(fp16_factory("d2c-tiny"))
+    model = engines.model()
     tables = make_tables(100)
     first = tables.num_timesteps - 1
     assert tables.coefficients(first)[0] > 1e4
@@ -116,10 +129,9 @@ FP32_COMPUTED = {"gpt": ("logits",), "diffusion": ("x_prev",)}  # outputs whose 
 
 @pytest.mark.parametrize("config", ["d2c-tiny", "d2c-tiny-none"])
 def test_fp32_is_kept_where_fp16_breaks(fp16_factory, config):
-    engines = fp16_factory(config)
-    manifest = Manifest.load(engines)
-    for spec in stages_for(manifest.d2c_config):
-        path = engines / manifest.stages[spec.name]["onnx-fp16"].main_file
+    engines = Engines.open(fp16_factory(config))
+    for spec in stages_for(engines.config):
+        path = engines.file(spec.name, "onnx-fp16")
         graph = onnx.load(str(path))
         types = value_types(path)
         out_type = {n.name: types.get(n.output[0]) for n in graph.graph.node}
@@ -127,7 +139,7 @@ def test_fp32_is_kept_where_fp16_breaks(fp16_factory, config):
             if node.op_type in FP32_OPS or node.op_type == "ReduceMean":  # norms, softmax, sin/cos/exp, RMSNorm
                 assert out_type[node.name] == TensorProto.FLOAT, (spec.name, node.name, node.op_type)
         producer = {o: n for n in graph.graph.node for o in n.output}
-        for t in spec.output_specs(manifest.d2c_config):  # graph outputs keep their type ...
+        for t in spec.output_specs(engines.config):  # graph outputs keep their type ...
             assert types[t.name] == TensorProto.FLOAT
         # ... and the logits and the DDPM update are computed in FP32. (The gpt's k_new/v_new are the FP16 key and
         # value projections cast up: the attention reads them back in FP16, so FP32 there would add nothing.)
@@ -157,14 +169,13 @@ def test_fp32_is_kept_where_fp16_breaks(fp16_factory, config):
 
 
 def test_fp16_entries_and_io(fp16_factory):
-    engines = fp16_factory("d2c-tiny")
-    manifest = Manifest.load(engines)
-    for spec in stages_for(manifest.d2c_config):
-        fp32, fp16 = manifest.stages[spec.name]["onnx-fp32"], manifest.entry(spec.name, "onnx-fp16", engines)
+    engines = Engines.open(fp16_factory("d2c-tiny"))
+    for spec in stages_for(engines.config):
+        fp32, fp16 = engines.manifest.stages[spec.name]["onnx-fp32"], engines.entry(spec.name, "onnx-fp16")
         assert fp16.precision == "fp16" and fp16.main_file == f"{spec.name}.fp16.onnx"
         assert (fp16.inputs, fp16.outputs, fp16.profile) == (fp32.inputs, fp32.outputs, fp32.profile)
-        check_precision(engines / fp16.main_file, set())  # types check, no FP16 at the graph's inputs/outputs
-        a = OrtStage(engines / fp32.main_file, ["CPUExecutionProvider"]).session
+        check_precision(engines.directory / fp16.main_file, set())  # types check, no FP16 at the graph's IO
+        a = OrtSession(engines.directory / fp32.main_file, [CPU]).session
         b = fp16_session(engines, spec.name).session
         assert [(i.name, i.type) for i in a.get_inputs()] == [(i.name, i.type) for i in b.get_inputs()]
         assert [(o.name, o.type) for o in a.get_outputs()] == [(o.name, o.type) for o in b.get_outputs()]
@@ -178,7 +189,7 @@ def test_check_command_with_fp16(fp16_factory, capsys):
 def test_onnx_command_writes_fp16_graphs(tmp_path):
     out = tmp_path / "engines"
     assert export_main(["onnx", "--stage", "diffusion", "--fp16", "--out", str(out), "--max-batch", "2"]) == 0
-    manifest = Manifest.load(out)
+    manifest = Manifest.read(out / MANIFEST)
     assert set(manifest.stages["diffusion"]) == {"onnx-fp32", "onnx-fp16"}
     assert (out / "diffusion.fp16.onnx").is_file()
 
@@ -212,17 +223,19 @@ def denoising_head(model):
 def test_fp16_images_stay_close_to_fp32(tmp_path):
     """End to end with the same seed on a tiny model whose latents have a trained model's range."""
     ckpt = save_checkpoint(denoising_head(random_model(get_config("d2c-tiny"), 0)), tmp_path / "model.safetensors")
-    model, source = model_from_args(None, ckpt)
-    engines = tmp_path / "engines"
-    export_model(model, engines, source, max_batch=4, progress=False)
+    model, source = build_model(ModelRequest(checkpoint=ckpt))
+    engines_dir = tmp_path / "engines"
+    export_model(model, engines_dir, source, max_batch=4, progress=False)
+    engines = Engines.open(engines_dir)
     convert_engines(engines, progress=False)
-    manifest = Manifest.load(engines)
     params = SamplingParams(cfg=4.0, num_iter=4, diffusion_steps=25)
-    images = {p: generate_images(OrtStages(engines, manifest, p, optimize=False), [1, 7], params, seed=0)[0].images
-              for p in ("fp32", "fp16")}
+    images = {}
+    for p in (Precision.FP32, Precision.FP16):
+        with OrtBackend(engines, p, keep_fp16_rounding=True, provider_list=[CPU]) as backend:
+            images[p.value] = generate_images(backend, [1, 7], params, seed=0)[0].images
     assert bool(torch.isfinite(images["fp16"]).all())
     assert psnr(images["fp16"].numpy(), images["fp32"].numpy()) > 40.0
     out = tmp_path / "fp16.png"
-    assert run_main(["--engines", str(engines), "--class", "3", "--precision", "fp16", "--backend", "ort",
+    assert run_main(["--engines", str(engines_dir), "--class", "3", "--precision", "fp16", "--backend", "ort",
                      "--num-iter", "2", "--diffusion-steps", "5", "--out", str(out), "--quiet"]) == 0
     assert out.is_file()

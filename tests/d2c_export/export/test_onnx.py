@@ -3,24 +3,49 @@ from __future__ import annotations
 
 import json
 
-from d2c_export import onnx_export
-from d2c_export.check import check_stage
-from d2c_export.manifest import MANIFEST, Manifest, sha256_file
-from d2c_export.runtime import OrtStage
-from d2c_export.sources import model_from_args
+import torch
+
+from d2c_export.backends.base import Backend
+from d2c_export.backends.ort import CPU, OrtSession
+from d2c_export.engines import Engines
+from d2c_export.export import onnx as onnx_export
+from d2c_export.export.manifest import MANIFEST, Manifest
+from d2c_export.sources import ModelRequest, build_model
 from d2c_export.stages import STAGES
+from d2c_export.targets import Target
+from d2c_export.verify.parity import check_stage
+from reference.files import sha256_file
+
+
+class OneGraph(Backend):
+    """ONNX Runtime FP32 on the CPU over one stage's graph (the directory holds no other stage)."""
+
+    def __init__(self, engines: Engines, stage: str):
+        self.target = Target.parse("ort")
+        self.config = engines.config
+        self.max_batch = engines.max_batch
+        self.stage = stage
+        self.session = OrtSession(engines.file(stage, "onnx-fp32"), [CPU])
+        self.description = f"ONNX Runtime over {stage}.onnx"
+
+    def run(self, stage, inputs):
+        assert stage == self.stage, stage
+        out = self.session.run({name: t.numpy() for name, t in inputs.items()})
+        return tuple(torch.from_numpy(out[name]) for name in self.output_names(stage))
 
 
 def test_large_graphs_keep_weights_in_external_data(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
-    model, source = model_from_args("d2c-tiny", None, 0)
+    model, source = build_model(ModelRequest(config="d2c-tiny", checkpoint=None, seed=0))
     onnx_export.export_model(model, tmp_path, source, stages=["vae"], progress=False)
-    manifest = Manifest.load(tmp_path)
-    entry = manifest.entry("vae", "onnx-fp32", tmp_path)
+    engines = Engines.open(tmp_path)
+    entry = engines.entry("vae", "onnx-fp32")
     assert set(entry.files) == {"vae.onnx", "vae.onnx.data"}
     assert entry.main_file == "vae.onnx"
     assert all(sha256_file(tmp_path / name) == digest for name, digest in entry.files.items())
-    reports = check_stage(model, STAGES["vae"], OrtStage(tmp_path / "vae.onnx", ["CPUExecutionProvider"]))
+    with OneGraph(engines, "vae") as backend:
+        reports = check_stage(model, STAGES["vae"], backend, engines.max_batch)
+    assert reports
     assert all(r.passed for r in reports)
 
 
@@ -41,10 +66,10 @@ def test_manifest_records_what_was_built(engines_factory):
 
 
 def test_reexport_of_another_model_replaces_the_manifest(tmp_path):
-    model, source = model_from_args("d2c-tiny", None, 0)
+    model, source = build_model(ModelRequest(config="d2c-tiny", checkpoint=None, seed=0))
     onnx_export.export_model(model, tmp_path, source, stages=["vae"], progress=False)
-    other, other_source = model_from_args("d2c-tiny", None, 1)
+    other, other_source = build_model(ModelRequest(config="d2c-tiny", checkpoint=None, seed=1))
     onnx_export.export_model(other, tmp_path, other_source, stages=["cond"], progress=False)
-    manifest = Manifest.load(tmp_path)
+    manifest = Manifest.read(tmp_path / MANIFEST)
     assert manifest.source == {"random_init_seed": 1}
     assert set(manifest.stages) == {"cond"}, "stages of the previous model are not mixed in"

@@ -5,11 +5,11 @@ import onnx
 import pytest
 import torch
 
-from d2c_export.check import check_stage, compare, parity_sizes
-from d2c_export.manifest import Manifest
-from d2c_export.runtime import OrtStage
+from d2c_export.backends import open_backend
+from d2c_export.engines import Engines
 from d2c_export.stages import STAGES, stages_for
-from d2c_export.sources import model_from_source
+from d2c_export.targets import Target
+from d2c_export.verify.parity import check_stage, compare
 
 # Each registered stage must appear here with the configs its parity is tested on; a new stage
 # without an entry fails `test_every_registered_stage_has_a_parity_test`.
@@ -28,33 +28,30 @@ def test_every_registered_stage_has_a_parity_test():
     missing = [s for s in STAGES if s not in PARITY_CASES]
     assert not missing, f"stages without a parity test: {missing}"
     for stage, configs in PARITY_CASES.items():
-        assert all(STAGES[stage].applies(get_config(c)) for c in configs), stage
+        assert configs and all(STAGES[stage].applies(get_config(c)) for c in configs), stage
 
 
 @pytest.mark.parametrize("stage,config", CASES, ids=[f"{s}-{c}" for s, c in CASES])
 def test_ort_fp32_matches_reference(engines_factory, stage, config):
-    engines = engines_factory(config)
-    manifest = Manifest.load(engines)
-    model = model_from_source(manifest.d2c_config, manifest.source)
+    engines = Engines.open(engines_factory(config))
     spec = STAGES[stage]
-    entry = manifest.entry(stage, "onnx-fp32", engines)
-    session = OrtStage(engines / entry.main_file, ["CPUExecutionProvider"])
-    sizes = parity_sizes(spec, model.config)
+    sizes = spec.parity_cases(engines.config, engines.max_batch)
     assert len({tuple(s.items()) for s in sizes}) == 3, "three distinct shapes, two unlike the export example"
-    reports = check_stage(model, spec, session)
+    with open_backend(engines, Target.parse("ort")) as backend:
+        reports = check_stage(engines.model(), spec, backend, engines.max_batch)
     failed = [(r.sizes, r.output, r.result) for r in reports if not r.passed]
     assert not failed, failed
-    assert len(reports) == 3 * len(spec.output_specs(model.config))
+    assert len(reports) == 3 * len(spec.output_specs(engines.config))
+    assert {r.kind for r in reports} == {"onnx-fp32"}
 
 
 @pytest.mark.parametrize("config", ["d2c-tiny", "d2c-tiny-none"])
 def test_dynamic_axes_are_symbolic(engines_factory, config):
-    engines = engines_factory(config)
-    manifest = Manifest.load(engines)
-    for spec in stages_for(manifest.d2c_config):
-        graph = onnx.load(str(engines / manifest.stages[spec.name]["onnx-fp32"].main_file), load_external_data=False)
+    engines = Engines.open(engines_factory(config))
+    for spec in stages_for(engines.config):
+        graph = onnx.load(str(engines.file(spec.name, "onnx-fp32")), load_external_data=False)
         values = {v.name: v for v in list(graph.graph.input) + list(graph.graph.output)}
-        for t in spec.input_specs(manifest.d2c_config) + spec.output_specs(manifest.d2c_config):
+        for t in spec.input_specs(engines.config) + spec.output_specs(engines.config):
             dims = values[t.name].type.tensor_type.shape.dim
             for i, want in enumerate(t.shape):
                 assert bool(dims[i].dim_param) == isinstance(want, str), (spec.name, t.name, i)
@@ -68,3 +65,28 @@ def test_compare_metrics():
     assert off.max_rel == pytest.approx(0.01, rel=1e-6) and off.rel_l2 == pytest.approx(0.01, rel=1e-6)
     bad = compare(ref * float("nan"), ref)
     assert not bad.finite
+
+
+def test_a_backend_off_by_more_than_the_tolerance_fails(engines_factory):
+    """The check bites: outputs scaled by 1 + 1e-4 pass no FP32 limit (1e-5), and every such output fails."""
+    from d2c_export.backends.base import Wrapper
+    engines = Engines.open(engines_factory("d2c-tiny"))
+
+    class Off(Wrapper):
+        target = Target.parse("ort")
+
+        def run(self, stage, inputs):
+            return tuple(o * (1 + 1e-4) for o in self.inner.run(stage, inputs))
+
+    with open_backend(engines, Target.parse("ort")) as backend:
+        reports = check_stage(engines.model(), STAGES["vae"], Off(backend), engines.max_batch)
+    assert reports and not any(r.passed for r in reports)
+
+
+def test_every_kind_has_a_stated_tolerance():
+    for spec in STAGES.values():
+        for kind in ("onnx-fp32", "onnx-fp16", "trt-fp32", "trt-fp16"):
+            tol = spec.tolerance(kind)
+            assert 0 < tol.max_rel < 1 and 0 < tol.rel_l2 < 1 and 0.99 < tol.min_cosine < 1
+    with pytest.raises(ValueError, match="no tolerance"):
+        STAGES["vae"].tolerance("onnx-int8")

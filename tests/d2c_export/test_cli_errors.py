@@ -10,27 +10,11 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from d2c_export.cli import export_main, run_main
-from d2c_export.manifest import FORMAT_VERSION, MANIFEST, sha256_file
+from d2c_export.export.manifest import FORMAT_VERSION, MANIFEST
 from reference.checkpoint import save_checkpoint
+from reference.files import sha256_file
 from reference.model import D2C, get_config
-
-
-def run_cli(main, argv, capsys) -> tuple[int, str]:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    return code, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code != 0
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def files_in(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*")} if path.exists() else set()
+from tests.d2c_export.cli_helpers import assert_one_line_error, files_in, run_cli
 
 
 def test_class_out_of_range(tiny_engines_copy, tmp_path, capsys):
@@ -134,6 +118,9 @@ def test_export_from_checkpoint_records_its_hash(tiny_checkpoint, tmp_path, caps
     assert sorted(files_in(out)) == [MANIFEST, "vae.onnx"], "no temporary files left behind"
 
 
-def test_unknown_backend_is_refused_by_the_parser(tiny_engines_copy):
-    with pytest.raises(SystemExit):
-        run_main(["--engines", str(tiny_engines_copy), "--class", "1", "--backend", "tensorflow"])
+def test_unknown_backend_is_refused_by_the_parser(tiny_engines_copy, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    code, err = run_cli(run_main, ["--engines", tiny_engines_copy, "--class", "1", "--backend", "tensorflow",
+                                   "--out", out], capsys)
+    assert_one_line_error(code, err, "--backend", "tensorflow")
+    assert code == 2 and not out.exists()

@@ -9,23 +9,22 @@ import pytest
 import torch
 from PIL import Image
 
+from d2c_export.backends.ort import CPU, OrtSession
 from d2c_export.cli import export_main, run_main
-from d2c_export.manifest import MANIFEST, Manifest, sha256_file
-from d2c_export.runtime import OrtStage
-from d2c_export.stages import gpt_cache_names
+from d2c_export.engines import Engines
+from d2c_export.export.manifest import MANIFEST, Manifest
 from reference.checkpoint import load_checkpoint
 from reference.diffusion import make_tables
-from reference.gpt import write_cache
-from reference.mar import mask_to_kept
+from reference.files import sha256_file
+from reference.gpt import cache_feeds, write_cache
 from reference.model import PRESETS, D2C
 from reference.official import assemble
 from tests.conftest import OFFICIAL
-from tests.d2c_export.test_errors import assert_one_line_error, files_in, run_cli
-from tests.reference.official import arrays, draw_records, weights
+from tests.d2c_export.cli_helpers import assert_one_line_error, files_in, run_cli
+from tests.reference.official import arrays, draw_records, mask_to_kept, weights
 from tests.reference.official_layouts import GPT_HEADS, MAR_HEADS, shifted, write_official_files
 
 TOL = 1e-5
-CPU = ["CPUExecutionProvider"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,8 @@ def mar_engines(files, tmp_path_factory):
 
 
 def _run(engines, stage: str, **feeds) -> np.ndarray:
-    outputs = OrtStage(engines / f"{stage}.onnx", CPU).run({k: np.asarray(v) for k, v in feeds.items()})
+    path = Engines.open(engines).file(stage, "onnx-fp32")
+    outputs = OrtSession(path, [CPU]).run({k: np.asarray(v) for k, v in feeds.items()})
     return next(iter(outputs.values()))
 
 
@@ -52,7 +52,7 @@ def _close(got: np.ndarray, want: torch.Tensor) -> None:
 
 
 def test_manifest_records_every_input_file(mar_engines, files):
-    manifest = Manifest.load(mar_engines)
+    manifest = Manifest.read(mar_engines / MANIFEST)
     assert manifest.source["official"] == {
         "stage2": {"path": str(files["mar"].resolve()), "sha256": sha256_file(files["mar"])},
         "vae": {"path": str(files["vae"].resolve()), "sha256": sha256_file(files["vae"])}}
@@ -93,16 +93,16 @@ def test_onnx_gpt_stage_of_llamagen_file_matches_official(files, tmp_path):
     out = tmp_path / "engines"
     assert export_main(["onnx", "--stage", "gpt", "--gpt", str(files["gpt"]), "--stage2", str(tmp_path / "stage2.pth"),
                         "--vae", str(files["vae"]), "--gpt-heads", str(GPT_HEADS), "--out", str(out)]) == 0
-    manifest = Manifest.load(out)
+    manifest = Manifest.read(out / MANIFEST)
     assert set(manifest.source["official"]) == {"gpt", "stage2", "vae"}
     io = arrays(OFFICIAL / "gpt_tiny_a" / "io.npz")
-    session = OrtStage(out / "gpt.onnx", CPU)
+    session = OrtSession(Engines.open(out).file("gpt", "onnx-fp32"), [CPU])
     shape = (2, 6, 4, 17, 16)  # (layers, rows, heads, 1 + 16 tokens, head_dim)
     k, v = torch.zeros(shape), torch.zeros(shape)
     steps = [("prefill", io["out_kv_cond_combined"][:, None], torch.tensor([0]))]
     steps += [(f"decode{s}", io[f"out_kv_decode{s}_input"], io[f"out_kv_decode{s}_input_pos"]) for s in range(3)]
     for name, ids, pos in steps:
-        caches = dict(zip(gpt_cache_names(manifest.d2c_config), [c.numpy() for c in [*k, *v]]))
+        caches = {name: c.numpy() for name, c in cache_feeds(k, v).items()}
         got = session.run({"ids": ids.long().numpy(), "input_pos": pos.long().numpy(), **caches})
         _close(got["logits"], io[f"out_kv_{name}_logits"])
         write_cache(k, torch.from_numpy(got["k_new"]), pos.long())
@@ -146,7 +146,8 @@ def test_changed_or_missing_input_file_is_refused(files, mar_engines, tmp_path, 
     argv = ["--engines", str(engines), "--class", "1", "--backend", "torch", "--out", str(tmp_path / "x.png")]
     torch.save({"model": weights(OFFICIAL / "mar_tiny_a")}, copy)
     code, err = run_cli(run_main, argv, capsys)
-    assert_one_line_error(code, err, "changed since export", f"d2c-export onnx --checkpoint {copy}", "--mar-heads 4")
+    assert_one_line_error(code, err, "changed since export", f"d2c-export onnx --stage all --checkpoint {copy}",
+                          "--mar-heads 4", f"--out {engines}")
     copy.unlink()
     code, err = run_cli(run_main, argv, capsys)
     assert_one_line_error(code, err, "missing")

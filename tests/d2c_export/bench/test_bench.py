@@ -1,6 +1,7 @@
 """The latency benchmark: FLOP formulas against counts by hand and by torch, and complete reports (no timed asserts)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,26 +11,37 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from d2c_export import bench
-from d2c_export.bench import peak_memory, trt_unavailable
-from d2c_export.bench_report import REPORT_FILES, STAGE_LABELS
+from d2c_export.bench.report import REPORT_FILES
+from d2c_export.bench.roofline import matmul_roofline
+from d2c_export.bench.run import peak_memory
 from d2c_export.cli import bench_main
-from d2c_export.flops import diffusion_flops, gpt_flops, matmul_roofline, stage_flops
+from d2c_export.engines import Engines
 from d2c_export.sources import random_model
-from d2c_export.stages import stages_for
+from d2c_export.stages import STAGES, StageSpec, stages_for
+from d2c_export.stages.diffusion import diffusion_flops
+from d2c_export.stages.gpt import gpt_flops
+from d2c_export.trt_platform import tensorrt_missing
 from reference.model import get_config
-from tests.d2c_export.test_errors import assert_one_line_error
+from tests.d2c_export.cli_helpers import assert_one_line_error, files_in
 
 TINY_ARGS = ["--num-iter", "2", "--diffusion-steps", "3", "--repeat", "2", "--quiet"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def torch_count(model, spec, feeds) -> int:
-    """FLOPs of one reference call as torch's own counter sees them."""
-    args = [feeds[t.name] for t in spec.input_specs(model.config)]
+    """FLOPs of one reference call as torch's own counter sees them (the inputs positionally, in input order)."""
+    assert list(feeds) == [t.name for t in spec.input_specs(model.config)], spec.name
     with FlopCounterMode(display=False) as counter:
-        spec.wrapper(model).eval()(*args)
+        spec.wrapper(model).eval()(*feeds.values())
     return counter.get_total_flops()
+
+
+def formula_count(config, spec, feeds) -> int:
+    """The stage's own formula from the input shapes, which must agree with its count from the tensors."""
+    shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+    flops = spec.flops(config, shapes)
+    assert spec.count_flops(config, feeds) == flops, (spec.name, shapes)
+    return flops
 
 
 def sizes_to_check(spec, config) -> list[dict[str, int]]:
@@ -47,7 +59,7 @@ def test_stage_flops_equal_torch_flop_counter(name):
         for sizes in sizes_to_check(spec, config):
             feeds = spec.example_inputs(config, sizes)
             shapes = {k: tuple(v.shape) for k, v in feeds.items()}
-            assert stage_flops(config, spec.name, shapes) == torch_count(model, spec, feeds), (spec.name, shapes)
+            assert formula_count(config, spec, feeds) == torch_count(model, spec, feeds), (spec.name, shapes)
 
 
 def test_flops_by_hand_on_the_tiny_preset():
@@ -63,13 +75,22 @@ def test_flops_by_hand_on_the_tiny_preset():
     # gpt, dim 32, 2 layers, SwiGLU hidden 96, 17 cache slots + the new key, vocab 64, per row and token:
     per_layer = 2 * 32 * 96 + 2 * 32 * 32 + 3 * 2 * 32 * 96 + 2 * 2 * (17 + 1) * 32
     assert gpt_flops(config, rows=4, tokens=1) == 4 * (2 * per_layer + 2 * 32 * 64)
-    assert stage_flops(config, "cond", {"discrete_ids": (2, 16)}) > 0
-    assert stage_flops(get_config("d2c-tiny-cross_attn"), "cond", {"discrete_ids": (2, 16)}) == 0  # embedding only
+    assert STAGES["cond"].flops(config, {"discrete_ids": (2, 16)}) > 0
+    assert STAGES["cond"].flops(get_config("d2c-tiny-cross_attn"), {"discrete_ids": (2, 16)}) == 0  # embedding only
 
 
-def test_unknown_stage_has_no_formula():
-    with pytest.raises(ValueError, match="no FLOP formula"):
-        stage_flops(get_config("d2c-tiny"), "upscaler", {})
+def test_a_stage_cannot_be_declared_without_a_flop_formula():
+    """The formula is a required part of a stage's spec: no default that would count a new stage as zero."""
+    assert not any(f.name == "flops" and (f.default is not dataclasses.MISSING
+                                          or f.default_factory is not dataclasses.MISSING)
+                   for f in dataclasses.fields(StageSpec))
+    vae = STAGES["vae"]
+    rest = {f.name: getattr(vae, f.name) for f in dataclasses.fields(StageSpec) if f.name != "flops"}
+    with pytest.raises(TypeError, match="flops"):
+        StageSpec(**{**rest, "name": "upscaler"})
+    assert "upscaler" not in STAGES
+    with pytest.raises(ValueError, match="unknown stage"):
+        stages_for(get_config("d2c-tiny"), ["upscaler"])
 
 
 # -- measuring pieces ----------------------------------------------------------------------------------
@@ -112,7 +133,7 @@ def assert_complete(out: Path, backends: list[str], batches: list[int], config: 
     table = (out / "bench.md").read_text()
     for backend, batch in cells:
         for stage in stages:
-            assert f"| {batch} | {backend} | {STAGE_LABELS[stage]} |" in table
+            assert f"| {batch} | {backend} | {STAGES[stage].label} |" in table
     return summary
 
 
@@ -139,26 +160,28 @@ def test_bench_from_config_exports_then_cleans_up(tmp_path, capsys):
 
 
 def test_requested_trt_without_tensorrt_is_one_clear_error(engines_factory, tmp_path, capsys):
-    reason = trt_unavailable()
+    reason = tensorrt_missing()
     if reason is None:
         pytest.skip("TensorRT and a CUDA device are present: the trt column can run here")
     out = tmp_path / "report"
     code = bench_main(["--engines", str(engines_factory("d2c-tiny")), "--backends", "torch,trt", "--out", str(out),
                        *TINY_ARGS])
-    assert_one_line_error(code, capsys.readouterr().err, "backend trt", reason.split(" (")[0])
+    assert_one_line_error(code, capsys.readouterr().err, "backend trt", reason)
     assert not out.exists()
 
 
-def test_ort_fp16_without_fp16_graphs_is_one_clear_error(engines_factory, tmp_path, capsys, monkeypatch):
-    engines = engines_factory("d2c-tiny")  # FP32 graphs only
+def test_ort_fp16_without_fp16_graphs_is_one_clear_error(engines_factory, tmp_path, capsys):
+    engines = engines_factory("d2c-tiny")
+    opened = Engines.open(engines)
+    assert opened.has("onnx-fp32") and not opened.has("onnx-fp16"), "the premise: FP32 graphs only"
+    fix = opened.rebuild_command("onnx-fp16")
+    assert "--fp16" in fix.split()
+    before = files_in(engines)
     out = tmp_path / "report"
-    argv = ["--engines", str(engines), "--backends", "ort,ort-fp16", "--out", str(out), *TINY_ARGS]
-    monkeypatch.setattr(bench, "fp16_unavailable", lambda: "this install has no FP16 conversion")
-    assert_one_line_error(bench_main(argv), capsys.readouterr().err, "ort-fp16", "onnx-fp16", "no FP16 conversion")
-    monkeypatch.undo()
-    if bench.fp16_unavailable() is None:  # the conversion exists: the missing graphs are named, with their fix
-        assert_one_line_error(bench_main(argv), capsys.readouterr().err, "onnx-fp16", "--fp16")
+    code = bench_main(["--engines", str(engines), "--backends", "ort,ort-fp16", "--out", str(out), *TINY_ARGS])
+    assert_one_line_error(code, capsys.readouterr().err, "onnx-fp16", "ort-fp16", f"`{fix}`")
     assert not out.exists()
+    assert files_in(engines) == before, "the engines directory is left as it was"
 
 
 @pytest.mark.parametrize("argv,needles", [
@@ -175,13 +198,14 @@ def test_bad_requests_are_one_clear_error(engines_factory, tmp_path, capsys, arg
 
 def test_ort_fp16_column(tmp_path, capsys):
     # Trained weights: random ones give latents beyond FP16's range, which the runtime refuses.
-    from d2c_export.fp16 import convert_engines
-    from d2c_export.onnx_export import export_model
-    from d2c_export.sources import model_from_args
+    from d2c_export.export.fp16 import convert_engines
+    from d2c_export.export.onnx import export_model
+    from d2c_export.sources import ModelRequest, build_model
+    from reference.model import RECOMMENDED_SAMPLING
     engines = tmp_path / "engines"
-    model, source = model_from_args(None, None)
-    export_model(model, engines, source, max_batch=2, progress=False)
-    convert_engines(engines, progress=False)
+    model, source = build_model(ModelRequest())  # the trained demo
+    export_model(model, engines, source, max_batch=2, progress=False, sampling=RECOMMENDED_SAMPLING["d2c-demo"])
+    convert_engines(Engines.open(engines), progress=False)
     out = tmp_path / "report"
     code = bench_main(["--engines", str(engines), "--backends", "torch,ort,ort-fp16", "--batch", "2",
                        "--out", str(out), *TINY_ARGS])
@@ -196,8 +220,7 @@ def test_bench_on_d2c_b(tmp_path, capsys):
     model = random_model(config, 0)
     for spec in stages_for(config):
         feeds = spec.example_inputs(config)
-        shapes = {k: tuple(v.shape) for k, v in feeds.items()}
-        assert stage_flops(config, spec.name, shapes) == torch_count(model, spec, feeds), spec.name
+        assert formula_count(config, spec, feeds) == torch_count(model, spec, feeds), spec.name
     del model
     out = tmp_path / "report"
     code = bench_main(["--config", "d2c-b", "--backends", "torch,ort", "--batch", "1", "--num-iter", "2",

@@ -1,0 +1,23 @@
+"""Running the commands in-process and judging their errors: one `error:` line, nothing left behind."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_cli(main, argv, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def files_in(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")} if path.exists() else set()
