@@ -116,6 +116,8 @@ PRESETS: dict[str, D2CConfig] = {
 RECOMMENDED_SAMPLING: dict[str, dict] = {
     "d2c-demo": {"cfg": 1.0, "num_iter": 16, "diffusion_steps": 500},
 }
+
+
 def get_config(name: str) -> D2CConfig:
     """A fresh copy of a named preset; unknown names list the choices."""
     if name not in PRESETS:

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -213,24 +213,24 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
     config = engines.config
     for batch in batches:
         check_request(config, engines.max_batch, bench_labels(config.num_classes, batch))
-    columns = [Column(t, open_backend(engines, t, threads)) for t in targets]
-    for b in columns:
-        log.info("%-9s %s", b.name, b.description)
-    load = {"start": os.getloadavg()[0]}
-    roofline = measure_rooflines(columns, threads)
-    flops, results = {}, []
-    bar = tqdm(total=len(batches) * len(columns) * (warmup + repeat), desc="bench", unit="gen", disable=not progress)
-    with logging_redirect_tqdm():
-        for batch in batches:
-            labels = bench_labels(config.num_classes, batch)
-            flops[batch] = _warm_up(columns, labels, params, seed, warmup, bar)
-            results.extend(_measure_batch(columns, labels, params, seed, repeat, bar))
-    bar.close()
-    load["end"] = os.getloadavg()[0]
-    for device, again in measure_rooflines(columns, threads).items():  # the better of before and after
-        roofline[device] = {k: max(v, again[k]) for k, v in roofline[device].items()}
-    for b in columns:
-        b.backend.close()
+    with ExitStack() as stack:
+        columns = [Column(t, stack.enter_context(open_backend(engines, t, threads))) for t in targets]
+        for b in columns:
+            log.info("%-9s %s", b.name, b.description)
+        load = {"start": os.getloadavg()[0]}
+        roofline = measure_rooflines(columns, threads)
+        flops, results = {}, []
+        bar = tqdm(total=len(batches) * len(columns) * (warmup + repeat), desc="bench", unit="gen",
+                   disable=not progress)
+        with logging_redirect_tqdm():
+            for batch in batches:
+                labels = bench_labels(config.num_classes, batch)
+                flops[batch] = _warm_up(columns, labels, params, seed, warmup, bar)
+                results.extend(_measure_batch(columns, labels, params, seed, repeat, bar))
+        bar.close()
+        load["end"] = os.getloadavg()[0]
+        for device, again in measure_rooflines(columns, threads).items():  # the better of before and after
+            roofline[device] = {k: max(v, again[k]) for k, v in roofline[device].items()}
     return BenchResult(config=config.to_dict(), backends={b.name: b.description for b in columns}, batches=batches,
                        params=params, repeat=repeat, warmup=warmup, threads=threads, roofline=roofline,
                        devices={b.name: b.device for b in columns}, flops=flops, measurements=results,
@@ -257,7 +257,14 @@ def export_for_bench(config: str, directory: Path, targets: list[Target], max_ba
 def bench_from_config(config: str, out: Path, targets: list[Target], batches: list[int], params: SamplingParams,
                       **kwargs) -> BenchResult:
     """Export `config` into a temporary engines directory under `out`, benchmark it, then remove it."""
+    check_available(targets)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".engines-") as tmp:
-        engines = export_for_bench(config, Path(tmp), targets, max(DEFAULT_MAX_BATCH, *batches))
-        return run_benchmark(engines, targets, batches, params, **kwargs)
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=".engines-") as tmp:
+            engines = export_for_bench(config, Path(tmp), targets, max(DEFAULT_MAX_BATCH, *batches))
+            return run_benchmark(engines, targets, batches, params, **kwargs)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # nothing was written: leave no empty folder behind
+        raise

@@ -110,7 +110,10 @@ class StageSpec:
         """Inputs of realistic range, in input order; `sizes` overrides the profile's opt sizes (export uses opt)."""
         opt = {axis: o for axis, (_, o, _) in self.profile(config, max_batch).items()}
         feeds = self.example(config, {**opt, **(sizes or {})}, torch.Generator().manual_seed(seed))
-        return {t.name: feeds[t.name] for t in self.input_specs(config) if t.name in feeds}
+        names = [t.name for t in self.input_specs(config)]
+        if set(feeds) != set(names):
+            raise ValueError(f"stage {self.name!r}: the example makes {sorted(feeds)}, the spec declares {names}")
+        return {name: feeds[name] for name in names}
 
     def parity_cases(self, config: D2CConfig, max_batch: int = DEFAULT_MAX_BATCH) -> list[Sizes]:
         return self.parity_sizes(self.profile(config, max_batch))
