@@ -33,11 +33,13 @@ def require_tensorrt(purpose: str = BUILD_HINT) -> ModuleType:
     return trt
 
 
-def running_platform(trt: ModuleType) -> dict:
+def running_platform(trt: ModuleType, device=None) -> dict:
     """TensorRT version, GPU name and compute capability of this process (a plan runs only where it was built)."""
-    import torch
-    major, minor = torch.cuda.get_device_capability(0)
-    return {"version": trt.__version__, "gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+    if device is None:
+        from d2c_export.backends.cuda_device import CudaDevice
+        device = CudaDevice()
+    gpu, capability = device.gpu()
+    return {"version": trt.__version__, "gpu": gpu, "compute_capability": capability}
 
 
 def platform_mismatch(recorded: dict | None, running: dict) -> str | None:

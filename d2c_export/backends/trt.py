@@ -27,7 +27,7 @@ from d2c_export.errors import EngineError
 from d2c_export.export.manifest import StageEntry
 from d2c_export.targets import BackendName, Precision, Target
 from d2c_export.trt_platform import RUN_HINT, platform_mismatch, require_tensorrt, running_platform, tensorrt_missing
-from reference.gpt import cache_feeds, empty_cache
+from reference.gpt import cache_feeds
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,18 @@ def check_plan(engines: Engines, stage: str, entry: StageEntry, running: dict) -
                           f"rebuild with `{engines.rebuild_command(kind)}`")
 
 
-def device_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+def device_buffer(device, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """A CUDA tensor of `shape`; an empty one still has a valid address (TensorRT binds it like any other)."""
     if all(shape):
-        return torch.empty(shape, dtype=dtype, device="cuda")
-    return torch.empty(1, dtype=dtype, device="cuda")[:0].view(shape)
+        return device.empty(shape, dtype)
+    return device.empty((1,), dtype)[:0].view(shape)
 
 
 class Engine:
     """One deserialised plan: buffers per input shape, `execute_async_v3` on `stream`, optional CUDA graphs."""
 
-    def __init__(self, path: Path, stream: torch.cuda.Stream, cuda_graphs: bool = False):
-        trt = require_tensorrt(RUN_HINT)  # checks the device before any TensorRT object exists
+    def __init__(self, trt, device, path: Path, stream, cuda_graphs: bool = False):
+        self.device = device
         self.path = path
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -80,7 +80,7 @@ class Engine:
         self.stream = stream
         self.cuda_graphs = cuda_graphs
         self._buffers: dict[tuple, dict[str, Tensor]] = {}
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple, object] = {}
         self._calls: dict[tuple, int] = {}
         self._bound: tuple | None = None
 
@@ -102,13 +102,13 @@ class Engine:
     def _allocate(self, key: tuple, shapes: dict[str, tuple[int, ...]],
                   given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         given = given or {}
-        buffers = {n: given[n] if n in given else device_buffer(tuple(shapes[n]), self.dtypes[n]) for n in self.inputs}
+        buffers = {n: given[n] if n in given else device_buffer(self.device, tuple(shapes[n]), self.dtypes[n]) for n in self.inputs}
         for n in self.inputs:
             if not self.context.set_input_shape(n, tuple(shapes[n])):
                 raise EngineError(f"{self.path.name}: input {n} of shape {tuple(shapes[n])} is outside the "
                                   f"built profile; rebuild with a larger --max-batch")
         for n in self.outputs:
-            buffers[n] = device_buffer(tuple(self.context.get_tensor_shape(n)), self.dtypes[n])
+            buffers[n] = device_buffer(self.device, tuple(self.context.get_tensor_shape(n)), self.dtypes[n])
         self._buffers[key] = buffers
         self._bound = None
         return buffers
@@ -122,7 +122,7 @@ class Engine:
         self._bound = key
 
     def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+        if not self.context.execute_async_v3(self.device.handle(self.stream)):
             raise EngineError(f"TensorRT failed to run {self.path.name} (see the TensorRT log above)")
 
     def run(self, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -132,9 +132,9 @@ class Engine:
         """
         key = tuple(tuple(feeds[n].shape) for n in self.inputs)
         buffers = self.buffers({n: tuple(feeds[n].shape) for n in self.inputs})
-        with torch.cuda.stream(self.stream):
+        with self.device.use(self.stream):
             for n in self.inputs:
-                if not (feeds[n].is_cuda and feeds[n].data_ptr() == buffers[n].data_ptr()):
+                if not (self.device.is_device(feeds[n]) and feeds[n].data_ptr() == buffers[n].data_ptr()):
                     buffers[n].copy_(feeds[n], non_blocking=True)
             graph = self._graphs.get(key)
             if graph is not None:
@@ -150,9 +150,9 @@ class Engine:
 
     def _capture(self, key: tuple) -> None:
         """Capture one execution of the bound shape; later calls of that shape replay it."""
-        graph = torch.cuda.CUDAGraph()
+        graph = self.device.new_graph()
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
+            with self.device.capture(graph, self.stream):
                 self._execute()
         except RuntimeError as exc:  # a plan whose kernels cannot be captured still runs uncaptured
             log.warning("%s: CUDA graph capture failed (%s); running without graphs", self.path.name, exc)
@@ -166,26 +166,33 @@ class TrtBackend(Backend):
 
     device = "cuda"
 
-    def __init__(self, engines: Engines, precision: Precision = Precision.FP16):
-        trt = require_tensorrt(RUN_HINT)
+    def __init__(self, engines: Engines, precision: Precision = Precision.FP16, trt=None, device=None):
+        trt = trt or require_tensorrt(RUN_HINT)  # checks for a CUDA device before any TensorRT object exists
+        if device is None:
+            from d2c_export.backends.cuda_device import CudaDevice
+            device = CudaDevice()
+        self.cuda = device
         self.target = Target(BackendName.TRT, precision)
         self.config = engines.config
         self.max_batch = engines.max_batch
-        self.running = running_platform(trt)
-        self.stream = torch.cuda.Stream()  # non-default: execute_async_v3 and graph capture need one
+        self.running = running_platform(trt, device)
+        self.stream = device.new_stream()  # non-default: execute_async_v3 and graph capture need one
         self.engines: dict[str, Engine] = {}
         self._gpt_caches: dict[int, tuple[Tensor, Tensor]] = {}  # rows -> stacked k, v bound layer by layer
         for spec in engines.specs():
             entry = engines.entry(spec.name, self.target.kind)  # files present, sha256 matches
             check_plan(engines, spec.name, entry, self.running)
-            self.engines[spec.name] = Engine(engines.file(spec.name, self.target.kind), self.stream, spec.cuda_graph)
+            self.engines[spec.name] = Engine(trt, device, engines.file(spec.name, self.target.kind), self.stream,
+                                             spec.cuda_graph)
         self.description = f"TensorRT {trt.__version__} ({precision.value}) on {self.running['gpu']}"
 
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
         """Zeroed device caches for `rows` whose layers are the gpt engine's bound inputs: decode steps read them
         in place, with no copy, and the loop writes each step's keys and values into them (KiB per step)."""
         if rows not in self._gpt_caches:
-            k, v = empty_cache(self.config.gpt, rows, device="cuda")
+            shape = (self.config.gpt.n_layer, rows, self.config.gpt.n_head, self.config.gpt.max_seq_len,
+                     self.config.gpt.head_dim)
+            k, v = self.cuda.empty(shape, torch.float32), self.cuda.empty(shape, torch.float32)
             layers = cache_feeds(k, v)
             shapes = {"ids": (rows, 1), "input_pos": (1,), **{n: tuple(t.shape) for n, t in layers.items()}}
             self.engines["gpt"].buffers(shapes, given=layers)
@@ -196,14 +203,15 @@ class TrtBackend(Backend):
         return k, v
 
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        on_host = not next(iter(inputs.values())).is_cuda  # the caller's own data, not a gpt_cache buffer
-        self.stream.wait_stream(torch.cuda.current_stream())  # inputs made on the caller's stream
+        cuda = self.cuda
+        on_host = not cuda.is_device(next(iter(inputs.values())))  # the caller's own data, not a gpt_cache buffer
+        cuda.wait(self.stream, cuda.current_stream())  # inputs made on the caller's stream
         out = self.engines[stage].run(inputs)
-        with torch.cuda.stream(self.stream):
-            results = [out[name].to("cpu") if on_host else out[name].clone() for name in self.output_names(stage)]
-        caller = torch.cuda.current_stream()
-        caller.wait_stream(self.stream)
+        with cuda.use(self.stream):
+            results = [cuda.to_host(out[name]) if on_host else out[name].clone() for name in self.output_names(stage)]
+        caller = cuda.current_stream()
+        cuda.wait(caller, self.stream)
         for r in results:
-            if r.is_cuda:
-                r.record_stream(caller)  # made on self.stream, used on the caller's
+            if cuda.is_device(r):
+                cuda.record(r, caller)  # made on self.stream, used on the caller's
         return tuple(results)

@@ -101,9 +101,12 @@ def build_plan(trt: ModuleType, onnx_path: Path, plan_path: Path, source: StageE
 
 def build_engines(engines: Engines, fp16: bool = True, stages: str | list[str] = "all",
                   workspace_gib: float = DEFAULT_WORKSPACE_GIB, timing_cache: str | Path | None = None,
-                  progress: bool = True) -> None:
-    """One plan per stage, kind `trt-fp16` (from the FP16 graphs, made first where missing) or `trt-fp32`."""
-    trt = require_tensorrt()
+                  progress: bool = True, trt=None, device=None) -> None:
+    """One plan per stage, kind `trt-fp16` (from the FP16 graphs, made first where missing) or `trt-fp32`.
+
+    `trt` and `device` default to the `tensorrt` module and the CUDA device (the tests pass their contract fakes).
+    """
+    trt = trt or require_tensorrt()
     precision = "fp16" if fp16 else "fp32"
     specs = engines.specs(stages)
     if fp16:
@@ -111,7 +114,7 @@ def build_engines(engines: Engines, fp16: bool = True, stages: str | list[str] =
         if todo:
             from d2c_export.export.fp16 import convert_engines
             convert_engines(engines, todo, progress=progress)
-    platform = running_platform(trt)
+    platform = running_platform(trt, device)
     cache = Path(timing_cache) if timing_cache is not None else engines.directory / TIMING_CACHE
     bar = tqdm(specs, desc=f"trt {precision}", unit="stage", disable=not progress)
     for spec in bar:
