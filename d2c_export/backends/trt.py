@@ -1,30 +1,44 @@
 """The TensorRT backend: one `Engine` per plan, and `TrtBackend`, whose `run` feeds the stage's engine.
 
-Each `Engine` keeps device buffers (torch CUDA tensors) per input shape, allocated once and reused,
-binds them with `set_input_shape` + `set_tensor_address`, and runs `execute_async_v3` on one
-non-default CUDA stream. Stages whose spec says `cuda_graph` run the same shape over and over (a diffusion
-step 100 times per masked step, a gpt decode step per token): the second call of a shape captures a
-CUDA graph and every later call replays it; inputs are copied into the bound buffers first.
+An `Engine` keeps device buffers per input-shape key, allocated once and reused, binds them with
+`set_input_shape` + `set_tensor_address` (every return value checked: an address must be non-null and
+256-byte aligned, NvInferRuntime.h; a zero-element tensor, whose `data_ptr()` is 0, is bound to a small
+aligned dummy allocation), and runs `execute_async_v3` on one non-default stream.
+
+CUDA graphs (stages whose spec says `cuda_graph`: a diffusion step runs 100 times per masked step, a gpt
+decode step once per token): TensorRT's guide asks for one execution context per captured graph, so each
+shape key of such a stage gets its own context, bound once and never changed, and on the key's second call
+its execution is captured and replayed from then on. Those keys live in a bounded LRU (`GRAPH_CACHE` per
+engine; `TrtBackend.graph_memory_bytes` reports their buffers and context memory). Other stages share one
+context, rebound whenever the shape changes. A shape outside the built profile is refused before the
+context is touched; a failed bind leaves the context marked unbound, so the next call binds it afresh. A
+capture that fails turns graphs off for that engine and drops every graph it captured; an enqueue that
+fails during capture is an error.
 
 Host copies: `TrtBackend` returns tensors on the device its first input came from. The shared loop in
-`reference/pipeline.py` keeps its state on the CPU (the seeded draws, the discrete sampling from the
-gpt logits, the scatter of predicted tokens), so under it every stage call copies its inputs to the
-GPU and its outputs back; a caller holding CUDA tensors gets CUDA tensors and no host round trip.
-The gpt KV cache is the exception: `gpt_cache` hands out the engine's bound device buffers, so the
-cache (up to hundreds of MB at batch 16) never crosses the bus; only each step's keys and values do.
+`reference/pipeline.py` keeps its state on the CPU, so under it every stage call copies its inputs to the
+GPU and its outputs back. The gpt KV cache is the exception: `gpt_cache` hands out device buffers bound as
+the engine's inputs (each layer on its own 256-byte boundary), so the cache never crosses the bus.
+
+The GPU is reached only through a device object (`cuda_device.CudaDevice`) and `tensorrt` only through the
+module passed in, so the tests run this code on the CPU under contract fakes.
 """
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from d2c_export.backends.base import Backend
+from d2c_export.backends.cuda_device import ALIGNMENT
 from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
 from d2c_export.export.manifest import StageEntry
+from d2c_export.export.trt_build import input_profiles
 from d2c_export.targets import BackendName, Precision, Target
 from d2c_export.trt_platform import RUN_HINT, platform_mismatch, require_tensorrt, running_platform, tensorrt_missing
 from reference.gpt import cache_feeds
@@ -52,24 +66,35 @@ def check_plan(engines: Engines, stage: str, entry: StageEntry, running: dict) -
 
 
 def device_buffer(device, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A CUDA tensor of `shape`; an empty one still has a valid address (TensorRT binds it like any other)."""
-    if all(shape):
-        return device.empty(shape, dtype)
-    return device.empty((1,), dtype)[:0].view(shape)
+    """A device tensor of `shape` (one without elements has no address; `Engine._address` binds a dummy)."""
+    return device.empty(tuple(int(d) for d in shape), dtype)
+
+
+GRAPH_CACHE = 16  # shape keys with their own context and captured graph, per engine (least recently used go)
+BUFFER_CACHE = 64  # shape keys whose buffers an engine keeps for the shared context
+
+
+@dataclass
+class Binding:
+    """The buffers of one input-shape key; for a graph stage also its own context and captured graph."""
+
+    key: tuple
+    buffers: dict[str, Tensor]
+    context: object | None = None  # own context (graph stages), bound once
+    graph: object | None = None
+    calls: int = 0
 
 
 class Engine:
     """One deserialised plan: buffers per input shape, `execute_async_v3` on `stream`, optional CUDA graphs."""
 
-    def __init__(self, trt, device, path: Path, stream, cuda_graphs: bool = False):
-        self.device = device
-        self.path = path
+    def __init__(self, trt, device, path: Path, stream, profiles: dict[str, tuple], cuda_graphs: bool = False):
+        self.device, self.path, self.stream, self.profiles = device, path, stream, profiles
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise EngineError(f"TensorRT cannot load {path}; rebuild it with `d2c-export trt --engines {path.parent}`")
-        self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.inputs = [n for n in names if is_input[n]]
@@ -77,88 +102,152 @@ class Engine:
         dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
                   trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
-        self.stream = stream
         self.cuda_graphs = cuda_graphs
-        self._buffers: dict[tuple, dict[str, Tensor]] = {}
-        self._graphs: dict[tuple, object] = {}
-        self._calls: dict[tuple, int] = {}
-        self._bound: tuple | None = None
+        self.replays = 0
+        self._bindings: OrderedDict[tuple, Binding] = OrderedDict()
+        self._shared = None  # the context of the keys without their own
+        self._shared_key: tuple | None = None  # the key whose shapes and addresses `_shared` holds, if any
+        self._dummy = device.empty((ALIGNMENT,), torch.uint8)  # the address of zero-element tensors
 
-    def buffers(self, shapes: dict[str, tuple[int, ...]], given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """The device buffers bound for these input shapes, allocated on first use and then reused. The inputs in
-        `given` are bound to those tensors instead (the caller's, e.g. views of one stacked cache); a CUDA graph
-        captured with other buffers for these shapes is dropped."""
-        key = tuple(tuple(shapes[n]) for n in self.inputs)
-        if key not in self._buffers:
-            return self._allocate(key, shapes, given)
-        buffers = self._buffers[key]
-        if any(buffers[n].data_ptr() != t.data_ptr() for n, t in (given or {}).items()):
-            buffers.update(given)
-            self._graphs.pop(key, None)
-            self._calls.pop(key, None)
-            self._bound = None
-        return buffers
-
-    def _allocate(self, key: tuple, shapes: dict[str, tuple[int, ...]],
-                  given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        given = given or {}
-        buffers = {n: given[n] if n in given else device_buffer(self.device, tuple(shapes[n]), self.dtypes[n]) for n in self.inputs}
+    # -- binding ------------------------------------------------------------------------------------------
+    def _check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
         for n in self.inputs:
-            if not self.context.set_input_shape(n, tuple(shapes[n])):
-                raise EngineError(f"{self.path.name}: input {n} of shape {tuple(shapes[n])} is outside the "
-                                  f"built profile; rebuild with a larger --max-batch")
+            if n in self.profiles:
+                lo, _, hi = self.profiles[n]
+                if len(shapes[n]) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shapes[n], hi)):
+                    raise EngineError(f"{self.path.name}: input {n} of shape {tuple(shapes[n])} is outside the built "
+                                      f"profile ({tuple(lo)} to {tuple(hi)}); re-export with a larger --max-batch")
+
+    def _address(self, name: str, t: Tensor) -> int:
+        if t.numel() == 0:
+            return self._dummy.data_ptr()
+        address = t.data_ptr()
+        if address % ALIGNMENT:
+            raise EngineError(f"{self.path.name}: tensor {name} at {address:#x} is not {ALIGNMENT}-byte aligned, "
+                              "which TensorRT requires")
+        return address
+
+    def _bind(self, context, buffers: dict[str, Tensor]) -> None:
+        """Shapes and addresses of `buffers` onto `context`, every return value checked."""
+        for n in self.inputs:
+            if not context.set_input_shape(n, tuple(buffers[n].shape)):
+                raise EngineError(f"{self.path.name}: TensorRT refused input {n} of shape {tuple(buffers[n].shape)}; "
+                                  "re-export with a larger --max-batch")
+        for n in self.outputs + self.inputs:
+            if n in buffers and not context.set_tensor_address(n, self._address(n, buffers[n])):
+                raise EngineError(f"{self.path.name}: TensorRT refused the address of tensor {n}")
+
+    def _outputs_for(self, context, buffers: dict[str, Tensor]) -> None:
+        for n in self.inputs:
+            if not context.set_input_shape(n, tuple(buffers[n].shape)):
+                raise EngineError(f"{self.path.name}: TensorRT refused input {n} of shape {tuple(buffers[n].shape)}; "
+                                  "re-export with a larger --max-batch")
         for n in self.outputs:
-            buffers[n] = device_buffer(self.device, tuple(self.context.get_tensor_shape(n)), self.dtypes[n])
-        self._buffers[key] = buffers
-        self._bound = None
-        return buffers
+            buffers[n] = device_buffer(self.device, tuple(context.get_tensor_shape(n)), self.dtypes[n])
 
-    def _bind(self, key: tuple) -> None:
-        buffers = self._buffers[key]
-        for n in self.inputs:
-            self.context.set_input_shape(n, tuple(buffers[n].shape))
-        for n, t in buffers.items():
-            self.context.set_tensor_address(n, t.data_ptr())
-        self._bound = key
+    def binding(self, shapes: dict[str, tuple[int, ...]], given: dict[str, Tensor] | None = None) -> Binding:
+        """The binding of these input shapes, made on first use and reused. The inputs in `given` are bound to those
+        tensors (the caller's, e.g. the layers of a KV cache); a graph captured with other tensors is dropped."""
+        key = tuple(tuple(shapes[n]) for n in self.inputs)
+        b = self._bindings.get(key)
+        if b is not None:
+            self._bindings.move_to_end(key)
+            if given and any(b.buffers[n].data_ptr() != t.data_ptr() for n, t in given.items()):
+                b.buffers.update(given)
+                b.graph, b.calls = None, 0
+                if b.context is not None:
+                    self._bind(b.context, b.buffers)
+                elif self._shared_key == key:
+                    self._shared_key = None
+            return b
+        self._check_shapes(shapes)
+        buffers = {n: (given or {}).get(n) if n in (given or {}) else
+                   device_buffer(self.device, tuple(shapes[n]), self.dtypes[n]) for n in self.inputs}
+        if self.cuda_graphs:
+            context = self.engine.create_execution_context()
+            self._outputs_for(context, buffers)
+            self._bind(context, buffers)
+            b = Binding(key, buffers, context)
+            limit = GRAPH_CACHE
+        else:
+            if self._shared is None:
+                self._shared = self.engine.create_execution_context()
+            self._shared_key = None  # half-updated until the bind below has succeeded
+            self._outputs_for(self._shared, buffers)
+            b = Binding(key, buffers)
+            limit = BUFFER_CACHE
+        self._bindings[key] = b
+        while len(self._bindings) > limit:
+            old, _ = self._bindings.popitem(last=False)
+            self._shared_key = None if self._shared_key == old else self._shared_key
+        return b
 
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.device.handle(self.stream)):
+    # -- running ------------------------------------------------------------------------------------------
+    def _enqueue(self, context) -> None:
+        if not context.execute_async_v3(self.device.handle(self.stream)):
             raise EngineError(f"TensorRT failed to run {self.path.name} (see the TensorRT log above)")
 
     def run(self, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
         """Run on `self.stream` (the caller orders it); returns the output buffers of this shape (reused).
 
-        A feed that is the bound buffer itself (see `buffers`) is not copied.
+        A feed that is the bound buffer itself (see `binding`) is not copied.
         """
-        key = tuple(tuple(feeds[n].shape) for n in self.inputs)
-        buffers = self.buffers({n: tuple(feeds[n].shape) for n in self.inputs})
+        b = self.binding({n: tuple(feeds[n].shape) for n in self.inputs})
         with self.device.use(self.stream):
             for n in self.inputs:
-                if not (self.device.is_device(feeds[n]) and feeds[n].data_ptr() == buffers[n].data_ptr()):
-                    buffers[n].copy_(feeds[n], non_blocking=True)
-            graph = self._graphs.get(key)
-            if graph is not None:
-                graph.replay()
-                return {n: buffers[n] for n in self.outputs}
-            if self._bound != key:
-                self._bind(key)
-            self._execute()
-            self._calls[key] = self._calls.get(key, 0) + 1
-            if self.cuda_graphs and self._calls[key] == 2:
-                self._capture(key)
-        return {n: buffers[n] for n in self.outputs}
+                t = feeds[n]
+                if t.numel() and not (self.device.is_device(t) and t.data_ptr() == b.buffers[n].data_ptr()):
+                    b.buffers[n].copy_(t, non_blocking=True)
+            if b.context is None:
+                if self._shared_key != b.key:
+                    self._shared_key = None
+                    self._bind(self._shared, b.buffers)
+                    self._shared_key = b.key
+                self._enqueue(self._shared)
+            elif b.graph is not None or (self.cuda_graphs and b.calls >= 1 and self._capture(b)):
+                b.graph.replay()
+                self.replays += 1
+            else:
+                self._enqueue(b.context)
+            b.calls += 1
+        return {n: b.buffers[n] for n in self.outputs}
 
-    def _capture(self, key: tuple) -> None:
-        """Capture one execution of the bound shape; later calls of that shape replay it."""
+    def _capture(self, b: Binding) -> bool:
+        """Capture one execution of `b`'s own context; False (graphs off for this engine) when capture fails."""
         graph = self.device.new_graph()
         try:
             with self.device.capture(graph, self.stream):
-                self._execute()
-        except RuntimeError as exc:  # a plan whose kernels cannot be captured still runs uncaptured
-            log.warning("%s: CUDA graph capture failed (%s); running without graphs", self.path.name, exc)
+                ok = b.context.execute_async_v3(self.device.handle(self.stream))
+        except RuntimeError as exc:  # kernels that cannot be captured: run uncaptured from now on
+            log.warning("%s: CUDA graph capture failed (%s); running without CUDA graphs", self.path.name, exc)
             self.cuda_graphs = False
-            return
-        self._graphs[key] = graph
+            for other in self._bindings.values():
+                other.graph = None
+            return False
+        if not ok:
+            raise EngineError(f"TensorRT failed to run {self.path.name} while capturing a CUDA graph "
+                              "(see the TensorRT log above)")
+        b.graph = graph
+        return True
+
+    def graphs(self) -> list:
+        return [b.graph for b in self._bindings.values() if b.graph is not None]
+
+    def memory_bytes(self) -> int:
+        """Device memory held for the keys with their own context: their buffers and context memory."""
+        per_context = int(getattr(self.engine, "device_memory_size_v2", getattr(self.engine, "device_memory_size", 0)))
+        own = [b for b in self._bindings.values() if b.context is not None]
+        return sum(t.numel() * t.element_size() for b in own for t in b.buffers.values()) + per_context * len(own)
+
+
+def aligned_cache(device, n_layer: int, rows: int, n_head: int, slots: int, head_dim: int) -> Tensor:
+    """A zeroed (L, rows, H, S, hd) cache whose every layer starts on an ALIGNMENT-byte boundary."""
+    layer = rows * n_head * slots * head_dim
+    stride = -(-layer * 4 // ALIGNMENT) * ALIGNMENT // 4  # float32 elements per layer, rounded up
+    flat = device.empty((n_layer * stride,), torch.float32)
+    flat.zero_()
+    return flat.as_strided((n_layer, rows, n_head, slots, head_dim),
+                           (stride, n_head * slots * head_dim, slots * head_dim, head_dim, 1))
 
 
 class TrtBackend(Backend):
@@ -183,19 +272,18 @@ class TrtBackend(Backend):
             entry = engines.entry(spec.name, self.target.kind)  # files present, sha256 matches
             check_plan(engines, spec.name, entry, self.running)
             self.engines[spec.name] = Engine(trt, device, engines.file(spec.name, self.target.kind), self.stream,
-                                             spec.cuda_graph)
+                                             input_profiles(entry), spec.cuda_graph)
         self.description = f"TensorRT {trt.__version__} ({precision.value}) on {self.running['gpu']}"
 
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
         """Zeroed device caches for `rows` whose layers are the gpt engine's bound inputs: decode steps read them
         in place, with no copy, and the loop writes each step's keys and values into them (KiB per step)."""
         if rows not in self._gpt_caches:
-            shape = (self.config.gpt.n_layer, rows, self.config.gpt.n_head, self.config.gpt.max_seq_len,
-                     self.config.gpt.head_dim)
-            k, v = self.cuda.empty(shape, torch.float32), self.cuda.empty(shape, torch.float32)
+            g = self.config.gpt
+            k, v = (aligned_cache(self.cuda, g.n_layer, rows, g.n_head, g.max_seq_len, g.head_dim) for _ in "kv")
             layers = cache_feeds(k, v)
             shapes = {"ids": (rows, 1), "input_pos": (1,), **{n: tuple(t.shape) for n, t in layers.items()}}
-            self.engines["gpt"].buffers(shapes, given=layers)
+            self.engines["gpt"].binding(shapes, given=layers)
             self._gpt_caches[rows] = (k, v)
         k, v = self._gpt_caches[rows]
         k.zero_()
@@ -215,3 +303,11 @@ class TrtBackend(Backend):
             if cuda.is_device(r):
                 cuda.record(r, caller)  # made on self.stream, used on the caller's
         return tuple(results)
+
+    def graph_replays(self) -> dict[str, int]:
+        """CUDA graph replays so far, per stage."""
+        return {name: e.replays for name, e in self.engines.items()}
+
+    def graph_memory_bytes(self) -> int:
+        """Device memory held by the graph caches (buffers and contexts of the captured keys)."""
+        return sum(e.memory_bytes() for e in self.engines.values())

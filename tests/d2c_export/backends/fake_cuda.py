@@ -1,0 +1,153 @@
+"""A CPU stand-in for the CUDA seam of the TensorRT backend (`d2c_export.backends.cuda_device.CudaDevice`).
+
+Device memory is CPU memory that the fake tracks by address, so the fake TensorRT can read and write a
+tensor from nothing but the address bound to it, as TensorRT does. The rules it keeps are CUDA's:
+
+- `cudaMalloc` returns memory aligned to at least 256 bytes (CUDA C Programming Guide, "Device Memory
+  Accesses": "any address of a variable residing in global memory or returned by one of the memory
+  allocation routines from the driver or runtime API is always aligned to at least 256 bytes"); an
+  allocation of zero bytes has no address (PyTorch reports `data_ptr() == 0` for every tensor without
+  elements, on CPU and CUDA alike).
+- A CUDA graph is captured on a stream that is not the legacy default stream (CUDA Runtime API,
+  `cudaStreamBeginCapture`: capture on the legacy NULL stream is not allowed); work issued while
+  capturing is recorded, not run, and `replay` runs what was recorded.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+ALIGNMENT = 256
+
+
+class ContractViolation(AssertionError):
+    """What real CUDA or TensorRT would refuse or silently get wrong."""
+
+
+@dataclass
+class Allocation:
+    start: int
+    nbytes: int
+    raw: Tensor  # uint8, holds the bytes
+
+
+@dataclass
+class FakeStream:
+    handle: int
+
+
+@dataclass
+class FakeGraph:
+    device: "FakeCudaDevice"
+    launches: list = field(default_factory=list)  # callables recorded while capturing
+    captured: bool = False
+
+    def replay(self) -> None:
+        if not self.captured:
+            raise ContractViolation("replay of a CUDA graph that was never captured")
+        for launch in self.launches:
+            launch()
+        self.device.replays += 1
+
+
+class FakeCudaDevice:
+    """Memory by address, streams and graph capture, on the CPU."""
+
+    def __init__(self):
+        self.allocations: list[Allocation] = []
+        self.capturing: tuple[FakeGraph, FakeStream] | None = None
+        self.fail_capture = False  # make the next capture fail, as a kernel that cannot be captured does
+        self.replays = 0  # graph replays on this device, counted here whatever the backend does
+        self._streams = 0
+        self.default_stream = FakeStream(0)
+
+    # -- memory ---------------------------------------------------------------------------------------
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)  # no address, like a zero-byte device allocation
+        raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8)
+        offset = (-raw.data_ptr()) % ALIGNMENT
+        raw = raw[offset:offset + nbytes]
+        self.allocations.append(Allocation(raw.data_ptr(), nbytes, raw))
+        return raw.view(dtype).view(shape)
+
+    def is_device(self, t: Tensor) -> bool:
+        return t.numel() > 0 and self._find(t.data_ptr(), 1) is not None
+
+    def _find(self, address: int, nbytes: int) -> Allocation | None:
+        for a in self.allocations:
+            if a.start <= address < a.start + a.nbytes:
+                return a if address + nbytes <= a.start + a.nbytes else None
+        return None
+
+    def view(self, address: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """The device memory at `address` as a contiguous tensor (what a kernel reads or writes there)."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        a = self._find(address, nbytes)
+        if a is None:
+            raise ContractViolation(f"{nbytes} bytes at address {address:#x} are not inside one device allocation "
+                                    f"(an out-of-bounds access, or host memory handed to the device)")
+        offset = address - a.start
+        return a.raw[offset:offset + nbytes].view(dtype).view(shape)
+
+    def to_host(self, t: Tensor) -> Tensor:
+        return t.clone()
+
+    # -- streams ----------------------------------------------------------------------------------------
+    def new_stream(self) -> FakeStream:
+        self._streams += 1
+        return FakeStream(self._streams)
+
+    def current_stream(self) -> FakeStream:
+        return self.default_stream
+
+    def handle(self, stream: FakeStream) -> int:
+        return stream.handle
+
+    @contextmanager
+    def use(self, stream: FakeStream):
+        yield
+
+    def wait(self, waiter, other) -> None:
+        pass
+
+    def record(self, t: Tensor, stream) -> None:
+        pass
+
+    # -- graphs -----------------------------------------------------------------------------------------
+    def new_graph(self) -> FakeGraph:
+        return FakeGraph(self)
+
+    @contextmanager
+    def capture(self, graph: FakeGraph, stream: FakeStream):
+        if stream.handle == 0:
+            raise ContractViolation("CUDA graph capture on the legacy default stream")
+        if self.capturing is not None:
+            raise ContractViolation("nested CUDA graph capture")
+        if self.fail_capture:
+            self.fail_capture = False
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.capturing = (graph, stream)
+        try:
+            yield graph
+        finally:
+            self.capturing = None
+        graph.captured = True
+
+    def gpu(self) -> tuple[str, str]:
+        return "Fake GPU (CPU memory)", "9.0"
+
+    def memory_used(self) -> int:
+        return sum(a.nbytes for a in self.allocations)
