@@ -49,6 +49,7 @@ def _cell(m: Measurement, flops: dict[str, int], peak: float, reference: Measure
         "flops_per_image": total_flops / m.batch, "achieved_flops": total_flops / wall["median"],
         "peak_rss_mb": max(m.peak_rss_mb), "working_rss_mb": max(p - b for p, b in zip(m.peak_rss_mb, m.base_rss_mb)),
         "peak_gpu_mb": max(m.peak_gpu_mb) if m.peak_gpu_mb else None,
+        "gpu_used_mb": max(m.gpu_used_mb) if m.gpu_used_mb else None,
         "largest_stage": max(stages, key=lambda s: stages[s]["seconds_per_generation"]),
         "largest_stage_by_flops": max(stages, key=lambda s: stages[s]["flops_per_image"]),
         "stages": stages, "raw": {"wall_s": m.wall_s, "stage_s": dict(m.stage_s)}}
@@ -91,6 +92,13 @@ def _range(d: dict[str, float], scale: float = 1.0, fmt: str = ".3g") -> str:
     return f"{d['median'] * scale:{fmt}} [{d['p10'] * scale:{fmt}}, {d['p90'] * scale:{fmt}}]"
 
 
+def _gpu_memory(cell: dict) -> str:
+    """The driver's used device memory, then PyTorch's allocator peak in brackets; '-' on the CPU."""
+    if cell["gpu_used_mb"] is None:
+        return "-"
+    return f"{cell['gpu_used_mb']:.0f} [{cell['peak_gpu_mb']:.0f} torch]"
+
+
 def markdown(summary: dict) -> str:
     """The Markdown tables: end to end, then per stage."""
     s = summary["sampling"]
@@ -111,15 +119,15 @@ def markdown(summary: dict) -> str:
         f"- machine load (1-minute average, {summary['machine']['cpus']} CPUs): {summary['load_average']['start']:.1f} "
         f"at the start, {summary['load_average']['end']:.1f} at the end",
         "- backends: " + "; ".join(f"`{k}` {v}" for k, v in summary["backends"].items()), "",
-        "| batch | backend | end to end s | images/s | vs torch | overhead | GFLOP/image | peak RSS MB | "
+        "| batch | backend | end to end s | images/s | vs torch | overhead | GFLOP/image | peak RSS MB | GPU MB | "
         "largest stage by time | by FLOPs |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---|---|"]
+        "|---:|---|---|---:|---:|---:|---:|---:|---|---|---|"]
     for c in summary["results"]:
         speed = f"{c['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in c else "-"
         largest = [c["stages"][c[k]] for k in ("largest_stage", "largest_stage_by_flops")]
         lines.append(f"| {c['batch']} | {c['backend']} | {_range(c['end_to_end_s'])} | {c['images_per_s']:.3g} | "
                      f"{speed} | {100 * c['overhead_fraction']:.2f}% | {c['flops_per_image'] / 1e9:.1f} | "
-                     f"{c['peak_rss_mb']:.0f} | " + " | ".join(f"{st['label']} ({100 * st['roofline_fraction']:.0f}% "
+                     f"{c['peak_rss_mb']:.0f} | {_gpu_memory(c)} | " + " | ".join(f"{st['label']} ({100 * st['roofline_fraction']:.0f}% "
                                                                  "of roofline)" for st in largest) + " |")
     lines += ["", "| batch | backend | stage | calls | ms per call | s per generation | share | GFLOP per call | "
               "GFLOP/s | of roofline |", "|---:|---|---|---:|---|---:|---:|---:|---:|---:|"]

@@ -69,7 +69,8 @@ class Measurement:
     calls: dict[str, int] = field(default_factory=dict)  # per generation
     base_rss_mb: list[float] = field(default_factory=list)
     peak_rss_mb: list[float] = field(default_factory=list)
-    peak_gpu_mb: list[float] = field(default_factory=list)
+    peak_gpu_mb: list[float] = field(default_factory=list)  # PyTorch's caching allocator only
+    gpu_used_mb: list[float] = field(default_factory=list)  # the driver's count: TensorRT and ONNX Runtime too
 
 
 def _rss_mb(field_name: str) -> float | None:
@@ -84,9 +85,11 @@ def _rss_mb(field_name: str) -> float | None:
 
 @contextmanager
 def peak_memory(device: str) -> Iterator[dict[str, float | None]]:
-    """Peak resident memory of this process over the block (Linux resets VmHWM via clear_refs) and GPU peak."""
+    """Peak resident memory of this process over the block (Linux resets VmHWM via clear_refs); on a GPU also
+    PyTorch's allocator peak and the device's used memory from the driver at the block's end."""
     import resource
-    out: dict[str, float | None] = {"base_rss_mb": _rss_mb("VmRSS"), "peak_rss_mb": None, "peak_gpu_mb": None}
+    out: dict[str, float | None] = {"base_rss_mb": _rss_mb("VmRSS"), "peak_rss_mb": None, "peak_gpu_mb": None,
+                                    "gpu_used_mb": None}
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS watermark
         reset = True
@@ -101,6 +104,10 @@ def peak_memory(device: str) -> Iterator[dict[str, float | None]]:
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
     if device == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / MB
+        # the device's used memory as the driver reports it, taken while the column's stages still hold theirs:
+        # TensorRT's engine and context memory and ONNX Runtime's CUDA arena, which PyTorch's figure misses
+        free, total = torch.cuda.mem_get_info()
+        out["gpu_used_mb"] = (total - free) / MB
 
 
 def measure_once(column: Column, labels: list[int], params: SamplingParams, seed: int, into: Measurement) -> None:
@@ -120,6 +127,7 @@ def measure_once(column: Column, labels: list[int], params: SamplingParams, seed
     into.peak_rss_mb.append(mem["peak_rss_mb"] or 0.0)
     if mem["peak_gpu_mb"] is not None:
         into.peak_gpu_mb.append(mem["peak_gpu_mb"])
+        into.gpu_used_mb.append(mem["gpu_used_mb"])
 
 
 def count_flops(column: Column, labels: list[int], params: SamplingParams, seed: int) -> dict[str, int]:

@@ -227,3 +227,18 @@ def test_bench_on_d2c_b(tmp_path, capsys):
                        "--diffusion-steps", "2", "--repeat", "1", "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert_complete(out, ["torch", "ort"], [1], "d2c-b")
+
+
+def test_gpu_memory_is_the_drivers_figure_next_to_torchs(monkeypatch):
+    """On a GPU column both figures are recorded: the driver's used memory (TensorRT's and ONNX Runtime's too)."""
+    from d2c_export.bench import run
+    calls = []
+    monkeypatch.setattr(run.torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    monkeypatch.setattr(run.torch.cuda, "max_memory_allocated", lambda: 100 * run.MB)
+    monkeypatch.setattr(run.torch.cuda, "mem_get_info", lambda: (3000 * run.MB, 8000 * run.MB))
+    with run.peak_memory("cuda") as mem:
+        pass
+    assert calls == ["reset"] and mem["peak_gpu_mb"] == 100 and mem["gpu_used_mb"] == 5000
+    with run.peak_memory("cpu") as mem:
+        pass
+    assert mem["peak_gpu_mb"] is None and mem["gpu_used_mb"] is None
