@@ -9,6 +9,7 @@ interrupt); no command prints a traceback for bad input.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -20,13 +21,14 @@ from d2c_export.errors import EngineError
 from d2c_export.stages import DEFAULT_MAX_BATCH, STAGES
 from d2c_export.targets import AUTO, BackendName, Precision, TargetError, choices, parse_list
 from reference.checkpoint import CheckpointError
-from reference.files import OutputPathError, check_output_file
+from reference.files import BusyError, OutputPathError, check_output_file
 from reference.model import PRESETS
+from reference.diffusion import TRAIN_STEPS
 from reference.pipeline import SamplingParams
 from reference.sampling import CfgSchedule
 
 log = logging.getLogger("d2c")
-USER_ERRORS = (EngineError, CheckpointError, TargetError, OutputPathError, ValueError, KeyError, OSError)
+USER_ERRORS = (EngineError, CheckpointError, TargetError, OutputPathError, BusyError, ValueError, KeyError, OSError)
 QUIET_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")  # per-op chatter of the ONNX exporter's passes
 
 
@@ -94,15 +96,29 @@ def engines_option(fn=None, *, help_text: str = "exported engines directory"):
 
 
 quiet_option = click.option("--quiet", is_flag=True, help="no progress display")
+SEED = click.IntRange(min=0, max=2 ** 63 - 1)
+
+
+class Finite(click.FloatRange):
+    """A finite float within a range (click's FloatRange lets NaN through)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 SAMPLING_FIELDS = ("cfg", "cfg_schedule", "num_iter", "diffusion_steps", "temperature", "top_k", "top_p")
 sampling_options = _options(
-    click.option("--cfg", type=float, help="guidance scale (1: none)"),
+    click.option("--cfg", type=Finite(min=0.0), help="guidance scale (1: none)"),
     click.option("--cfg-schedule", type=click.Choice([s.value for s in CfgSchedule]), help="MAR's guidance schedule"),
-    click.option("--num-iter", type=int, help="masked autoregressive steps"),
-    click.option("--diffusion-steps", type=int, help="denoising steps per masked step (respacing of 1000)"),
-    click.option("--temperature", type=float, help="diffusion-head temperature"),
-    click.option("--top-k", type=int, help="discrete sampling: keep the k most likely tokens (0: all)"),
-    click.option("--top-p", type=float, help="discrete sampling: nucleus mass (1: all)"),
+    click.option("--num-iter", type=click.IntRange(min=1), help="masked autoregressive steps"),
+    click.option("--diffusion-steps", type=click.IntRange(1, TRAIN_STEPS),
+                 help="denoising steps per masked step (respacing of 1000)"),
+    click.option("--temperature", type=Finite(min=0.0, min_open=True), help="diffusion-head temperature"),
+    click.option("--top-k", type=click.IntRange(min=0), help="discrete sampling: keep the k most likely tokens (0: all)"),
+    click.option("--top-p", type=Finite(min=0.0, max=1.0, min_open=True), help="discrete sampling: nucleus mass (1: all)"),
 )
 SAMPLING_HELP = "Sampling flags left out take the engines' recommended settings for their model."
 
@@ -111,11 +127,12 @@ def sampling_from(engines: Engines, flags: dict) -> SamplingParams:
     """The engines' recommended settings with the given flags over them, validated for the model."""
     given = {k: flags[k] for k in SAMPLING_FIELDS if flags.get(k) is not None}
     base = {k: v for k, v in vars(engines.sampling).items()}
+    params = SamplingParams(**{**base, **given})
     try:
-        params = SamplingParams(**{**base, **given})
+        params.check_for(engines.config)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    params.check_for(engines.config)
+        flag = "--num-iter" if "num_iter" in str(exc) else "--top-k"
+        raise click.UsageError(f"{flag}: {exc}") from None
     log.info("sampling: %s (%s)", params.describe(),
              "the engines' recommended settings" + (f", with {', '.join(sorted(given))} given" if given else ""))
     return params
@@ -161,7 +178,7 @@ def _stage_choice():
 @click.option("--ema/--no-ema", default=True, show_default=True, help="use the EMA weights where a file has them")
 @click.option("--mar-heads", type=click.IntRange(min=1), help="attention heads of a MAR that is not an official size")
 @click.option("--gpt-heads", type=click.IntRange(min=1), help="attention heads of a GPT that is not an official size")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights with --config")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the random weights with --config")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ENGINES, show_default=True)
 @click.option("--opset", type=click.IntRange(min=18, max=23), default=None, help="ONNX opset [default: 18]")
 @click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
@@ -244,7 +261,7 @@ def _check(engines_dir, precision):
 @engines_option
 @click.option("--class", "classes", type=int, multiple=True, required=True, help="class label; repeat for several")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="images per class")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @sampling_options
 @backend_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
@@ -257,7 +274,10 @@ def run_cli(engines_dir, classes, num_images, seed, backend, precision, out, qui
     _checked_out(out)
     engines = Engines.open(engines_dir)
     labels = [c for c in classes for _ in range(num_images)]
-    check_request(engines.config, engines.max_batch, labels)
+    check_request(engines.config, engines.max_batch, labels,
+                  f"ask for at most {engines.max_batch} images in all ({len(classes)} --class x --num-images "
+                  f"{num_images} is {len(labels)}), or re-export with "
+                  f"`{engines.rebuild_command('onnx-fp32', max_batch=len(labels))}`")
     params = sampling_from(engines, flags)
     with open_named(engines, backend, precision) as stages:
         log.info("backend: %s", stages.description)
@@ -302,7 +322,7 @@ def _targets(ctx, param, text: str):
 @click.option("--warmup", type=click.IntRange(min=1), default=1, show_default=True,
               help="unmeasured generations per backend and batch first")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads of every backend (0: torch's)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"), show_default=True,
               help="directory of bench.json, bench.md, bench.png")
 @click.option("--no-plot", is_flag=True, help="skip bench.png")
@@ -341,7 +361,7 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
               help="samples per class and backend")
 @click.option("--real-per-class", type=click.IntRange(min=2), default=200, show_default=True,
               help="held-out real images per class for the FD")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @sampling_options
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads (0: its default)")
 @click.option("--grid", type=click.Path(dir_okay=False, path_type=Path),

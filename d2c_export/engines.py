@@ -91,14 +91,16 @@ class Engines:
             self._model = model_from_source(self.config, self.source, self.rebuild_command("onnx-fp32")).eval()
         return self._model
 
-    def rebuild_command(self, kind: str) -> str:
-        """The command that (re)builds files of `kind` ("onnx-fp32", "onnx-fp16", "trt-fp16", ...) of this model."""
+    def rebuild_command(self, kind: str, max_batch: int | None = None) -> str:
+        """The command that (re)builds files of `kind` ("onnx-fp32", "onnx-fp16", "trt-fp16", ...) of this model,
+        with the recorded max batch or `max_batch`."""
         fp16 = kind.endswith("fp16")
         if kind.startswith("trt"):
             return f"d2c-export trt{' --fp16' if fp16 else ''} --engines {self.directory}"
         opsets = {e.opset for kinds in self.manifest.stages.values() for e in kinds.values() if e.opset}
+        batch = max_batch or self.max_batch
         return export_command(self.source, self.config.name, self.directory, fp16=fp16,
-                              max_batch=None if self.max_batch == DEFAULT_MAX_BATCH else self.max_batch,
+                              max_batch=None if batch == DEFAULT_MAX_BATCH else batch,
                               opset=opsets.pop() if len(opsets) == 1 and opsets != {DEFAULT_OPSET} else None)
 
     def has(self, kind: str) -> bool:

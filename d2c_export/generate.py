@@ -16,8 +16,9 @@ from reference.sampling import TorchDraws
 LOOP_THREADS = 1
 
 
-def check_request(config: D2CConfig, max_batch: int, labels: list[int]) -> None:
-    """Refuse what the exported graphs cannot run, before any work."""
+def check_request(config: D2CConfig, max_batch: int, labels: list[int],
+                  fix: str = "generate fewer images per call, or re-export with a larger max batch") -> None:
+    """Refuse what the exported graphs cannot run, before any work; `fix` says what to do about too many images."""
     if not labels:
         raise EngineError("no class to generate; name at least one with --class")
     bad = [c for c in labels if not 0 <= c < config.num_classes]
@@ -25,8 +26,7 @@ def check_request(config: D2CConfig, max_batch: int, labels: list[int]) -> None:
         raise EngineError(f"class {bad[0]} is out of range: this model has classes 0..{config.num_classes - 1}")
     if len(labels) > max_batch:
         raise EngineError(f"{len(labels)} images in one batch exceeds the exported profile (max batch {max_batch}); "
-                          f"ask for at most {max_batch} images in all (classes x --num-images) or re-export with a "
-                          "larger --max-batch")
+                          f"{fix}")
 
 
 def generate_images(stages, labels: list[int], params: SamplingParams, seed: int, progress: bool = False,

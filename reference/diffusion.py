@@ -105,7 +105,9 @@ def _tables_from_betas(betas: np.ndarray, timestep_map: np.ndarray) -> Diffusion
         sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
         sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1),
         posterior_variance=post_var,
-        posterior_log_variance_clipped=np.log(np.append(post_var[1], post_var[1:])),
+        # the first posterior variance is 0: clipped to the second (a single step has none; it adds no noise)
+        posterior_log_variance_clipped=np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1
+        else np.log(betas),
         posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
         posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
         log_betas=np.log(betas),

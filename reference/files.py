@@ -113,6 +113,26 @@ def publish_dir(target_dir: str | Path, label: str) -> Iterator[tuple[Path, dict
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class BusyError(RuntimeError):
+    """Another process holds the lock of a directory this one would write."""
+
+
+@contextmanager
+def directory_lock(directory: str | Path, what: str) -> Iterator[None]:
+    """An exclusive lock on `directory` itself (flock on the folder: no lock file), refused if another holds it."""
+    import fcntl
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(f"another process is writing {directory} ({what}); wait for it to finish or write "
+                            "elsewhere") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def leftover_temporaries(directory: str | Path) -> list[Path]:
     """Temporary files and folders that killed writers left in `directory` (hidden, ending in `.partial`)."""
     directory = Path(directory)

@@ -39,6 +39,7 @@ from enum import Enum
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -196,14 +197,18 @@ def _torch_load(path: Path):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):
-            raise CheckpointError(f"{unreadable}: {_line(exc, 'Unsupported')}") from None
+        text = str(exc)
+        if "unsupported global" not in text.lower():
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
+                     and not ln.strip().startswith(("Weights only load failed", "Check the documentation"))]
+            raise CheckpointError(f"{unreadable}: {lines[0] if lines else 'not a pickle'}") from None
+        found = next((line.strip() for line in text.splitlines() if "unsupported global" in line.lower()), "")
         raise CheckpointError(
-            f"{path}: torch.load(weights_only=True) refused it: it holds Python objects besides tensors "
-            f"({_line(exc, 'Unsupported global')}); if you trust the file, keep only its weights: "
-            f"torch.save({{'model': torch.load(PATH, weights_only=False)['model']}}, NEW_PATH)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{unreadable}: {_line(exc)}") from None
+            f"{path} holds Python code or objects besides tensors ({found}); it was not run. Only weights are "
+            "loaded; if you trust the file, write its weights alone with torch.save and load that file") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile, SafetensorError) as exc:
+        raise CheckpointError(f"{unreadable}: {_line(exc) if not isinstance(exc, KeyError) else 'unknown format'}") \
+            from None
 
 
 def read_weights(path: str | Path, ema: bool = True) -> Weights:

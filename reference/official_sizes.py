@@ -8,9 +8,11 @@ count); it comes from an explicit override, else from the official model of the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import functools
 import math
 import re
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,7 +24,9 @@ from reference.mar import MAR, Fusion, MARArgs
 from reference.model import PRESETS
 from reference.vae import VAE_PRESETS, AutoencoderKL, VAEArgs
 
-__all__ = ["LLAMAGEN_HEADS", "MAR_HEADS", "DEFAULT_GPT_BLOCK_SIZE", "gpt_args_from_state", "mar_args_from_state",
+log = logging.getLogger(__name__)
+
+__all__ = ["LLAMAGEN_HEADS", "MAR_HEADS", "gpt_args_from_state", "mar_args_from_state",
            "vae_args_from_state", "shape_mismatches", "nearest_preset", "fit_args"]
 
 # (dim, n_layer) -> n_head of LlamaGen's factories (autoregressive/models/gpt.py: GPT_B ... GPT_7B), and ours.
@@ -33,7 +37,8 @@ LLAMAGEN_HEADS: dict[tuple[int, int], int] = {
 # (width, depth) -> heads of MAR's factories (mar_base 12, mar_large 16, mar_huge 16), read from our presets.
 MAR_HEADS: dict[tuple[int, int], int] = {
     (c.mar.encoder_embed_dim, c.mar.encoder_depth): c.mar.encoder_num_heads for c in PRESETS.values()}
-DEFAULT_GPT_BLOCK_SIZE = 256  # LlamaGen c2i at 256 px with its 16x VQ tokenizer (sample_c2i.py's defaults)
+LLAMAGEN_VQ_STRIDE = 16  # LlamaGen's VQ tokenizer: one token per 16 x 16 pixels
+LLAMAGEN_FILE = re.compile(r"_(\d+)(?:\.[A-Za-z]+)+$")  # c2i_B_256.pt, c2i_L_384.pt: the image size ends the name
 VAE_RESOLUTION = 256  # nominal VAE input size: only places the level attention (official Encoder default)
 NEAR_FIT_KEYS = 4  # a preset explains a failure only when at most this many keys misfit it (a damaged key or two)
 ROPE_ATOL = 1e-5  # a stored RoPE table (older LlamaGen files) must equal the one computed from the sizes
@@ -71,6 +76,18 @@ def _heads(override: int | None, table: dict[tuple[int, int], int], width: int, 
 
 
 # -- LlamaGen GPT ----------------------------------------------------------------------------------
+def _block_size_from_name(source: str) -> int:
+    """Image tokens of a LlamaGen GPT from its published file name (the weights do not hold them)."""
+    match = LLAMAGEN_FILE.search(Path(source.split(" [", 1)[0]).name)  # a source may name its entry: "f.pt [model]"
+    if match is None or int(match.group(1)) % LLAMAGEN_VQ_STRIDE:
+        raise CheckpointError(f"{source}: the number of image tokens is not in the weights and the file name does not "
+                              "end in the image size as LlamaGen names its files (c2i_B_256.pt, c2i_L_384.pt); "
+                              "keep the published name, or give the D2C stage 2 that fixes it")
+    grid = int(match.group(1)) // LLAMAGEN_VQ_STRIDE
+    log.info("%s: %d x %d image tokens, from the image size %s in the file name", source, grid, grid, match.group(1))
+    return grid * grid
+
+
 def gpt_args_from_state(state: dict[str, Tensor], source: str, n_head: int | None = None,
                         block_size: int | None = None, rope: Tensor | None = None) -> GPTArgs:
     """GPTArgs of a LlamaGen c2i state dict (official keys).
@@ -78,8 +95,9 @@ def gpt_args_from_state(state: dict[str, Tensor], source: str, n_head: int | Non
     dim/vocab: tok_embeddings.weight (vocab, dim); classes: cls_embedding.embedding_table.weight has
     num_classes + 1 rows (the null class); layers: count of layers.N; SwiGLU width: w1's rows.
     block_size (image tokens) is not in the weights: `block_size`, else a stored RoPE table `rope`
-    (older files: (1 + block_size, head_dim / 2, 2)), else DEFAULT_GPT_BLOCK_SIZE. Heads: `n_head`,
-    else the stored RoPE table's head_dim, else LLAMAGEN_HEADS.
+    (older files: (1 + block_size, head_dim / 2, 2)), else the image size that ends LlamaGen's file names
+    (`c2i_B_256.pt`: 16 x 16 tokens; `c2i_L_384.pt`: 24 x 24), else an error. Heads: `n_head`, else the stored
+    RoPE table's head_dim, else LLAMAGEN_HEADS.
     """
     vocab, dim = _shape(state, "tok_embeddings.weight", source)
     rows, _ = _shape(state, "cls_embedding.embedding_table.weight", source)
@@ -100,8 +118,10 @@ def gpt_args_from_state(state: dict[str, Tensor], source: str, n_head: int | Non
             raise CheckpointError(f"{source}: freqs_cis covers {rope.shape[0] - 1} image tokens, "
                                   f"the stage 2 expects {block_size}")
     n_head = _heads(n_head, LLAMAGEN_HEADS, dim, n_layer, "LlamaGen GPT", "--gpt-heads", source)
-    base = dict(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab,
-                block_size=block_size or DEFAULT_GPT_BLOCK_SIZE, num_classes=rows - 1)
+    if block_size is None:
+        block_size = _block_size_from_name(source)
+    base = dict(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab, block_size=block_size,
+                num_classes=rows - 1)
     args = _args(GPTArgs, source, **base)
     if args.ffn_hidden != hidden:  # LlamaGen rounds 8*dim/3 up to multiple_of; a larger round-up fits too
         args = _args(GPTArgs, source, **base, multiple_of=hidden)

@@ -6,8 +6,11 @@ a backend binds inputs and outputs by the spec's tensor names. The shared loop
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import Tensor
 
+from d2c_export.errors import EngineError
 from d2c_export.stages import STAGES
 from d2c_export.targets import Target
 from reference.gpt import empty_cache
@@ -42,6 +45,20 @@ class Backend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_graph_io(path: Path, stage: str, config: D2CConfig, inputs: list[tuple[str, int]],
+                   outputs: list[tuple[str, int]], fix: str) -> None:
+    """Refuse a graph or plan whose input and output names and ranks are not the stage's (another stage's file
+    recorded under this stage, say)."""
+    spec = STAGES[stage]
+    want = ([(t.name, len(t.shape)) for t in spec.input_specs(config)],
+            [(t.name, len(t.shape)) for t in spec.output_specs(config)])
+    if (sorted(inputs), sorted(outputs)) != (sorted(want[0]), sorted(want[1])):
+        got = ", ".join(n for n, _ in inputs) + " -> " + ", ".join(n for n, _ in outputs)
+        need = ", ".join(n for n, _ in want[0]) + " -> " + ", ".join(n for n, _ in want[1])
+        raise EngineError(f"{path.name} is not the {stage} stage of this model (it computes {got}; the stage is "
+                          f"{need}); rebuild with `{fix}`")
 
 
 class Wrapper:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from d2c_export.backends.base import Backend
+from d2c_export.backends.base import Backend, check_graph_io
 from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
 from d2c_export.targets import BackendName, Precision, Target
@@ -83,8 +83,15 @@ class OrtBackend(Backend):
         self.max_batch = engines.max_batch
         chosen = provider_list or providers()
         optimize = not (keep_fp16_rounding and precision is Precision.FP16)
-        self.sessions = {spec.name: OrtSession(engines.file(spec.name, self.target.kind), chosen, threads, optimize)
-                         for spec in engines.specs()}
+        self.sessions = {}
+        for spec in engines.specs():
+            path = engines.file(spec.name, self.target.kind)
+            session = OrtSession(path, chosen, threads, optimize)
+            check_graph_io(path, spec.name, self.config,
+                           [(i.name, len(i.shape)) for i in session.session.get_inputs()],
+                           [(o.name, len(o.shape)) for o in session.session.get_outputs()],
+                           engines.rebuild_command(self.target.kind))
+            self.sessions[spec.name] = session
         first = next(iter(self.sessions.values()))
         self.providers = first.session.get_providers()
         self.device = first.device

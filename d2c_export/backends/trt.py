@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from d2c_export.backends.base import Backend
+from d2c_export.backends.base import Backend, check_graph_io
 from d2c_export.backends.cuda_device import ALIGNMENT
 from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
@@ -271,8 +271,13 @@ class TrtBackend(Backend):
         for spec in engines.specs():
             entry = engines.entry(spec.name, self.target.kind)  # files present, sha256 matches
             check_plan(engines, spec.name, entry, self.running)
-            self.engines[spec.name] = Engine(trt, device, engines.file(spec.name, self.target.kind), self.stream,
-                                             input_profiles(entry), spec.cuda_graph)
+            engine = Engine(trt, device, engines.file(spec.name, self.target.kind), self.stream, input_profiles(entry),
+                            spec.cuda_graph)
+            check_graph_io(engine.path, spec.name, self.config,
+                           [(n, len(engine.engine.get_tensor_shape(n))) for n in engine.inputs],
+                           [(n, len(engine.engine.get_tensor_shape(n))) for n in engine.outputs],
+                           engines.rebuild_command(self.target.kind))
+            self.engines[spec.name] = engine
         self.description = f"TensorRT {trt.__version__} ({precision.value}) on {self.running['gpu']}"
 
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:

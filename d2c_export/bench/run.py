@@ -220,7 +220,9 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
     torch.set_num_threads(threads)
     config = engines.config
     for batch in batches:
-        check_request(config, engines.max_batch, bench_labels(config.num_classes, batch))
+        check_request(config, engines.max_batch, bench_labels(config.num_classes, batch),
+                      f"use --batch values up to {engines.max_batch}, or re-export with "
+                      f"`{engines.rebuild_command('onnx-fp32', max_batch=max(batches))}`")
     with ExitStack() as stack:
         columns = [Column(t, stack.enter_context(open_backend(engines, t, threads))) for t in targets]
         for b in columns:

@@ -42,7 +42,7 @@ from d2c_export.errors import EngineError
 from d2c_export.export.manifest import StageEntry
 from d2c_export.export.onnx import EXTERNAL_DATA_BYTES, check_graph, entry_for, graph_name
 from d2c_export.stages import StageSpec
-from reference.files import publish_dir
+from reference.files import directory_lock, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,11 @@ def convert_stage(engines: Engines, spec: StageSpec) -> StageEntry:
 
 def convert_engines(engines: Engines, stages: str | list[str] = "all", progress: bool = True) -> None:
     """Write `<stage>.fp16.onnx` next to every exported FP32 graph and record them as kind `onnx-fp16`."""
+    with directory_lock(engines.directory, "an FP16 conversion"):
+        _convert_locked(engines, stages, progress)
+
+
+def _convert_locked(engines: Engines, stages: str | list[str], progress: bool) -> None:
     bar = tqdm(engines.specs(stages), desc="fp16", unit="stage", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)

@@ -1,7 +1,9 @@
 """`engines/manifest.json`: what was built from what (files with their sha256, the model source, profiles)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +12,55 @@ from reference.files import write_json_atomic
 from reference.model import D2CConfig
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: the gpt graph reads a per-layer cache and returns only the step's keys and values
+# 2: the gpt graph reads a per-layer cache and returns only the step's keys and values
+# 3: the config carries its sha256 (an edited config is refused); the model's recommended sampling is recorded
+FORMAT_VERSION = 3
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def config_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _problem(data) -> str | None:
+    """What is wrong with the shape of a manifest's data (a schema check), or None."""
+    types = {"config": dict, "source": dict, "max_batch": int, "exporter": str, "stages": dict, "sampling": dict,
+             "config_sha256": str}
+    for key, kind in types.items():
+        if key not in data:
+            return f"it has no {key!r}"
+        if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
+            return f"{key!r} is a {type(data[key]).__name__}, not a {kind.__name__}"
+    if data["max_batch"] < 1:
+        return f"max_batch is {data['max_batch']}"
+    if data["config_sha256"] != config_digest(data["config"]):
+        return "its config was changed after export (the config's sha256 does not match)"
+    for stage, kinds in data["stages"].items():
+        if not isinstance(kinds, dict):
+            return f"stage {stage!r} is a {type(kinds).__name__}, not an object of builds"
+        for kind, e in kinds.items():
+            if not isinstance(e, dict):
+                return f"{stage}:{kind} is a {type(e).__name__}, not an object"
+            files = e.get("files")
+            if not isinstance(files, dict) or not files or not all(
+                    isinstance(k, str) and isinstance(v, str) and HEX64.fullmatch(v) for k, v in files.items()):
+                return f"{stage}:{kind} has no valid files (name -> sha256)"
+            if e.get("precision") not in ("fp32", "fp16"):
+                return f"{stage}:{kind} has precision {e.get('precision')!r}"
+            for io in ("inputs", "outputs"):
+                if not isinstance(e.get(io), list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                                            and isinstance(t.get("shape"), list) for t in e[io]):
+                    return f"{stage}:{kind} has malformed {io}"
+            profile = e.get("profile")
+            if not isinstance(profile, dict) or not all(
+                    isinstance(r, list) and len(r) == 3 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                for x in r) and r[0] <= r[1] <= r[2]
+                    for r in profile.values()):
+                return f"{stage}:{kind} has a malformed profile"
+            extra = set(e) - {"files", "precision", "inputs", "outputs", "profile", "opset", "tensorrt"}
+            if extra:
+                return f"{stage}:{kind} has unknown fields {sorted(extra)}"
+    return None
 
 
 @dataclass
@@ -49,7 +99,8 @@ class Manifest:
 
     def to_dict(self) -> dict:
         return {"format_version": self.format_version, "config": self.config, "source": self.source,
-                "max_batch": self.max_batch, "exporter": self.exporter, "sampling": self.sampling,
+                "config_sha256": config_digest(self.config), "max_batch": self.max_batch, "exporter": self.exporter,
+                "sampling": self.sampling,
                 "stages": {s: {k: vars(e) for k, e in kinds.items()} for s, kinds in self.stages.items()}}
 
     def save(self, directory: Path) -> None:
@@ -66,9 +117,12 @@ class Manifest:
             raise EngineError(f"{path} is not a manifest (a JSON {type(data).__name__}, not an object)")
         if data.get("format_version") != FORMAT_VERSION:
             raise EngineError(f"{path} has format version {data.get('format_version')}, expected {FORMAT_VERSION}")
+        problem = _problem(data)
+        if problem:
+            raise EngineError(f"{path} is not a valid manifest: {problem}")
         try:
             stages = {s: {k: StageEntry(**e) for k, e in kinds.items()} for s, kinds in data["stages"].items()}
             return cls(config=data["config"], source=data["source"], max_batch=data["max_batch"],
-                       exporter=data["exporter"], stages=stages, sampling=data.get("sampling", {}))
+                       exporter=data["exporter"], stages=stages, sampling=data["sampling"])
         except (KeyError, TypeError, AttributeError) as exc:
             raise EngineError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None

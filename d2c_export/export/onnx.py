@@ -19,7 +19,7 @@ from tqdm import tqdm
 from d2c_export.errors import EngineError
 from d2c_export.export.manifest import MANIFEST, Manifest, StageEntry
 from d2c_export.stages import DEFAULT_MAX_BATCH, StageSpec, stages_for
-from reference.files import publish_dir
+from reference.files import directory_lock, publish_dir, remove_leftovers
 from reference.model import D2C
 from reference.pipeline import SamplingParams
 
@@ -112,27 +112,55 @@ def export_model(model: D2C, out_dir: str | Path, source: dict, stages: str | li
     `SamplingParams.recommended_for(model.config)`.
     """
     out_dir = Path(out_dir)
+    check_finite(model)
+    specs = stages_for(model.config, stages)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with directory_lock(out_dir, "an export"):
+            return _export_locked(model, out_dir, source, specs, opset, max_batch, progress, sampling)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed first export leaves no empty folder behind
+        raise
+
+
+def check_finite(model: D2C) -> None:
+    """Refuse weights with NaN or inf: every graph made from them would compute garbage."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise EngineError(f"the weights hold non-finite values (NaN or inf), first in {name}; export a "
+                              "checkpoint whose weights are finite")
+
+
+def _export_locked(model: D2C, out_dir: Path, source: dict, specs: list[StageSpec], opset: int, max_batch: int,
+                   progress: bool, sampling: dict | None) -> Manifest:
+    for leftover in remove_leftovers(out_dir):
+        log.info("removed %s, left by an interrupted export", leftover.name)
     config_dict = model.config.to_dict()
-    manifest = None
+    old = None
     if (out_dir / MANIFEST).is_file():
         try:
-            manifest = Manifest.read(out_dir / MANIFEST)
+            old = Manifest.read(out_dir / MANIFEST)
         except EngineError:
-            manifest = None
-    if manifest is not None and (manifest.config != config_dict or manifest.source != source
-                                 or manifest.max_batch != max_batch):
-        manifest = None
-    manifest = manifest or Manifest(config=config_dict, source=source, max_batch=max_batch, exporter=EXPORTER)
+            old = None
+    same_model = old is not None and (old.config, old.source, old.max_batch) == (config_dict, source, max_batch)
+    manifest = old if same_model else Manifest(config=config_dict, source=source, max_batch=max_batch,
+                                               exporter=EXPORTER)
     manifest.sampling = dict(SamplingParams.recommended_for(model.config) if sampling is None else sampling)
-    specs = stages_for(model.config, stages)
     bar = tqdm(specs, desc="export", unit="stage", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)
         start = time.perf_counter()
         entry = export_stage(model, spec, out_dir, opset, max_batch)
-        manifest.stages.setdefault(spec.name, {})["onnx-fp32"] = entry
+        manifest.stages[spec.name] = {"onnx-fp32": entry}  # other builds of the stage were made from the old graph
         manifest.save(out_dir)
         log.info("exported %s in %.1f s -> %s", spec.name, time.perf_counter() - start, ", ".join(entry.files))
+    if old is not None:
+        kept = {name for kinds in manifest.stages.values() for e in kinds.values() for name in e.files}
+        for name in {n for kinds in old.stages.values() for e in kinds.values() for n in e.files} - kept:
+            stale = out_dir / name
+            if stale.is_file() and stale.resolve().parent == out_dir.resolve():
+                stale.unlink()
+                log.info("removed %s, which the new manifest no longer lists", name)
     return manifest
-

@@ -20,7 +20,7 @@ from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
 from d2c_export.export.manifest import StageEntry
 from d2c_export.trt_platform import require_tensorrt, running_platform
-from reference.files import sha256_file, write_bytes_atomic
+from reference.files import directory_lock, sha256_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,19 @@ def build_engines(engines: Engines, fp16: bool = True, stages: str | list[str] =
     `trt` and `device` default to the `tensorrt` module and the CUDA device (the tests pass their contract fakes).
     """
     trt = trt or require_tensorrt()
+    with directory_lock(engines.directory, "a TensorRT build"):
+        _build_locked(engines, fp16, stages, workspace_gib, timing_cache, progress, trt, device)
+
+
+def _build_locked(engines: Engines, fp16: bool, stages, workspace_gib: float, timing_cache, progress: bool, trt,
+                  device) -> None:
     precision = "fp16" if fp16 else "fp32"
     specs = engines.specs(stages)
     if fp16:
         todo = [s.name for s in specs if "onnx-fp16" not in engines.manifest.stages.get(s.name, {})]
         if todo:
-            from d2c_export.export.fp16 import convert_engines
-            convert_engines(engines, todo, progress=progress)
+            from d2c_export.export.fp16 import _convert_locked
+            _convert_locked(engines, todo, progress)
     platform = running_platform(trt, device)
     cache = Path(timing_cache) if timing_cache is not None else engines.directory / TIMING_CACHE
     bar = tqdm(specs, desc=f"trt {precision}", unit="stage", disable=not progress)

@@ -200,6 +200,9 @@ class CudaEngine:
     def get_tensor_mode(self, name: str) -> TensorIOMode:
         return self.io[name][0]
 
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(-1 if isinstance(d, str) else d for d in self.io[name][2])
+
     def get_tensor_dtype(self, name: str) -> DataType:
         return _TRT_DTYPE[self.io[name][1]]
 
