@@ -47,8 +47,8 @@ def _load(name: str, state: dict, kl16):
     """The part of `state` (manifest `name`'s layout) loaded through the official path."""
     if name in MAR_PRESET:
         return assemble(weights_from_object({"model": state, "model_ema": state}, name), vae=kl16)
-    if name in GPT_PRESET:
-        return load_gpt(weights_from_object({"model": state}, name))
+    if name in GPT_PRESET:  # as LlamaGen publishes it: the image size ends the file name (the tokens are not stored)
+        return load_gpt(weights_from_object({"model": state}, f"c2i_{name[-1].upper()}_256.pt"))
     return load_vae(weights_from_object({"model": state}, name))
 
 
@@ -159,7 +159,7 @@ def test_files_detected_and_training_entries_tolerated(files, tmp_path):
 def test_refused_and_unreadable_files_are_clear(tmp_path):
     path = tmp_path / "objects.pth"
     torch.save({"model": weights(OFFICIAL / "vae_tiny_a"), "loader": LoaderState(3)}, path)
-    with pytest.raises(CheckpointError, match="weights_only=True.*refused.*LoaderState"):
+    with pytest.raises(CheckpointError, match="holds Python code or objects.*LoaderState.*was not run"):
         read_weights(path)
     junk, truncated = tmp_path / "junk.pth", tmp_path / "truncated.pth"
     junk.write_bytes(b"not a checkpoint at all")
