@@ -9,69 +9,22 @@ interrupt); no command prints a traceback for bad input.
 from __future__ import annotations
 
 import logging
-import math
-import sys
 from pathlib import Path
-from typing import Callable
 
 import click
 
+from d2c_export.cli_support import SEED, Command, Finite, Group
 from d2c_export.engines import DEFAULT_ENGINES, Engines
-from d2c_export.errors import EngineError
 from d2c_export.stages import DEFAULT_MAX_BATCH, STAGES
 from d2c_export.targets import AUTO, BackendName, Precision, TargetError, choices, parse_list
-from reference.checkpoint import CheckpointError
-from reference.files import BusyError, OutputPathError, check_output_file
-from reference.model import PRESETS
 from reference.diffusion import TRAIN_STEPS
+from reference.files import check_output_file
+from reference.model import PRESETS
 from reference.pipeline import SamplingParams
 from reference.sampling import CfgSchedule
 
 log = logging.getLogger("d2c")
-USER_ERRORS = (EngineError, CheckpointError, TargetError, OutputPathError, BusyError, ValueError, KeyError, OSError)
 QUIET_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")  # per-op chatter of the ONNX exporter's passes
-
-
-def one_line(text: str) -> str:
-    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
-
-
-def run_handled(call: Callable[[], object]) -> int:
-    """Run a command; a user error, a bad flag or an interrupt becomes one line on stderr."""
-    try:
-        rv = call()
-        return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        print(f"error: {one_line(exc.format_message())}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        print("error: interrupted; nothing was written under a final name", file=sys.stderr)
-        return 130
-    except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {one_line(message)}", file=sys.stderr)
-        return 2
-
-
-class _Handled:
-    """click's `main` with the project's error handling: returns the exit code, or exits with it standalone."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        code = run_handled(lambda: super(_Handled, self).main(args, prog_name, complete_var, standalone_mode=False,
-                                                              **extra))
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-
-class Command(_Handled, click.Command):
-    pass
-
-
-class Group(_Handled, click.Group):
-    command_class = Command
 
 
 def _logging(quiet: bool) -> None:
@@ -96,19 +49,6 @@ def engines_option(fn=None, *, help_text: str = "exported engines directory"):
 
 
 quiet_option = click.option("--quiet", is_flag=True, help="no progress display")
-SEED = click.IntRange(min=0, max=2 ** 63 - 1)
-
-
-class Finite(click.FloatRange):
-    """A finite float within a range (click's FloatRange lets NaN through)."""
-
-    name = "finite float"
-
-    def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if not math.isfinite(value):
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return value
 SAMPLING_FIELDS = ("cfg", "cfg_schedule", "num_iter", "diffusion_steps", "temperature", "top_k", "top_p")
 sampling_options = _options(
     click.option("--cfg", type=Finite(min=0.0), help="guidance scale (1: none)"),

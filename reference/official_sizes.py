@@ -72,7 +72,7 @@ def _heads(override: int | None, table: dict[tuple[int, int], int], width: int, 
     if (width, depth) in table:
         return table[(width, depth)]
     raise CheckpointError(f"{source}: a {depth}-layer, {width}-wide {what} is not an official size, and attention "
-                          f"heads cannot be read from shapes; pass the head count ({option} N)")
+                          f"heads cannot be read from shapes; pass the head count ({option}=N)")
 
 
 # -- LlamaGen GPT ----------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def gpt_args_from_state(state: dict[str, Tensor], source: str, n_head: int | Non
         elif block_size != rope.shape[0] - 1:
             raise CheckpointError(f"{source}: freqs_cis covers {rope.shape[0] - 1} image tokens, "
                                   f"the stage 2 expects {block_size}")
-    n_head = _heads(n_head, LLAMAGEN_HEADS, dim, n_layer, "LlamaGen GPT", "--gpt-heads", source)
+    n_head = _heads(n_head, LLAMAGEN_HEADS, dim, n_layer, "LlamaGen GPT", "gpt_heads", source)
     if block_size is None:
         block_size = _block_size_from_name(source)
     base = dict(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab, block_size=block_size,
@@ -173,7 +173,7 @@ def mar_args_from_state(state: dict[str, Tensor], source: str, vae: VAEArgs, hea
     seq_h = math.isqrt(seq_len)
     if seq_h * seq_h != seq_len:
         raise CheckpointError(f"{source}: diffusion_pos_embed_learned has {seq_len} tokens, not a square grid")
-    n_heads = _heads(heads, MAR_HEADS, width, enc_depth, "MAR", "--mar-heads", source)
+    n_heads = _heads(heads, MAR_HEADS, width, enc_depth, "MAR", "mar_heads", source)
     fusion = _fusion(state)
     extra = {}
     if fusion is not Fusion.NONE:

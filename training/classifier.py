@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn

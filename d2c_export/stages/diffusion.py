@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from d2c_export.stages.flop_math import linear
-from d2c_export.stages.spec import Shapes, Sizes, StageSpec, TensorSpec, default_parity_sizes, register
+from d2c_export.stages.spec import Sizes, StageSpec, TensorSpec, default_parity_sizes, register
 from reference.diffusion import NUM_COEFS, make_tables
 from reference.diffusion_head import FREQ_EMBED_DIM
 from reference.model import D2CConfig

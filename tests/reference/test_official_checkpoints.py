@@ -176,11 +176,11 @@ def test_parts_in_the_wrong_roles_are_refused(files, monkeypatch):
     from reference import official_sizes
     monkeypatch.setattr(official_sizes, "MAR_HEADS", {k: v for k, v in official_sizes.MAR_HEADS.items()
                                                       if k != (64, 2)})
-    with pytest.raises(CheckpointError, match="holds no VAE.*--vae"):
+    with pytest.raises(CheckpointError, match="holds no VAE.*vae=PATH"):
         assemble(files["mar"], mar_heads=MAR_HEADS)
-    with pytest.raises(CheckpointError, match="--mar-heads"):
+    with pytest.raises(CheckpointError, match="mar_heads=N"):
         assemble(files["mar"], vae=files["vae"])
-    with pytest.raises(CheckpointError, match="not a stage-2 checkpoint.*--gpt"):
+    with pytest.raises(CheckpointError, match="not a stage-2 checkpoint.*gpt=PATH"):
         assemble(files["gpt"], vae=files["vae"])
     with pytest.raises(CheckpointError, match="plain MAR.*drop the GPT"):
         assemble(files["mar"], gpt=files["gpt"], vae=files["vae"], mar_heads=MAR_HEADS, gpt_heads=GPT_HEADS)
@@ -242,7 +242,7 @@ def test_d2c_from_gpt_and_native_or_mar_layout_stage2(files, tmp_path):
         assert torch.equal(model.mar.condition.queries, native.mar.condition.queries)
     assert torch.equal(a.vae.decoder.conv_out.weight, native.vae.decoder.conv_out.weight)
     assert torch.equal(b.vae.decoder.conv_out.weight, weights(OFFICIAL / "vae_tiny_a")["decoder.conv_out.weight"])
-    with pytest.raises(CheckpointError, match="needs its stage-1 GPT.*--gpt"):
+    with pytest.raises(CheckpointError, match="needs its stage-1 GPT.*gpt=PATH"):
         assemble(tmp_path / "stage2.pth", vae=files["vae"])
 
 

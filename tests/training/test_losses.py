@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from training import losses
 from reference.diffusion import make_tables
 from reference.diffusion_head import HeadArgs, SimpleMLPAdaLN
 from training.losses import (diffusion_loss, diffusion_terms, gpt_loss, mar_loss, truncated_mask_ratio)
