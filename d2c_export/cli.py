@@ -19,7 +19,7 @@ from d2c_export.stages import DEFAULT_MAX_BATCH, STAGES
 from d2c_export.targets import AUTO, BackendName, Precision, TargetError, choices, parse_list
 from reference.diffusion import TRAIN_STEPS
 from reference.files import check_output_file
-from reference.model import PRESETS
+from reference.model import PRESETS, get_config
 from reference.pipeline import SamplingParams
 from reference.sampling import CfgSchedule
 
@@ -68,14 +68,18 @@ def sampling_from(engines: Engines, flags: dict) -> SamplingParams:
     given = {k: flags[k] for k in SAMPLING_FIELDS if flags.get(k) is not None}
     base = {k: v for k, v in vars(engines.sampling).items()}
     params = SamplingParams(**{**base, **given})
-    try:
-        params.check_for(engines.config)
-    except ValueError as exc:
-        flag = "--num-iter" if "num_iter" in str(exc) else "--top-k"
-        raise click.UsageError(f"{flag}: {exc}") from None
+    _check_for(params, engines.config)
     log.info("sampling: %s (%s)", params.describe(),
              "the engines' recommended settings" + (f", with {', '.join(sorted(given))} given" if given else ""))
     return params
+
+
+def _check_for(params: SamplingParams, config) -> None:
+    try:
+        params.check_for(config)
+    except ValueError as exc:
+        flag = "--num-iter" if "num_iter" in str(exc) else "--top-k"
+        raise click.UsageError(f"{flag}: {exc}") from None
 
 
 def _backend_choice():
@@ -277,8 +281,11 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
         raise ValueError("bench.png needs matplotlib: pip install -e '.[plot]', or pass --no-plot")
     check_available(backends)
     options = dict(repeat=repeat, warmup=warmup, threads=threads or None, seed=seed, progress=not quiet)
-    if config:
-        params = SamplingParams(**{k: v for k, v in flags.items() if v is not None})
+    if config:  # the preset's recorded settings, as its exported engines would hold them, checked before the export
+        preset = get_config(config)
+        given = {k: v for k, v in flags.items() if v is not None}
+        params = SamplingParams(**{**SamplingParams.recommended_for(preset), **given})
+        _check_for(params, preset)
         result = bench_from_config(config, out, backends, batch, params, **options)
     else:
         engines = Engines.open(engines_dir)

@@ -247,20 +247,21 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
                        load_average=load)
 
 
-def export_for_bench(config: str, directory: Path, targets: list[Target], max_batch: int) -> Engines:
+def export_for_bench(config: str, directory: Path, targets: list[Target], max_batch: int,
+                     progress: bool = True) -> Engines:
     """Export preset `config` (random weights) with what `targets` need (FP16 graphs, TensorRT plans)."""
     from d2c_export.export.onnx import export_model
     from d2c_export.sources import ModelRequest, build_model
     model, source = build_model(ModelRequest(config=config))
-    export_model(model, directory, source, max_batch=max_batch)
+    export_model(model, directory, source, max_batch=max_batch, progress=progress)
     engines = Engines.open(directory)
     if any(t.kind == "onnx-fp16" for t in targets):
         from d2c_export.export.fp16 import convert_engines
-        convert_engines(engines)
+        convert_engines(engines, progress=progress)
     for t in targets:
         if t.backend is BackendName.TRT and not engines.has(t.kind):
             from d2c_export.export.trt_build import build_engines
-            build_engines(engines, fp16=t.kind.endswith("fp16"))
+            build_engines(engines, fp16=t.kind.endswith("fp16"), progress=progress)
     return engines
 
 
@@ -272,7 +273,8 @@ def bench_from_config(config: str, out: Path, targets: list[Target], batches: li
     out.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix=".engines-") as tmp:
-            engines = export_for_bench(config, Path(tmp), targets, max(DEFAULT_MAX_BATCH, *batches))
+            engines = export_for_bench(config, Path(tmp), targets, max(DEFAULT_MAX_BATCH, *batches),
+                                       kwargs.get("progress", True))
             return run_benchmark(engines, targets, batches, params, **kwargs)
     except BaseException:
         if created and not any(out.iterdir()):

@@ -101,3 +101,12 @@ def test_gpt_image_tokens_are_required_when_the_name_does_not_tell(tmp_path):
     torch.save({"model": weights(OFFICIAL / "gpt_tiny_a")}, path)
     with pytest.raises(CheckpointError, match="number of image tokens is not in the weights"):
         load_gpt(path, n_head=GPT_HEADS)
+
+
+def test_bench_of_a_preset_checks_its_settings_before_exporting(tmp_path, capsys):
+    from d2c_export.cli import bench_main
+    out = tmp_path / "bench"
+    code, err = run_cli(bench_main, ["--config", "d2c-tiny", "--num-iter", "99", "--no-plot", "--out", out, "--quiet"],
+                        capsys)
+    assert_one_line_error(code, err, "--num-iter", "16 latent tokens")
+    assert not out.exists() and "export" not in err
