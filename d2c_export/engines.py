@@ -6,7 +6,6 @@ most once (`Engines.model`).
 """
 from __future__ import annotations
 
-import logging
 from functools import cached_property
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from reference.files import sha256_file
 from reference.model import D2C, D2CConfig
 from reference.pipeline import SamplingParams
 
-log = logging.getLogger(__name__)
 DEFAULT_ENGINES = Path("engines")
 
 

@@ -113,6 +113,20 @@ def publish_dir(target_dir: str | Path, label: str) -> Iterator[tuple[Path, dict
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def output_directory(path: str | Path) -> Iterator[Path]:
+    """`path` made if missing; a folder this block made is removed again when the block fails and left it empty."""
+    path = Path(path)
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if made and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
 class BusyError(RuntimeError):
     """Another process holds the lock of a directory this one would write."""
 

@@ -32,15 +32,16 @@ def open_backend(engines: Engines, target: Target, threads: int = 0, keep_fp16_r
     if target.backend is BackendName.TORCH:
         from d2c_export.backends.pytorch import TorchBackend
         return TorchBackend(engines, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    trt = None
     if target.backend is BackendName.TRT:
         from d2c_export.trt_platform import RUN_HINT, require_tensorrt
-        require_tensorrt(RUN_HINT)  # what is missing here comes before what is missing in the directory
+        trt = require_tensorrt(RUN_HINT)  # what is missing here comes before what is missing in the directory
     if not engines.has(target.kind):
         raise EngineError(f"{engines.directory} has no {target.kind} build of every stage, so {target.name!r} "
                           f"cannot run; build it with `{engines.rebuild_command(target.kind)}`")
-    if target.backend is BackendName.TRT:
+    if trt is not None:
         from d2c_export.backends.trt import TrtBackend
-        return TrtBackend(engines, target.precision)
+        return TrtBackend(engines, target.precision, trt=trt)
     from d2c_export.backends.ort import OrtBackend
     return OrtBackend(engines, target.precision, threads, keep_fp16_rounding)
 

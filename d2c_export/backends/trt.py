@@ -127,23 +127,28 @@ class Engine:
                               "which TensorRT requires")
         return address
 
-    def _bind(self, context, buffers: dict[str, Tensor]) -> None:
-        """Shapes and addresses of `buffers` onto `context`, every return value checked."""
+    def _set_shapes(self, context, buffers: dict[str, Tensor]) -> None:
         for n in self.inputs:
             if not context.set_input_shape(n, tuple(buffers[n].shape)):
                 raise EngineError(f"{self.path.name}: TensorRT refused input {n} of shape {tuple(buffers[n].shape)}; "
                                   "re-export with a larger --max-batch")
+
+    def _set_addresses(self, context, buffers: dict[str, Tensor]) -> None:
         for n in self.outputs + self.inputs:
-            if n in buffers and not context.set_tensor_address(n, self._address(n, buffers[n])):
+            if not context.set_tensor_address(n, self._address(n, buffers[n])):
                 raise EngineError(f"{self.path.name}: TensorRT refused the address of tensor {n}")
 
-    def _outputs_for(self, context, buffers: dict[str, Tensor]) -> None:
-        for n in self.inputs:
-            if not context.set_input_shape(n, tuple(buffers[n].shape)):
-                raise EngineError(f"{self.path.name}: TensorRT refused input {n} of shape {tuple(buffers[n].shape)}; "
-                                  "re-export with a larger --max-batch")
+    def _bind(self, context, buffers: dict[str, Tensor]) -> None:
+        """Shapes and addresses of `buffers` onto `context`, every return value checked."""
+        self._set_shapes(context, buffers)
+        self._set_addresses(context, buffers)
+
+    def _bind_new(self, context, buffers: dict[str, Tensor]) -> None:
+        """Input `buffers` bound on `context`, with output buffers (added) of the shapes TensorRT computes for them."""
+        self._set_shapes(context, buffers)
         for n in self.outputs:
             buffers[n] = device_buffer(self.device, tuple(context.get_tensor_shape(n)), self.dtypes[n])
+        self._set_addresses(context, buffers)
 
     def binding(self, shapes: dict[str, tuple[int, ...]], given: dict[str, Tensor] | None = None) -> Binding:
         """The binding of these input shapes, made on first use and reused. The inputs in `given` are bound to those
@@ -165,17 +170,15 @@ class Engine:
                    device_buffer(self.device, tuple(shapes[n]), self.dtypes[n]) for n in self.inputs}
         if self.cuda_graphs:
             context = self.engine.create_execution_context()
-            self._outputs_for(context, buffers)
-            self._bind(context, buffers)
-            b = Binding(key, buffers, context)
-            limit = GRAPH_CACHE
+            self._bind_new(context, buffers)
+            b, limit = Binding(key, buffers, context), GRAPH_CACHE
         else:
             if self._shared is None:
                 self._shared = self.engine.create_execution_context()
             self._shared_key = None  # half-updated until the bind below has succeeded
-            self._outputs_for(self._shared, buffers)
-            b = Binding(key, buffers)
-            limit = BUFFER_CACHE
+            self._bind_new(self._shared, buffers)
+            self._shared_key = key
+            b, limit = Binding(key, buffers), BUFFER_CACHE
         self._bindings[key] = b
         while len(self._bindings) > limit:
             old, _ = self._bindings.popitem(last=False)

@@ -30,6 +30,7 @@ from d2c_export.errors import EngineError
 from d2c_export.generate import check_request, generate_images
 from d2c_export.stages import DEFAULT_MAX_BATCH
 from d2c_export.targets import BackendName, Target
+from reference.files import output_directory
 from reference.pipeline import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -269,14 +270,7 @@ def bench_from_config(config: str, out: Path, targets: list[Target], batches: li
                       **kwargs) -> BenchResult:
     """Export `config` into a temporary engines directory under `out`, benchmark it, then remove it."""
     check_available(targets)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(dir=out, prefix=".engines-") as tmp:
-            engines = export_for_bench(config, Path(tmp), targets, max(DEFAULT_MAX_BATCH, *batches),
-                                       kwargs.get("progress", True))
-            return run_benchmark(engines, targets, batches, params, **kwargs)
-    except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()  # nothing was written: leave no empty folder behind
-        raise
+    with output_directory(out), tempfile.TemporaryDirectory(dir=out, prefix=".engines-") as tmp:
+        engines = export_for_bench(config, Path(tmp), targets, max(DEFAULT_MAX_BATCH, *batches),
+                                   kwargs.get("progress", True))
+        return run_benchmark(engines, targets, batches, params, **kwargs)

@@ -94,6 +94,10 @@ class Manifest:
     def d2c_config(self) -> D2CConfig:
         return D2CConfig.from_dict(self.config)
 
+    def file_names(self) -> set[str]:
+        """Every file the manifest lists, of every stage and kind."""
+        return {name for kinds in self.stages.values() for e in kinds.values() for name in e.files}
+
     def kinds(self) -> list[str]:
         return sorted({k for kinds in self.stages.values() for k in kinds})
 

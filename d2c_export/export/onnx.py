@@ -19,7 +19,7 @@ from tqdm import tqdm
 from d2c_export.errors import EngineError
 from d2c_export.export.manifest import MANIFEST, Manifest, StageEntry
 from d2c_export.stages import DEFAULT_MAX_BATCH, StageSpec, stages_for
-from reference.files import directory_lock, publish_dir, remove_leftovers
+from reference.files import directory_lock, output_directory, publish_dir, remove_leftovers
 from reference.model import D2C
 from reference.pipeline import SamplingParams
 
@@ -114,15 +114,8 @@ def export_model(model: D2C, out_dir: str | Path, source: dict, stages: str | li
     out_dir = Path(out_dir)
     check_finite(model)
     specs = stages_for(model.config, stages)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with directory_lock(out_dir, "an export"):
-            return _export_locked(model, out_dir, source, specs, opset, max_batch, progress, sampling)
-    except BaseException:
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # a failed first export leaves no empty folder behind
-        raise
+    with output_directory(out_dir), directory_lock(out_dir, "an export"):  # a failed first export leaves no folder
+        return _export_locked(model, out_dir, source, specs, opset, max_batch, progress, sampling)
 
 
 def check_finite(model: D2C) -> None:
@@ -157,8 +150,7 @@ def _export_locked(model: D2C, out_dir: Path, source: dict, specs: list[StageSpe
         manifest.save(out_dir)
         log.info("exported %s in %.1f s -> %s", spec.name, time.perf_counter() - start, ", ".join(entry.files))
     if old is not None:
-        kept = {name for kinds in manifest.stages.values() for e in kinds.values() for name in e.files}
-        for name in {n for kinds in old.stages.values() for e in kinds.values() for n in e.files} - kept:
+        for name in old.file_names() - manifest.file_names():
             stale = out_dir / name
             if stale.is_file() and stale.resolve().parent == out_dir.resolve():
                 stale.unlink()
