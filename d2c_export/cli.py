@@ -15,6 +15,7 @@ import click
 
 from d2c_export.cli_support import SEED, Command, Finite, Group
 from d2c_export.engines import DEFAULT_ENGINES, Engines
+from d2c_export.export.onnx import DEFAULT_OPSET
 from d2c_export.stages import DEFAULT_MAX_BATCH, STAGES
 from d2c_export.targets import AUTO, BackendName, Precision, TargetError, choices, parse_list
 from reference.diffusion import TRAIN_STEPS
@@ -63,34 +64,44 @@ sampling_options = _options(
 SAMPLING_HELP = "Sampling flags left out take the engines' recommended settings for their model."
 
 
-def sampling_from(engines: Engines, flags: dict) -> SamplingParams:
-    """The engines' recommended settings with the given flags over them, validated for the model."""
+def sampling_from(recommended: dict, config, flags: dict) -> SamplingParams:
+    """The model's recommended settings with the given flags over them, validated for the model (`config`)."""
     given = {k: flags[k] for k in SAMPLING_FIELDS if flags.get(k) is not None}
-    base = {k: v for k, v in vars(engines.sampling).items()}
-    params = SamplingParams(**{**base, **given})
-    _check_for(params, engines.config)
-    log.info("sampling: %s (%s)", params.describe(),
-             "the engines' recommended settings" + (f", with {', '.join(sorted(given))} given" if given else ""))
-    return params
-
-
-def _check_for(params: SamplingParams, config) -> None:
+    params = SamplingParams(**{**recommended, **given})
     try:
         params.check_for(config)
     except ValueError as exc:
         flag = "--num-iter" if "num_iter" in str(exc) else "--top-k"
         raise click.UsageError(f"{flag}: {exc}") from None
+    log.info("sampling: %s (%s)", params.describe(),
+             "the engines' recommended settings" + (f", with {', '.join(sorted(given))} given" if given else ""))
+    return params
+
+
+def engines_sampling(engines: Engines, flags: dict) -> SamplingParams:
+    return sampling_from(vars(engines.sampling), engines.config, flags)
 
 
 def _backend_choice():
     return click.Choice([AUTO, *(b.value for b in BackendName)])
 
 
+precision_option = click.option("--precision", type=click.Choice([p.value for p in Precision]),
+                                default=Precision.FP32.value, show_default=True)
 backend_options = _options(
     click.option("--backend", type=_backend_choice(), default=AUTO, show_default=True,
                  help="auto: TensorRT where its plans and a GPU exist, else ONNX Runtime"),
-    click.option("--precision", type=click.Choice([p.value for p in Precision]), default=Precision.FP32.value,
-                 show_default=True),
+    precision_option,
+)
+# the files and options beside a stage-2 checkpoint, as `sources.OfficialParts` holds them
+official_options = _options(
+    click.option("--gpt", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="LlamaGen c2i GPT checkpoint (stage 1 of a D2C stage-2 --checkpoint)"),
+    click.option("--vae", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="MAR's KL VAE checkpoint (kl16.ckpt); needed with an official MAR --checkpoint"),
+    click.option("--ema/--no-ema", default=True, show_default=True, help="use the EMA weights where a file has them"),
+    click.option("--mar-heads", type=click.IntRange(min=1), help="attention heads of a MAR that is not an official size"),
+    click.option("--gpt-heads", type=click.IntRange(min=1), help="attention heads of a GPT that is not an official size"),
 )
 
 
@@ -115,28 +126,23 @@ def _stage_choice():
               "--checkpoint either: the trained demo, checkpoints/d2c-demo.safetensors)")
 @click.option("--checkpoint", "--stage2", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="native checkpoint (.safetensors with its config), or an official MAR / D2C stage-2 file")
-@click.option("--gpt", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="LlamaGen c2i GPT checkpoint (stage 1 of a D2C stage-2 --checkpoint)")
-@click.option("--vae", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="MAR's KL VAE checkpoint (kl16.ckpt); needed with an official MAR --checkpoint")
-@click.option("--ema/--no-ema", default=True, show_default=True, help="use the EMA weights where a file has them")
-@click.option("--mar-heads", type=click.IntRange(min=1), help="attention heads of a MAR that is not an official size")
-@click.option("--gpt-heads", type=click.IntRange(min=1), help="attention heads of a GPT that is not an official size")
+@official_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the random weights with --config")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ENGINES, show_default=True)
-@click.option("--opset", type=click.IntRange(min=18, max=23), default=None, help="ONNX opset [default: 18]")
+@click.option("--opset", type=click.IntRange(min=DEFAULT_OPSET, max=23), default=DEFAULT_OPSET, show_default=True,
+              help="ONNX opset")
 @click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
               help="images per call the profiles admit")
 @click.option("--fp16", is_flag=True, help="also write mixed-precision <stage>.fp16.onnx graphs (FP32 where FP16 breaks)")
 @quiet_option
 def _onnx(stage, config, checkpoint, gpt, vae, ema, mar_heads, gpt_heads, seed, out, opset, max_batch, fp16, quiet):
-    from d2c_export.export.onnx import DEFAULT_OPSET, export_model
+    from d2c_export.export.onnx import export_model
     from d2c_export.sources import ModelRequest, OfficialParts, build_model
     _logging(quiet)
     parts = OfficialParts(gpt=gpt, vae=vae, ema=ema, mar_heads=mar_heads, gpt_heads=gpt_heads)
     model, source = build_model(ModelRequest(config=config, checkpoint=checkpoint, seed=seed, parts=parts))
     stages = "all" if stage == "all" else [stage]
-    export_model(model, out, source, stages, opset=opset or DEFAULT_OPSET, max_batch=max_batch, progress=not quiet)
+    export_model(model, out, source, stages, opset=opset, max_batch=max_batch, progress=not quiet)
     engines = Engines.open(out)
     if fp16:
         from d2c_export.export.fp16 import convert_engines
@@ -169,11 +175,7 @@ def _trt(engines_dir, fp16, stage, workspace, timing_cache, quiet):
 @click.option("--checkpoint", "--stage2", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               required=True, help="official MAR / D2C stage-2 file (or a native checkpoint whose parts --gpt/--vae "
               "replace)")
-@click.option("--gpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--vae", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--ema/--no-ema", default=True, show_default=True)
-@click.option("--mar-heads", type=click.IntRange(min=1))
-@click.option("--gpt-heads", type=click.IntRange(min=1))
+@official_options
 def _convert(out, checkpoint, gpt, vae, ema, mar_heads, gpt_heads):
     from reference.checkpoint import save_checkpoint
     from reference.official import assemble
@@ -187,8 +189,7 @@ def _convert(out, checkpoint, gpt, vae, ema, mar_heads, gpt_heads):
 
 @export_cli.command("check", help="Per-stage parity table against the reference (teacher forcing).")
 @engines_option
-@click.option("--precision", type=click.Choice([p.value for p in Precision]), default=Precision.FP32.value,
-              show_default=True)
+@precision_option
 def _check(engines_dir, precision):
     from d2c_export.verify.parity import check_engines, check_targets, format_table
     _logging(False)
@@ -222,7 +223,7 @@ def run_cli(engines_dir, classes, num_images, seed, backend, precision, out, qui
                   f"ask for at most {engines.max_batch} images in all ({len(classes)} --class x --num-images "
                   f"{num_images} is {len(labels)}), or re-export with "
                   f"`{engines.rebuild_command('onnx-fp32', max_batch=len(labels))}`")
-    params = sampling_from(engines, flags)
+    params = engines_sampling(engines, flags)
     with open_named(engines, backend, precision) as stages:
         log.info("backend: %s", stages.description)
         result, timer = generate_images(stages, labels, params, seed, progress=not quiet)
@@ -275,21 +276,18 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
     import importlib.util
 
     from d2c_export.bench.report import markdown, summarize, write_report
-    from d2c_export.bench.run import bench_from_config, check_available, run_benchmark
+    from d2c_export.bench.run import bench_from_config, run_benchmark
     _logging(quiet)
     if not no_plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("bench.png needs matplotlib: pip install -e '.[plot]', or pass --no-plot")
-    check_available(backends)
     options = dict(repeat=repeat, warmup=warmup, threads=threads or None, seed=seed, progress=not quiet)
     if config:  # the preset's recorded settings, as its exported engines would hold them, checked before the export
         preset = get_config(config)
-        given = {k: v for k, v in flags.items() if v is not None}
-        params = SamplingParams(**{**SamplingParams.recommended_for(preset), **given})
-        _check_for(params, preset)
+        params = sampling_from(SamplingParams.recommended_for(preset), preset, flags)
         result = bench_from_config(config, out, backends, batch, params, **options)
     else:
         engines = Engines.open(engines_dir)
-        result = run_benchmark(engines, backends, batch, sampling_from(engines, flags), **options)
+        result = run_benchmark(engines, backends, batch, engines_sampling(engines, flags), **options)
     paths = write_report(result, out, with_plot=not no_plot)
     print(markdown(summarize(result)))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
@@ -327,7 +325,7 @@ def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, se
     _logging(quiet)
     _checked_out(grid), _checked_out(json_path)
     engines = Engines.open(engines_dir)
-    params = sampling_from(engines, flags)
+    params = engines_sampling(engines, flags)
     model = load_classifier(classifier or DEFAULT_CLASSIFIER)
     reports, images = evaluate_backends(engines, backends, per_class, params, seed, model, real_per_class, threads,
                                         progress=not quiet)

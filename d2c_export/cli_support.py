@@ -71,7 +71,6 @@ class Group(_Handled, click.Group):
     command_class = Command
 
 
-
 SEED = click.IntRange(min=0, max=2 ** 63 - 1)
 
 
