@@ -93,7 +93,7 @@ backend_options = _options(
                  help="auto: TensorRT where its plans and a GPU exist, else ONNX Runtime"),
     precision_option,
 )
-# the files and options beside a stage-2 checkpoint, as `sources.OfficialParts` holds them
+# the files and options beside a stage-2 checkpoint: `sources.OfficialParts`'s fields and `assemble`'s keywords
 official_options = _options(
     click.option("--gpt", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  help="LlamaGen c2i GPT checkpoint (stage 1 of a D2C stage-2 --checkpoint)"),
@@ -102,6 +102,8 @@ official_options = _options(
     click.option("--ema/--no-ema", default=True, show_default=True, help="use the EMA weights where a file has them"),
     click.option("--mar-heads", type=click.IntRange(min=1), help="attention heads of a MAR that is not an official size"),
     click.option("--gpt-heads", type=click.IntRange(min=1), help="attention heads of a GPT that is not an official size"),
+    click.option("--mar-patch-size", type=click.IntRange(min=1),
+                 help="patch size of a MAR that is not MAR's published 1 (token channels = VAE channels x patch^2)"),
 )
 
 
@@ -135,11 +137,11 @@ def _stage_choice():
               help="images per call the profiles admit")
 @click.option("--fp16", is_flag=True, help="also write mixed-precision <stage>.fp16.onnx graphs (FP32 where FP16 breaks)")
 @quiet_option
-def _onnx(stage, config, checkpoint, gpt, vae, ema, mar_heads, gpt_heads, seed, out, opset, max_batch, fp16, quiet):
+def _onnx(stage, config, checkpoint, seed, out, opset, max_batch, fp16, quiet, **official):
     from d2c_export.export.onnx import export_model
     from d2c_export.sources import ModelRequest, OfficialParts, build_model
     _logging(quiet)
-    parts = OfficialParts(gpt=gpt, vae=vae, ema=ema, mar_heads=mar_heads, gpt_heads=gpt_heads)
+    parts = OfficialParts(**official)
     model, source = build_model(ModelRequest(config=config, checkpoint=checkpoint, seed=seed, parts=parts))
     stages = "all" if stage == "all" else [stage]
     export_model(model, out, source, stages, opset=opset, max_batch=max_batch, progress=not quiet)
@@ -176,12 +178,12 @@ def _trt(engines_dir, fp16, stage, workspace, timing_cache, quiet):
               required=True, help="official MAR / D2C stage-2 file (or a native checkpoint whose parts --gpt/--vae "
               "replace)")
 @official_options
-def _convert(out, checkpoint, gpt, vae, ema, mar_heads, gpt_heads):
+def _convert(out, checkpoint, **official):
     from reference.checkpoint import save_checkpoint
     from reference.official import assemble
     _logging(False)
     check_output_file(out)
-    model = assemble(checkpoint, gpt, vae, ema=ema, mar_heads=mar_heads, gpt_heads=gpt_heads)
+    model = assemble(checkpoint, **official)  # the option names are assemble's keywords
     save_checkpoint(model, out)
     log.info("wrote %s (config %s)", out, model.config.name)
     return 0

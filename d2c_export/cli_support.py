@@ -18,7 +18,8 @@ USER_ERRORS = (EngineError, CheckpointError, TargetError, OutputPathError, BusyE
 # The reference speaks its Python API in its messages (`assemble(stage2, gpt=..., vae=..., ema=...)`); the commands'
 # errors name their own flags instead.
 API_TO_FLAGS = {"stage2=PATH": "--checkpoint PATH", "gpt=PATH": "--gpt PATH", "vae=PATH": "--vae PATH",
-                "ema=False": "--no-ema", "gpt_heads=N": "--gpt-heads N", "mar_heads=N": "--mar-heads N"}
+                "ema=False": "--no-ema", "gpt_heads=N": "--gpt-heads N", "mar_heads=N": "--mar-heads N",
+                "mar_patch_size=N": "--mar-patch-size N"}
 
 
 def _as_flags(message: str) -> str:

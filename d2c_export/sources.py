@@ -22,15 +22,20 @@ RANDOM_WEIGHT_NOISE = 0.02  # std of the noise added to every parameter of a ran
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "d2c-demo.safetensors"
 
 
+SIZE_OPTIONS = ("mar_heads", "gpt_heads", "mar_patch_size")  # OfficialParts fields recorded as `--flag N`
+
+
 @dataclass(frozen=True)
 class OfficialParts:
-    """The files and options beside a stage-2 checkpoint: LlamaGen's GPT, MAR's VAE, EMA choice, head counts."""
+    """The files and options beside a stage-2 checkpoint: LlamaGen's GPT, MAR's VAE, EMA choice, the sizes
+    the weights cannot tell (head counts, MAR's patch size)."""
 
     gpt: Path | None = None
     vae: Path | None = None
     ema: bool = True
     mar_heads: int | None = None
     gpt_heads: int | None = None
+    mar_patch_size: int | None = None
 
     @property
     def has_files(self) -> bool:
@@ -92,9 +97,9 @@ def official_model(stage2: str | Path, parts: OfficialParts = OfficialParts()) -
     files = {role: Path(p).resolve() for role, p in (("stage2", stage2), ("gpt", parts.gpt), ("vae", parts.vae))
              if p is not None}
     model = assemble(files["stage2"], files.get("gpt"), files.get("vae"), ema=parts.ema, mar_heads=parts.mar_heads,
-                     gpt_heads=parts.gpt_heads)
+                     gpt_heads=parts.gpt_heads, mar_patch_size=parts.mar_patch_size)
     source = {"official": {role: {"path": str(p), "sha256": checkpoint_sha256(p)} for role, p in files.items()},
-              "ema": parts.ema, "mar_heads": parts.mar_heads, "gpt_heads": parts.gpt_heads}
+              "ema": parts.ema, **{k: getattr(parts, k) for k in SIZE_OPTIONS}}
     return model, source
 
 
@@ -102,7 +107,7 @@ def _official_parts(source: dict) -> OfficialParts:
     files = source["official"]
     return OfficialParts(gpt=files["gpt"]["path"] if "gpt" in files else None,
                          vae=files["vae"]["path"] if "vae" in files else None, ema=source.get("ema", True),
-                         mar_heads=source.get("mar_heads"), gpt_heads=source.get("gpt_heads"))
+                         **{k: source.get(k) for k in SIZE_OPTIONS})
 
 
 def source_flags(source: dict, config_name: str) -> list[str]:
@@ -112,7 +117,7 @@ def source_flags(source: dict, config_name: str) -> list[str]:
         flags = ["--checkpoint", files["stage2"]["path"]]
         flags += [x for role in ("gpt", "vae") if role in files for x in (f"--{role}", files[role]["path"])]
         flags += [] if parts.ema else ["--no-ema"]
-        flags += [x for k in ("mar_heads", "gpt_heads") if source.get(k) is not None
+        flags += [x for k in SIZE_OPTIONS if source.get(k) is not None
                   for x in (f"--{k.replace('_', '-')}", str(source[k]))]
         return flags
     if "checkpoint" in source:

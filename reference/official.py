@@ -46,13 +46,13 @@ from torch import Tensor, nn
 from reference.checkpoint import (CONFIG_KEY, CheckpointError, CheckpointNotFoundError, load_checkpoint,
                                   load_state_strict, read_metadata)
 from reference.gpt import GPT
-from reference.mar import Fusion
+from reference.mar import MAR, Fusion
 from reference.model import D2C, PRESETS, D2CConfig
 from reference.official_sizes import fit_args, gpt_args_from_state, mar_args_from_state, vae_args_from_state
 from reference.vae import AutoencoderKL
 
 __all__ = ["Format", "Weights", "read_weights", "weights_from_object", "detect_format", "is_native",
-           "load_gpt", "load_vae", "assemble"]
+           "load_gpt", "load_mar", "load_vae", "assemble"]
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,23 @@ def load_vae(vae: str | Path | Weights) -> AutoencoderKL:
     return _built(AutoencoderKL, _vae_args(weights), weights.state, weights.source)
 
 
+def load_mar(stage2: str | Path | Weights, ema: bool = True, heads: int | None = None,
+             patch_size: int | None = None, vae_stride: int | None = None) -> MAR:
+    """A MAR stage 2 (plain or with fusion weights) from its official file, without a VAE.
+
+    The sizes the weights cannot tell (`mar_args_from_state`): the patch size is `patch_size`, else
+    MAR's published 1; the VAE stride (hence img_size) is `vae_stride`, else kl16's 16. A native
+    checkpoint gives its own MAR.
+    """
+    weights = _as_weights(stage2, ema)
+    if weights.native is not None:
+        return weights.native.mar
+    _expect(weights, Format.MAR, "the MAR stage 2")
+    args = fit_args("mar", lambda: mar_args_from_state(weights.state, weights.source, None, heads, patch_size,
+                                                       vae_stride), weights.state, weights.source)
+    return _built(MAR, args, weights.state, weights.source)
+
+
 def _config_name(config: D2CConfig, stage2: Weights) -> str:
     """The preset's name when the sizes are a preset's, else the kind and the stage-2 file's stem."""
     body = {k: v for k, v in config.to_dict().items() if k != "name"}
@@ -289,14 +306,16 @@ def _config_name(config: D2CConfig, stage2: Weights) -> str:
 
 def assemble(stage2: str | Path | Weights, gpt: str | Path | Weights | None = None,
              vae: str | Path | Weights | None = None, *, ema: bool = True, mar_heads: int | None = None,
-             gpt_heads: int | None = None) -> D2C:
+             gpt_heads: int | None = None, mar_patch_size: int | None = None) -> D2C:
     """A D2C (eval mode) from parts: a stage 2 (MAR or native), an optional LlamaGen GPT and a KL VAE.
 
     `stage2`: an official MAR checkpoint (plain MAR, or a D2C stage 2 in MAR's layout with fusion
     weights) or a native checkpoint; given `gpt` / `vae` replace a native checkpoint's parts. A MAR
     file needs `vae`; a stage 2 with fusion needs a GPT (its block_size is the stage 2's discrete
     length); plain MAR takes none. `ema` picks EMA weights where a file has them. `mar_heads` /
-    `gpt_heads` give the head counts of sizes that are not official ones.
+    `gpt_heads` give the head counts of sizes that are not official ones; `mar_patch_size` the patch
+    size of a MAR that is not MAR's published 1 (the VAE must have token channels / patch_size^2
+    latent channels; the stride and image size follow the VAE).
     """
     s2 = _as_weights(stage2, ema)
     g = None if gpt is None else _as_weights(gpt, ema)
@@ -323,7 +342,8 @@ def assemble(stage2: str | Path | Weights, gpt: str | Path | Weights | None = No
     if base is not None:
         mar_args, mar_state = base.config.mar, base.mar.state_dict()
     else:
-        mar_args = fit_args("mar", lambda: mar_args_from_state(s2.state, s2.source, vae_args, mar_heads),
+        mar_args = fit_args("mar", lambda: mar_args_from_state(s2.state, s2.source, vae_args, mar_heads,
+                                                                mar_patch_size),
                             s2.state, s2.source, vae_args)
         mar_state = s2.state
 

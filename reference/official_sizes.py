@@ -26,7 +26,7 @@ from reference.vae import VAE_PRESETS, AutoencoderKL, VAEArgs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LLAMAGEN_HEADS", "MAR_HEADS", "gpt_args_from_state", "mar_args_from_state",
+__all__ = ["LLAMAGEN_HEADS", "MAR_HEADS", "MAR_PATCH_SIZE", "MAR_VAE_STRIDE", "gpt_args_from_state", "mar_args_from_state",
            "vae_args_from_state", "shape_mismatches", "nearest_preset", "fit_args"]
 
 # (dim, n_layer) -> n_head of LlamaGen's factories (autoregressive/models/gpt.py: GPT_B ... GPT_7B), and ours.
@@ -37,6 +37,8 @@ LLAMAGEN_HEADS: dict[tuple[int, int], int] = {
 # (width, depth) -> heads of MAR's factories (mar_base 12, mar_large 16, mar_huge 16), read from our presets.
 MAR_HEADS: dict[tuple[int, int], int] = {
     (c.mar.encoder_embed_dim, c.mar.encoder_depth): c.mar.encoder_num_heads for c in PRESETS.values()}
+MAR_PATCH_SIZE = 1  # every published MAR (mar_base/large/huge on kl16): one latent pixel per token
+MAR_VAE_STRIDE = 16  # kl16, the VAE of every published MAR: one latent pixel per 16 x 16 pixels
 LLAMAGEN_VQ_STRIDE = 16  # LlamaGen's VQ tokenizer: one token per 16 x 16 pixels
 LLAMAGEN_FILE = re.compile(r"_(\d+)(?:\.[A-Za-z]+)+$")  # c2i_B_256.pt, c2i_L_384.pt: the image size ends the name
 VAE_RESOLUTION = 256  # nominal VAE input size: only places the level attention (official Encoder default)
@@ -146,16 +148,23 @@ def _fusion(state: dict[str, Tensor]) -> Fusion:
     return Fusion.NONE
 
 
-def mar_args_from_state(state: dict[str, Tensor], source: str, vae: VAEArgs, heads: int | None = None) -> MARArgs:
+def mar_args_from_state(state: dict[str, Tensor], source: str, vae: VAEArgs | None = None,
+                        heads: int | None = None, patch_size: int | None = None,
+                        vae_stride: int | None = None) -> MARArgs:
     """MARArgs of a MAR state dict (official keys, plus the fusion weights of a D2C stage 2).
 
     width/classes: class_emb.weight; depths: encoder_blocks.N / decoder_blocks.N; decoder width:
     decoder_embed; MLP ratio: fc1 rows / width; tokens: diffusion_pos_embed_learned; buffer: the rest of
-    encoder_pos_embed_learned; head: diffloss.net.input_proj (width) and res_blocks.N (depth); token
-    channels: z_proj's input = vae.embed_dim * patch_size**2, which with the VAE's stride fixes
-    patch_size and img_size. Fusion: condition.tok_embed (codebook + null row), condition.pos_embed
-    (discrete tokens), condition.blocks.N (Q-Former depth). Heads: `heads`, else MAR_HEADS; the encoder,
-    decoder and Q-Former share them, as in MAR's factories.
+    encoder_pos_embed_learned; head: diffloss.net.input_proj (width) and res_blocks.N (depth). Fusion:
+    condition.tok_embed (codebook + null row), condition.pos_embed (discrete tokens), condition.blocks.N
+    (Q-Former depth). Heads: `heads`, else MAR_HEADS; the encoder, decoder and Q-Former share them, as in
+    MAR's factories.
+
+    Not in the weights: z_proj's input is vae_embed_dim * patch_size**2, and any split of it fits (16
+    channels is patch 1 on a 16-channel VAE or patch 2 on a 4-channel one), and the VAE stride (hence
+    img_size) is the VAE's. So the patch size is `patch_size`, else MAR_PATCH_SIZE (every published MAR),
+    and the stride is the VAE's, else `vae_stride`, else MAR_VAE_STRIDE (kl16); a given VAE must agree
+    with both, and the log says where each came from.
     """
     class_num, width = _shape(state, "class_emb.weight", source)
     token_dim = _shape(state, "z_proj.weight", source)[1]
@@ -166,22 +175,19 @@ def mar_args_from_state(state: dict[str, Tensor], source: str, vae: VAEArgs, hea
     buffer_size = _shape(state, "encoder_pos_embed_learned", source)[1] - seq_len
     head_width = _shape(state, "diffloss.net.input_proj.weight", source)[0]
     head_depth = _count(state, "diffloss.net.res_blocks.")
-    patch = math.isqrt(token_dim // vae.embed_dim)
-    if patch * patch * vae.embed_dim != token_dim:
-        raise CheckpointError(f"{source}: tokens of {token_dim} channels do not fit the VAE's {vae.embed_dim} latent "
-                              "channels (token channels = VAE channels x patch_size^2): wrong VAE?")
     seq_h = math.isqrt(seq_len)
     if seq_h * seq_h != seq_len:
         raise CheckpointError(f"{source}: diffusion_pos_embed_learned has {seq_len} tokens, not a square grid")
     n_heads = _heads(heads, MAR_HEADS, width, enc_depth, "MAR", "mar_heads", source)
+    patch, embed_dim, stride = _mar_latent_sizes(token_dim, source, vae, patch_size, vae_stride)
     fusion = _fusion(state)
     extra = {}
     if fusion is not Fusion.NONE:
         codebook_rows = _shape(state, "condition.tok_embed.weight", source)[0]
         extra = dict(codebook_size=codebook_rows - 1, discrete_len=_shape(state, "condition.pos_embed", source)[1],
                      qformer_depth=_count(state, "condition.blocks.") if fusion is Fusion.QFORMER else 2)
-    args = _args(MARArgs, source, img_size=seq_h * patch * vae.stride, vae_stride=vae.stride, patch_size=patch,
-                 vae_embed_dim=vae.embed_dim, encoder_embed_dim=width, encoder_depth=enc_depth,
+    args = _args(MARArgs, source, img_size=seq_h * patch * stride, vae_stride=stride, patch_size=patch,
+                 vae_embed_dim=embed_dim, encoder_embed_dim=width, encoder_depth=enc_depth,
                  encoder_num_heads=n_heads, decoder_embed_dim=dec_width, decoder_depth=dec_depth,
                  decoder_num_heads=n_heads, mlp_ratio=mlp_hidden / width, buffer_size=buffer_size,
                  class_num=class_num, diffloss_d=head_depth, diffloss_w=head_width, fusion=fusion,
@@ -189,6 +195,34 @@ def mar_args_from_state(state: dict[str, Tensor], source: str, vae: VAEArgs, hea
     if int(width * args.mlp_ratio) != mlp_hidden:
         raise CheckpointError(f"{source}: MLP width {mlp_hidden} is not a ratio of the width {width}")
     return args
+
+
+def _mar_latent_sizes(token_dim: int, source: str, vae: VAEArgs | None, patch_size: int | None,
+                      vae_stride: int | None) -> tuple[int, int, int]:
+    """(patch_size, vae_embed_dim, vae_stride) of a MAR whose tokens have `token_dim` channels; see
+    `mar_args_from_state`. Refuses a VAE that disagrees instead of re-deriving the patch from it."""
+    patch = MAR_PATCH_SIZE if patch_size is None else patch_size
+    patch_from = ("MAR's published patch size; mar_patch_size=N gives another" if patch_size is None
+                  else "mar_patch_size")
+    if patch < 1 or token_dim % (patch * patch):
+        raise CheckpointError(f"{source}: tokens of {token_dim} channels are not a whole number of latent channels "
+                              f"at patch size {patch} ({patch_from}): token channels = VAE channels x patch_size^2")
+    embed_dim = token_dim // (patch * patch)
+    if vae is not None and vae.embed_dim != embed_dim:
+        raise CheckpointError(f"{source}: tokens of {token_dim} channels at patch size {patch} ({patch_from}) need a "
+                              f"VAE with {embed_dim} latent channels, and the VAE has {vae.embed_dim}: pass the VAE "
+                              "this MAR was trained with, or its patch size (mar_patch_size=N)")
+    if vae is not None:
+        if vae_stride is not None and vae_stride != vae.stride:
+            raise CheckpointError(f"{source}: vae_stride={vae_stride} was given, and the VAE's stride is {vae.stride}")
+        stride, stride_from = vae.stride, "the VAE's"
+    elif vae_stride is not None:
+        stride, stride_from = vae_stride, "vae_stride"
+    else:
+        stride, stride_from = MAR_VAE_STRIDE, "kl16's, MAR's published VAE; vae_stride=N gives another"
+    log.info("%s: patch size %d (%s), %d latent channels, VAE stride %d (%s)", source, patch, patch_from, embed_dim,
+             stride, stride_from)
+    return patch, embed_dim, stride
 
 
 # -- KL VAE ----------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ from tests.conftest import OFFICIAL
 from tests.reference.official import weights
 
 MAR_HEADS, GPT_HEADS = 4, 4  # the tiny official models' heads (meta.json); not an official size, so given
+# The tiny MAR's 16 token channels read with the 4-channel tiny VAE: patch 2 (it was recorded at patch 1 on a
+# 16-channel latent, which no tiny VAE has; the MAR network is the same either way, only (un)patchify differ).
+MAR_PATCH = 2
 MANIFESTS = ("mar_base", "mar_large", "mar_huge", "mar_vae_kl16", "llamagen_gpt_b", "llamagen_gpt_l")
 
 

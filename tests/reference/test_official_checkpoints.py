@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,12 +13,14 @@ from reference.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from reference.gpt import GPT_PRESETS, precompute_rope_2d
 from reference.mar import MAR, Fusion
 from reference.model import PRESETS, D2C
-from reference.official import Format, assemble, load_gpt, load_vae, read_weights, weights_from_object
+from reference.official import (Format, assemble, load_gpt, load_mar, load_vae, read_weights,
+                                weights_from_object)
+from reference.official_sizes import mar_args_from_state
 from reference.vae import VAE_PRESETS
 from tests.conftest import OFFICIAL
-from tests.reference.official import arrays, mask_to_kept, weights
-from tests.reference.official_layouts import (GPT_HEADS, MANIFESTS, MAR_HEADS, manifest, manifest_state, shifted,
-                                              write_official_files)
+from tests.reference.official import arrays, mar_tiny_args, mask_to_kept, weights
+from tests.reference.official_layouts import (GPT_HEADS, MANIFESTS, MAR_HEADS, MAR_PATCH, manifest, manifest_state,
+                                              shifted, write_official_files)
 
 TOL = 1e-5
 
@@ -130,7 +133,7 @@ def test_wrappers_and_non_weight_keys_are_mapped(kl16):
 def test_ema_entry_is_chosen_unless_disabled(files):
     recorded = weights(OFFICIAL / "mar_tiny_a")
     for ema, want in ((True, recorded), (False, shifted(recorded))):
-        model = assemble(files["mar"], vae=files["vae"], ema=ema, mar_heads=MAR_HEADS)
+        model = assemble(files["mar"], vae=files["vae"], ema=ema, mar_heads=MAR_HEADS, mar_patch_size=MAR_PATCH)
         assert torch.equal(model.mar.fake_latent, want["fake_latent"])
     assert read_weights(files["mar"], ema=False).source.endswith("[model]")
     gpt = weights(OFFICIAL / "gpt_tiny_a")
@@ -183,7 +186,8 @@ def test_parts_in_the_wrong_roles_are_refused(files, monkeypatch):
     with pytest.raises(CheckpointError, match="not a stage-2 checkpoint.*gpt=PATH"):
         assemble(files["gpt"], vae=files["vae"])
     with pytest.raises(CheckpointError, match="plain MAR.*drop the GPT"):
-        assemble(files["mar"], gpt=files["gpt"], vae=files["vae"], mar_heads=MAR_HEADS, gpt_heads=GPT_HEADS)
+        assemble(files["mar"], gpt=files["gpt"], vae=files["vae"], mar_heads=MAR_HEADS, gpt_heads=GPT_HEADS,
+                 mar_patch_size=MAR_PATCH)
     with pytest.raises(CheckpointError, match="given as the VAE"):
         assemble(files["mar"], vae=files["gpt"], mar_heads=MAR_HEADS)
 
@@ -194,13 +198,13 @@ def test_a_damaged_file_names_its_key(files, tmp_path):
     path = tmp_path / "damaged.pth"
     torch.save({"model": state}, path)
     with pytest.raises(CheckpointError, match=r"decoder_blocks\.1\.mlp\.fc2\.weight: expected \(64, 256\)"):
-        assemble(path, vae=files["vae"], mar_heads=MAR_HEADS)
+        assemble(path, vae=files["vae"], mar_heads=MAR_HEADS, mar_patch_size=MAR_PATCH)
 
 
 # -- parity with the official recordings, through the official-format files ----------------------------
 @pytest.fixture(scope="module")
 def plain_mar(files) -> D2C:
-    return assemble(files["mar"], vae=files["vae"], mar_heads=MAR_HEADS)
+    return assemble(files["mar"], vae=files["vae"], mar_heads=MAR_HEADS, mar_patch_size=MAR_PATCH)
 
 
 @torch.no_grad()
@@ -235,7 +239,8 @@ def test_d2c_from_gpt_and_native_or_mar_layout_stage2(files, tmp_path):
     save_checkpoint(native, tmp_path / "stage2.safetensors")
     torch.save({"model": native.mar.state_dict()}, tmp_path / "stage2.pth")
     a = assemble(tmp_path / "stage2.safetensors", gpt=files["gpt"], gpt_heads=GPT_HEADS)
-    b = assemble(tmp_path / "stage2.pth", gpt=files["gpt"], vae=files["vae"], gpt_heads=GPT_HEADS)
+    b = assemble(tmp_path / "stage2.pth", gpt=files["gpt"], vae=files["vae"], gpt_heads=GPT_HEADS,
+                 mar_patch_size=MAR_PATCH)
     for model in (a, b):
         assert model.config.gpt.dim == 64 and model.config.mar.fusion is Fusion.QFORMER
         assert torch.equal(model.gpt.output.weight, weights(OFFICIAL / "gpt_tiny_a")["output.weight"])
@@ -243,7 +248,7 @@ def test_d2c_from_gpt_and_native_or_mar_layout_stage2(files, tmp_path):
     assert torch.equal(a.vae.decoder.conv_out.weight, native.vae.decoder.conv_out.weight)
     assert torch.equal(b.vae.decoder.conv_out.weight, weights(OFFICIAL / "vae_tiny_a")["decoder.conv_out.weight"])
     with pytest.raises(CheckpointError, match="needs its stage-1 GPT.*gpt=PATH"):
-        assemble(tmp_path / "stage2.pth", vae=files["vae"])
+        assemble(tmp_path / "stage2.pth", vae=files["vae"], mar_patch_size=MAR_PATCH)
 
 
 def test_native_round_trip_of_an_assembled_model(plain_mar, tmp_path):
@@ -269,3 +274,35 @@ def test_full_size_mar_b_and_kl16_files_round_trip(tmp_path):
     mar_state, vae_state = loaded.mar.state_dict(), loaded.vae.state_dict()
     assert all(torch.equal(mar_state[k], v) for k, v in ema.items())
     assert all(torch.equal(vae_state[k], v) for k, v in vae.items())
+
+
+# -- MAR sizes the weights cannot tell: the patch size and the VAE stride ------------------------------
+def test_mar_loads_without_a_vae_at_the_published_sizes(files, caplog):
+    """No VAE: patch 1 and kl16's stride 16, as every published MAR, which is how the tiny MAR was recorded."""
+    with caplog.at_level("INFO", logger="reference.official_sizes"):
+        mar = load_mar(files["mar"])
+    recorded = mar_tiny_args(OFFICIAL / "mar_tiny_a")  # img 64, stride 16, patch 1, 16 channels
+    assert mar.args == dataclasses.replace(recorded, qformer_num_heads=MAR_HEADS)  # no Q-Former in plain MAR
+    assert "patch size 1 (MAR's published patch size" in caplog.text and "VAE stride 16 (kl16's" in caplog.text
+    io = arrays(OFFICIAL / "mar_tiny_a" / "io.npz")
+    with torch.no_grad():
+        z = mar(io["in_x"], mask_to_kept(io["in_mask"]), torch.arange(16).expand(3, -1), io["in_labels"])
+    torch.testing.assert_close(z, io["out_dec_out"], atol=TOL, rtol=0)
+    other = load_mar(files["mar"], patch_size=2, vae_stride=8)
+    assert (other.args.patch_size, other.args.vae_embed_dim, other.args.vae_stride, other.args.img_size) == (2, 4, 8, 64)
+
+
+def test_a_vae_that_disagrees_with_the_mar_is_refused(files):
+    # Before: the patch was re-derived from whatever VAE came along (16 channels / 4 = patch 2), silently.
+    with pytest.raises(CheckpointError, match=r"at patch size 1 \(MAR's published.*need a VAE with 16 latent "
+                                              r"channels, and the VAE has 4.*mar_patch_size=N"):
+        assemble(files["mar"], vae=files["vae"], mar_heads=MAR_HEADS)
+    with pytest.raises(CheckpointError, match="not a whole number of latent channels at patch size 3"):
+        load_mar(files["mar"], patch_size=3)
+    state, vae = weights(OFFICIAL / "mar_tiny_a"), load_vae(files["vae"]).args
+    with pytest.raises(CheckpointError, match="vae_stride=16 was given, and the VAE's stride is 2"):
+        mar_args_from_state(state, "mar.pth", vae, MAR_HEADS, MAR_PATCH, vae_stride=16)
+    args = mar_args_from_state(state, "mar.pth", vae, MAR_HEADS, MAR_PATCH)
+    assert (args.patch_size, args.vae_embed_dim, args.vae_stride, args.img_size) == (2, 4, 2, 16)
+    with pytest.raises(CheckpointError, match="given as the MAR stage 2"):
+        load_mar(files["vae"])

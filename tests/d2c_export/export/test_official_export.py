@@ -22,7 +22,7 @@ from reference.official import assemble
 from tests.conftest import OFFICIAL
 from tests.d2c_export.cli_helpers import assert_one_line_error, files_in, run_cli
 from tests.reference.official import arrays, draw_records, mask_to_kept, weights
-from tests.reference.official_layouts import GPT_HEADS, MAR_HEADS, shifted, write_official_files
+from tests.reference.official_layouts import GPT_HEADS, MAR_HEADS, MAR_PATCH, shifted, write_official_files
 
 TOL = 1e-5
 
@@ -37,7 +37,7 @@ def mar_engines(files, tmp_path_factory):
     """Plain MAR exported straight from the official-format files (MAR + KL VAE)."""
     out = tmp_path_factory.mktemp("mar_engines")
     assert export_main(["onnx", "--checkpoint", str(files["mar"]), "--vae", str(files["vae"]),
-                        "--mar-heads", str(MAR_HEADS), "--out", str(out), "--max-batch", "4"]) == 0
+                        "--mar-heads", str(MAR_HEADS), "--mar-patch-size", str(MAR_PATCH), "--out", str(out), "--max-batch", "4"]) == 0
     return out
 
 
@@ -57,6 +57,7 @@ def test_manifest_records_every_input_file(mar_engines, files):
         "stage2": {"path": str(files["mar"].resolve()), "sha256": sha256_file(files["mar"])},
         "vae": {"path": str(files["vae"].resolve()), "sha256": sha256_file(files["vae"])}}
     assert manifest.source["ema"] is True and manifest.source["mar_heads"] == MAR_HEADS
+    assert manifest.source["mar_patch_size"] == MAR_PATCH
     assert manifest.d2c_config.gpt is None and set(manifest.stages) == {"mar", "diffusion", "vae"}
 
 
@@ -92,7 +93,8 @@ def test_onnx_gpt_stage_of_llamagen_file_matches_official(files, tmp_path):
     torch.save({"model": D2C(PRESETS["d2c-tiny"]).mar.state_dict()}, tmp_path / "stage2.pth")
     out = tmp_path / "engines"
     assert export_main(["onnx", "--stage", "gpt", "--gpt", str(files["gpt"]), "--stage2", str(tmp_path / "stage2.pth"),
-                        "--vae", str(files["vae"]), "--gpt-heads", str(GPT_HEADS), "--out", str(out)]) == 0
+                        "--vae", str(files["vae"]), "--gpt-heads", str(GPT_HEADS), "--mar-patch-size", "2",
+                        "--out", str(out)]) == 0  # d2c-tiny's MAR: patch 2
     manifest = Manifest.read(out / MANIFEST)
     assert set(manifest.source["official"]) == {"gpt", "stage2", "vae"}
     io = arrays(OFFICIAL / "gpt_tiny_a" / "io.npz")
@@ -123,10 +125,11 @@ def test_d2c_run_plain_mar_end_to_end(mar_engines, tmp_path):
 def test_convert_writes_the_native_checkpoint(files, tmp_path):
     out = tmp_path / "mar.safetensors"
     args = ["convert", "--out", str(out), "--checkpoint", str(files["mar"]), "--vae", str(files["vae"]),
-            "--mar-heads", str(MAR_HEADS)]
+            "--mar-heads", str(MAR_HEADS), "--mar-patch-size", str(MAR_PATCH)]
     assert export_main(args) == 0
     native, recorded = load_checkpoint(out), weights(OFFICIAL / "mar_tiny_a")
-    assert native.config.to_dict() == assemble(files["mar"], vae=files["vae"], mar_heads=MAR_HEADS).config.to_dict()
+    assert native.config.to_dict() == assemble(files["mar"], vae=files["vae"], mar_heads=MAR_HEADS,
+                                                mar_patch_size=MAR_PATCH).config.to_dict()
     state = native.mar.state_dict()
     assert state.keys() == recorded.keys()
     assert all(torch.equal(state[k], v) for k, v in recorded.items())  # the EMA entry by default
@@ -147,7 +150,7 @@ def test_changed_or_missing_input_file_is_refused(files, mar_engines, tmp_path, 
     torch.save({"model": weights(OFFICIAL / "mar_tiny_a")}, copy)
     code, err = run_cli(run_main, argv, capsys)
     assert_one_line_error(code, err, "changed since export", f"d2c-export onnx --stage all --checkpoint {copy}",
-                          "--mar-heads 4", f"--out {engines}")
+                          "--mar-heads 4 --mar-patch-size 2", f"--out {engines}")
     copy.unlink()
     code, err = run_cli(run_main, argv, capsys)
     assert_one_line_error(code, err, "missing")
@@ -158,6 +161,8 @@ def test_changed_or_missing_input_file_is_refused(files, mar_engines, tmp_path, 
     (["--checkpoint", "{mar}", "--mar-heads", "4"], ["holds no VAE", "--vae"]),
     (["--checkpoint", "{gpt}", "--vae", "{vae}"], ["not a stage-2 checkpoint", "--gpt"]),
     (["--checkpoint", "{mar}", "--vae", "{vae}"], ["not an official size", "--mar-heads"]),
+    (["--checkpoint", "{mar}", "--vae", "{vae}", "--mar-heads", "4"],
+     ["at patch size 1 (MAR's published patch size", "need a VAE with 16 latent channels", "--mar-patch-size N"]),
     (["--config", "d2c-tiny", "--vae", "{vae}"], ["--vae go with --checkpoint"]),
 ])
 def test_export_errors_are_one_line_and_write_nothing(files, tmp_path, capsys, argv, needles, monkeypatch):
