@@ -208,12 +208,15 @@ def _check(engines_dir, precision):
 @engines_option
 @click.option("--class", "classes", type=int, multiple=True, required=True, help="class label; repeat for several")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="images per class")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="image i draws from its own generator seeded SEED + i (the same image in any batch)")
+@click.option("--batch-order", is_flag=True,
+              help="draw the whole batch from one generator seeded SEED, in the official code's order")
 @sampling_options
 @backend_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
 @quiet_option
-def run_cli(engines_dir, classes, num_images, seed, backend, precision, out, quiet, **flags):
+def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precision, out, quiet, **flags):
     from d2c_export.backends import open_named
     from d2c_export.generate import check_request, generate_images
     from d2c_export.images import save_images
@@ -228,7 +231,7 @@ def run_cli(engines_dir, classes, num_images, seed, backend, precision, out, qui
     params = engines_sampling(engines, flags)
     with open_named(engines, backend, precision) as stages:
         log.info("backend: %s", stages.description)
-        result, timer = generate_images(stages, labels, params, seed, progress=not quiet)
+        result, timer = generate_images(stages, labels, params, seed, progress=not quiet, batch_order=batch_order)
     path = save_images(result.images, out)
     for name, seconds in timer.seconds.items():
         log.info("  %-10s %5d calls %9.3f s", name, timer.calls[name], seconds)

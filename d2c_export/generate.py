@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import torch
 
@@ -9,8 +10,7 @@ from d2c_export.backends.hooks import StageThreads, StageTimer, Timed
 from d2c_export.errors import EngineError
 from d2c_export.stages import stages_for
 from reference.model import D2CConfig
-from reference.pipeline import Generation, SamplingParams, generate_with
-from reference.sampling import TorchDraws
+from reference.pipeline import Generation, SamplingParams, draws_for, generate_with
 
 # The loop's own tensor math is small (see `hooks.StageThreads`); stage calls keep the caller's threads.
 LOOP_THREADS = 1
@@ -29,20 +29,27 @@ def check_request(config: D2CConfig, max_batch: int, labels: list[int],
                           f"{fix}")
 
 
-def generate_images(stages, labels: list[int], params: SamplingParams, seed: int, progress: bool = False,
-                    timer: StageTimer | None = None) -> tuple[Generation, StageTimer]:
+def generate_images(stages, labels: list[int], params: SamplingParams, seed: int | Sequence[int],
+                    progress: bool = False, timer: StageTimer | None = None, *,
+                    batch_order: bool = False) -> tuple[Generation, StageTimer]:
     """Run the shared generation loop on `stages` (a backend, or a wrapper of one), timing each stage call; then the
-    post-processing stages (`StageSpec.postprocess`) on its images."""
+    post-processing stages (`StageSpec.postprocess`) on its images.
+
+    `seed`: an int S gives image i its own generator seeded S + i, a list one seed per image, so an image depends
+    only on its class, its seed and `params`; `batch_order`: one generator seeded S for the whole batch, the
+    order the official code draws in (`reference.pipeline`'s docstring).
+    """
     check_request(stages.config, stages.max_batch, labels)
+    draws = draws_for(seed, len(labels), batch_order)
     timer = StageTimer() if timer is None else timer
     stage_threads = torch.get_num_threads()
     timed = Timed(StageThreads(stages, stage_threads, LOOP_THREADS), timer)
     torch.set_num_threads(LOOP_THREADS)
     try:
-        result = generate_with(timed, torch.tensor(labels), params, TorchDraws(seed), progress=progress)
+        result = generate_with(timed, torch.tensor(labels), params, draws, progress=progress)
         for spec in (s for s in stages_for(stages.config) if s.postprocess):
             (name,) = [t.name for t in spec.input_specs(stages.config)]
-            result = dataclasses.replace(result, images=timed.run(spec.name, {name: result.images})[0])
+            result = dataclasses.replace(result, images=timed.run(spec.name, {name: result.images})[0].float().cpu())
     finally:
         torch.set_num_threads(stage_threads)
     timer.resolve()

@@ -1,7 +1,7 @@
 """What runs the stages: a backend and a precision, parsed once from one spelling (`ort-fp16`, `trt`, `torch`).
 
 A `Target` knows the kind of engine file it runs (`onnx-fp16`, `trt-fp32`; none for PyTorch, which
-rebuilds the model from the manifest's source). A precision a backend cannot run is refused here,
+rebuilds the model from the manifest's source, in FP32 or with FP16 / BF16 weights). A precision a backend cannot run is refused here,
 when the name is parsed, never silently replaced by another.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from enum import Enum
 class Precision(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"  # PyTorch only: bfloat16 weights under autocast
 
 
 class BackendName(str, Enum):
@@ -23,7 +24,7 @@ class BackendName(str, Enum):
 
 AUTO = "auto"  # TensorRT where its plans and a GPU exist, else ONNX Runtime (`backends.resolve_auto`)
 PRECISIONS: dict[BackendName, tuple[Precision, ...]] = {
-    BackendName.TORCH: (Precision.FP32,),
+    BackendName.TORCH: (Precision.FP32, Precision.FP16, Precision.BF16),  # reduced: weights cast, autocast
     BackendName.ORT: (Precision.FP32, Precision.FP16),
     BackendName.TRT: (Precision.FP32, Precision.FP16),
 }
@@ -72,6 +73,11 @@ class Target:
         """The manifest's kind of the files this target runs (`onnx-fp32`, `trt-fp16`), None for PyTorch."""
         prefix = FILE_PREFIX.get(self.backend)
         return None if prefix is None else f"{prefix}-{self.precision.value}"
+
+    @property
+    def parity_kind(self) -> str:
+        """The kind whose parity limits the target is held to (`StageSpec.tolerance`): its files', or `torch-fp16`."""
+        return self.kind or f"{self.backend.value}-{self.precision.value}"
 
     def __str__(self) -> str:
         return self.name

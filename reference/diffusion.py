@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import torch
@@ -177,3 +178,27 @@ class DenoiseStep(nn.Module):
         out = self.head(x_in, t.expand(z.shape[0]), z)  # (G*N, 2C)
         eps, var_values = guided_output(out, rows, channels, cfg)
         return ddpm_step(x, eps, var_values, coefs, noise, temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# The denoising steps of one masked step, run through any stage runner (the loop's, or a graph capture).
+# ----------------------------------------------------------------------------------------------
+def denoise_steps(run: Callable[[str, dict[str, Tensor]], tuple[Tensor, ...]], feeds: dict[str, Tensor]) -> Tensor:
+    """MAR's DiffLoss.sample loop for one masked step, from the last respaced step down to 0 -> (N, C) latents.
+
+    feeds: `noise` (T + 1, N, C) from `Draws.step_noise` ([0] is x_T), `z` (G*N, Dz) conditional rows first,
+    `timesteps` (T,) and `coefs` (T, NUM_COEFS) in the order the steps run, `cfg` (1,), `temperature` (1,).
+    Every tensor stays where it is; nothing here waits for the device, so the loop can be captured as a graph.
+    """
+    noise, x = feeds["noise"], feeds["noise"][0]
+    for k in range(feeds["timesteps"].shape[0]):
+        x, = run("diffusion", {"x": x, "t": feeds["timesteps"][k:k + 1], "z": feeds["z"], "noise": noise[k + 1],
+                               "cfg": feeds["cfg"], "temperature": feeds["temperature"], "coefs": feeds["coefs"][k]})
+    return x
+
+
+def step_tables(tables: DiffusionTables) -> dict[str, Tensor]:
+    """`timesteps` (T,) int64 and `coefs` (T, NUM_COEFS) float32, in the order the denoising steps run."""
+    order = list(reversed(range(tables.num_timesteps)))
+    return {"timesteps": torch.tensor([tables.model_timestep(i) for i in order], dtype=torch.int64),
+            "coefs": torch.stack([tables.coefficients(i) for i in order])}

@@ -13,22 +13,32 @@ Draw order (DESIGN.md section 4). One `Draws` object supplies, in this order:
      half, as MAR duplicates it), then, for each diffusion step from the last respaced index down
      to 0, one `normal((G * N, C))` with G = 2 under guidance, else 1. Only the first N rows reach
      the conditional output; the rest keeps MAR's draw shapes so recorded draws replay.
+This is batch order (`TorchDraws(seed)`: one generator for the batch, as the official code draws). Per-image
+seeds (`ImageDraws(seeds)`, the default of `d2c_export.generate`): image i draws the sequence above for a
+batch of one image from its own generator seeded seeds[i] (`seed + i` for an int seed), so it is the same
+image alone, in any batch, on any replica. Item 3 is asked for in one call per masked step
+(`Draws.step_noise`) and moved to the device in one copy.
+
+Device: the loop keeps its state (KV cache, tokens, fusion features, z, x_t, noise) on `stages.device` and
+never waits for it inside a generation step; the draws come from the CPU generator, one copy per token and
+per masked step. The result comes back to the host once, at the end.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from reference.diffusion import TRAIN_STEPS, DiffusionTables, make_tables
+from reference.diffusion import TRAIN_STEPS, denoise_steps, make_tables, step_tables
 from reference.gpt import cache_feeds, write_cache
 from reference.model import RECOMMENDED_SAMPLING, D2C, D2CConfig
-from reference.sampling import (CfgSchedule, Draws, TorchDraws, cfg_for_step, filter_logits, guide_logits,
-                                mask_len_schedule, sample_gumbel, step_positions)
+from reference.sampling import (CfgSchedule, Draws, ImageDraws, TorchDraws, cfg_schedule, filter_logits,
+                                guide_logits, image_seeds, mask_len_schedule, sample_gumbel, step_positions)
 from reference.mar import unpatchify
 from reference.stage_networks import TorchStages
 from reference.vae import LATENT_SCALE
@@ -96,72 +106,68 @@ class SamplingParams:
 class Stages(Protocol):
     """What the loop runs on: `run(stage, inputs) -> outputs` over the stages of DESIGN.md section 3.
 
-    `inputs` maps the stage's input names to tensors, in the stage's input order; the result is the
-    tuple of its outputs in order. `gpt_cache` allocates the zeroed KV caches where `run("gpt")` reads
-    them (a backend may keep them on its device); the loop writes each step's keys and values into them.
+    `inputs` maps the stage's input names to tensors on `device`, in the stage's input order; the result is the
+    tuple of its outputs in order, on `device` too. `gpt_cache` allocates the zeroed KV caches where `run("gpt")`
+    reads them; the loop writes each step's keys and values into them. `denoise(feeds)` runs the denoising
+    steps of one masked step: `denoise_steps(self.run, feeds)`, or a replay of it (a CUDA graph).
     """
 
     config: D2CConfig
+    device: str
 
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]: ...
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]: ...
+    def denoise(self, feeds: dict[str, Tensor]) -> Tensor: ...
+
+
+def to_device(t: Tensor, device: str | torch.device) -> Tensor:
+    """A host tensor on the stages' device, copied without waiting for the device (pinned, non-blocking)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draws: Draws,
                     progress: bool = False) -> Tensor:
-    """Stage 1: (B,) labels -> (B, block_size) token ids, LlamaGen's prefill + one-token decode."""
-    g = stages.config.gpt
+    """Stage 1: (B,) labels -> (B, block_size) token ids, LlamaGen's prefill + one-token decode, on the device."""
+    g, dev = stages.config.gpt, stages.device
     bsz = labels.shape[0]
     guided = params.discrete_cfg > 1.0  # LlamaGen guides only above 1
     rows = 2 * bsz if guided else bsz
     ids = torch.cat([labels, torch.full_like(labels, g.null_class)]) if guided else labels
+    positions = to_device(torch.tensor([0] + [g.cls_token_num + i for i in range(g.block_size - 1)]), dev)
     k_cache, v_cache = stages.gpt_cache(rows)
 
-    def step(step_ids: Tensor, pos: Tensor) -> Tensor:
+    def step(step_ids: Tensor, i: int) -> Tensor:
+        pos = positions[i:i + 1]  # (1,)
         logits, k, v = stages.run("gpt", {"ids": step_ids.view(rows, 1), "input_pos": pos,
                                           **cache_feeds(k_cache, v_cache)})
         write_cache(k_cache, k, pos)
         write_cache(v_cache, v, pos)
         return logits
 
-    logits = step(ids, torch.tensor([0]))
+    logits = step(ids, 0)
     out = []
     for i in tqdm(range(g.block_size), desc="discrete tokens", disable=not progress, leave=False):
         last = logits[:, -1].float()  # (rows, V)
         if guided:
             last = guide_logits(last[:bsz], last[bsz:], params.discrete_cfg)
         scores = filter_logits(last, params.gpt_temperature, params.top_k, params.top_p)  # (B, V)
-        token = sample_gumbel(scores, draws.uniform(scores.shape))  # (B,)
+        token = sample_gumbel(scores, to_device(draws.token_uniforms(bsz, scores.shape[-1]), dev))  # (B,)
         out.append(token)
         if i + 1 < g.block_size:
-            step_ids = torch.cat([token, token]) if guided else token
-            logits = step(step_ids, torch.tensor([g.cls_token_num + i]))
+            logits = step(torch.cat([token, token]) if guided else token, i + 1)
     return torch.stack(out, dim=1)
-
-
-def sample_latents(stages: Stages, z: Tensor, channels: int, tables: DiffusionTables,
-                   cfg: float, temperature: float, guided: bool, draws: Draws) -> Tensor:
-    """MAR's DiffLoss.sample: z (G*N, Dz), conditional rows first -> (N, C) token latents."""
-    rows = z.shape[0] // (2 if guided else 1)
-    x = draws.normal((rows, channels))  # x_T, shared by both halves under guidance
-    cfg_t = torch.tensor([cfg], dtype=torch.float32)
-    temp_t = torch.tensor([temperature], dtype=torch.float32)
-    for index in reversed(range(tables.num_timesteps)):
-        noise = draws.normal((z.shape[0], channels))[:rows]
-        t = torch.tensor([tables.model_timestep(index)], dtype=torch.int64)
-        x, = stages.run("diffusion", {"x": x, "t": t, "z": z, "noise": noise, "cfg": cfg_t, "temperature": temp_t,
-                                      "coefs": tables.coefficients(index)})
-    return x
 
 
 def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, params: SamplingParams,
                   draws: Draws, progress: bool = False) -> Tensor:
-    """Stage 2: masked autoregressive steps -> (B, L, C) token latents (scaled, as MAR models them)."""
-    m = stages.config.mar
+    """Stage 2: masked autoregressive steps -> (B, L, C) token latents (scaled, as MAR models them), on the device."""
+    m, dev = stages.config.mar, stages.device
     bsz, seq_len, channels = labels.shape[0], m.seq_len, m.token_dim
     guided = params.cfg != 1.0
     groups = 2 if guided else 1
-    order = torch.stack([draws.permutation(seq_len) for _ in range(bsz)])  # (B, L)
+    order = to_device(draws.orders(bsz, seq_len), dev)  # (B, L)
     labels_in = torch.cat([labels, torch.full_like(labels, m.null_class)]) if guided else labels
     fusion = None
     if discrete_ids is not None:
@@ -170,16 +176,19 @@ def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, p
             ids_in = torch.cat([discrete_ids, torch.full_like(discrete_ids, m.null_token)])
         fusion, = stages.run("cond", {"discrete_ids": ids_in})
     tables = make_tables(params.diffusion_steps)
-    tokens = torch.zeros(bsz, seq_len, channels)
+    per_step = {k: to_device(v, dev) for k, v in step_tables(tables).items()}
     mask_lens = mask_len_schedule(seq_len, params.num_iter)
-    steps = list(zip(step_positions(order, seq_len, params.num_iter), mask_lens))
-    for (kept, pred), mask_len in tqdm(steps, desc="masked steps", disable=not progress, leave=False):
+    cfgs = to_device(cfg_schedule(params.cfg, params.cfg_schedule, mask_lens, seq_len), dev)  # (num_iter,)
+    temperature = to_device(torch.tensor([params.temperature], dtype=torch.float32), dev)
+    tokens = torch.zeros(bsz, seq_len, channels, device=dev)
+    steps = step_positions(order, seq_len, params.num_iter)
+    for s, (kept, pred) in enumerate(tqdm(steps, desc="masked steps", disable=not progress, leave=False)):
         rep = (lambda t: torch.cat([t] * groups))
         feeds = {"tokens": rep(tokens), "kept": rep(kept), "pred": rep(pred), "labels": labels_in}
         z, = stages.run("mar", feeds if fusion is None else {**feeds, "fusion": fusion})  # (G*B, P, Dd)
         z = z.reshape(-1, z.shape[-1])  # (G*B*P, Dd): conditional rows first, batch-major
-        cfg_iter = cfg_for_step(params.cfg, params.cfg_schedule, mask_len, seq_len)
-        x = sample_latents(stages, z, channels, tables, cfg_iter, params.temperature, guided, draws)
+        noise = to_device(draws.step_noise(bsz, pred.shape[1], channels, groups, tables.num_timesteps), dev)
+        x = stages.denoise({"noise": noise, "z": z, **per_step, "cfg": cfgs[s:s + 1], "temperature": temperature})
         tokens = tokens.scatter(1, pred.unsqueeze(-1).expand(-1, -1, channels), x.reshape(bsz, -1, channels))
     return tokens
 
@@ -196,19 +205,33 @@ def generate_with(stages: Stages, labels: Tensor, params: SamplingParams, draws:
                   progress: bool = False) -> Generation:
     """Run all stages for `labels` (B,) with randomness from `draws` (order in the module docstring)."""
     config = stages.config
-    labels = torch.as_tensor(labels, dtype=torch.int64).view(-1)
+    labels = torch.as_tensor(labels, dtype=torch.int64).view(-1).cpu()
     if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= config.num_classes:
         raise ValueError(f"class labels must be in [0, {config.num_classes - 1}], got {labels.tolist()}")
+    labels = to_device(labels, stages.device)
     discrete = sample_discrete(stages, labels, params, draws, progress) if config.gpt is not None else None
     tokens = sample_tokens(stages, labels, discrete, params, draws, progress)
     m = config.mar
     latents = unpatchify(tokens, m.patch_size, m.vae_embed_dim) / LATENT_SCALE
     images = stages.run("vae", {"latents": latents})[0].clamp(-1, 1)
-    return Generation(images=images, latents=latents, discrete_ids=discrete)
+    return Generation(images=images.float().cpu(), latents=latents.cpu(),
+                      discrete_ids=None if discrete is None else discrete.cpu())
 
 
-def generate(model: D2C, labels: Tensor | list[int], seed: int = 0, cfg: float = 4.0, num_iter: int = 64,
-             diffusion_steps: int = 100, progress: bool = False, **kwargs) -> Tensor:
-    """Reference text-to-image entry point: class labels -> images (B, 3, H, W) in [-1, 1]."""
+def draws_for(seed: int | Sequence[int], count: int, batch_order: bool = False) -> Draws:
+    """Per-image seeds (`seed + i`, or one seed per image) unless `batch_order`: one generator for the batch."""
+    if batch_order:
+        if not isinstance(seed, numbers.Integral):
+            raise ValueError("batch order draws from one seed; give one seed, not one per image")
+        return TorchDraws(int(seed))
+    return ImageDraws(image_seeds(seed, count))
+
+
+def generate(model: D2C, labels: Tensor | list[int], seed: int | Sequence[int] = 0, cfg: float = 4.0,
+             num_iter: int = 64, diffusion_steps: int = 100, progress: bool = False, batch_order: bool = False,
+             **kwargs) -> Tensor:
+    """Reference text-to-image entry point: class labels -> images (B, 3, H, W) in [-1, 1] (seeds: `draws_for`)."""
     params = SamplingParams(cfg=cfg, num_iter=num_iter, diffusion_steps=diffusion_steps, **kwargs)
-    return generate_with(TorchStages(model), torch.as_tensor(labels), params, TorchDraws(seed), progress).images
+    labels = torch.as_tensor(labels).view(-1)
+    draws = draws_for(seed, labels.numel(), batch_order)
+    return generate_with(TorchStages(model), labels, params, draws, progress).images

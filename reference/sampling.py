@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from enum import Enum
 from typing import Protocol, Sequence
 
@@ -12,18 +13,57 @@ from torch import Tensor
 
 # ----------------------------------------------------------------------------------------------
 # Randomness. Every random number of a generation comes from one `Draws` object, in the order
-# documented in `reference/pipeline.py`. Models never draw.
+# documented in `reference/pipeline.py`. Models never draw. The loop asks for what a generation step
+# needs in one call (a token's uniforms, the orders, all the noise of a masked step) and moves it to the
+# stages' device in one copy; the numbers are the CPU generator's, the same on every device.
 # ----------------------------------------------------------------------------------------------
 class Draws(Protocol):
-    """A source of random numbers: a seeded generator (or, in the tests, a replay of recorded official draws)."""
+    """What the loop asks for, in the documented order."""
 
-    def uniform(self, shape: Sequence[int]) -> Tensor: ...
-    def normal(self, shape: Sequence[int]) -> Tensor: ...
-    def permutation(self, n: int) -> Tensor: ...
+    def token_uniforms(self, bsz: int, vocab: int) -> Tensor: ...
+    def orders(self, bsz: int, seq_len: int) -> Tensor: ...
+    def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int) -> Tensor: ...
 
 
-class TorchDraws:
-    """Draws from one CPU `torch.Generator` seeded once; identical on every machine and backend."""
+class BatchDraws:
+    """The loop's draws made of three primitive ones (`uniform`, `normal`, `permutation`) over the whole batch,
+    in the calls and shapes MAR and LlamaGen make, so that recorded official draws replay (batch order)."""
+
+    def uniform(self, shape: Sequence[int]) -> Tensor:
+        raise NotImplementedError
+
+    def normal(self, shape: Sequence[int]) -> Tensor:
+        raise NotImplementedError
+
+    def permutation(self, n: int) -> Tensor:
+        raise NotImplementedError
+
+    def token_uniforms(self, bsz: int, vocab: int) -> Tensor:
+        """(B, V) float64: one `uniform((B, V))`, the Gumbel-max draw of one discrete token of every image."""
+        return self.uniform((bsz, vocab))
+
+    def orders(self, bsz: int, seq_len: int) -> Tensor:
+        """(B, L) int64 generation orders: one `permutation(L)` per image, in batch order."""
+        return torch.stack([self.permutation(seq_len) for _ in range(bsz)])
+
+    def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int) -> Tensor:
+        """(steps + 1, N, C) float32, N = B * pred rows (batch-major): MAR's DiffLoss.sample draws of one masked step.
+
+        [0] is one `normal((N, C))` (x_T, shared by the unconditional half under guidance); [k] for k >= 1 is the
+        first N rows of the k-th diffusion step's `normal((G * N, C))` (G = `groups`), the rows that reach the
+        conditional output; the rest is drawn only to keep MAR's shapes.
+        """
+        n = bsz * pred
+        out = torch.empty(steps + 1, n, channels)
+        out[0] = self.normal((n, channels))
+        for k in range(1, steps + 1):
+            out[k] = self.normal((groups * n, channels))[:n]
+        return out
+
+
+class TorchDraws(BatchDraws):
+    """Draws from one CPU `torch.Generator` seeded once for the whole batch; identical on every machine and
+    backend. An image then depends on the images it is batched with; `ImageDraws` is the per-image kind."""
 
     def __init__(self, seed: int):
         self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -37,6 +77,40 @@ class TorchDraws:
 
     def permutation(self, n: int) -> Tensor:
         return torch.randperm(n, generator=self.generator, dtype=torch.int64)
+
+
+class ImageDraws:
+    """One generator per image: image i draws exactly what `TorchDraws(seeds[i])` draws for a batch of that one
+    image, so an image depends only on its class, its seed and the settings, never on its batch-mates."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.images = [TorchDraws(s) for s in seeds]
+
+    def _check(self, bsz: int) -> None:
+        if bsz != len(self.images):
+            raise ValueError(f"{len(self.images)} seeds for a batch of {bsz} images")
+
+    def token_uniforms(self, bsz: int, vocab: int) -> Tensor:
+        self._check(bsz)
+        return torch.cat([d.token_uniforms(1, vocab) for d in self.images])
+
+    def orders(self, bsz: int, seq_len: int) -> Tensor:
+        self._check(bsz)
+        return torch.cat([d.orders(1, seq_len) for d in self.images])
+
+    def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int) -> Tensor:
+        self._check(bsz)
+        return torch.cat([d.step_noise(1, pred, channels, groups, steps) for d in self.images], dim=1)
+
+
+def image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
+    """Each image's seed: `seed + i` for image i of an int seed, else the given list (one per image)."""
+    if isinstance(seed, numbers.Integral):
+        return [int(seed) + i for i in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"{len(seeds)} seeds for {count} images")
+    return seeds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,16 +182,13 @@ def mask_len_schedule(seq_len: int, num_iter: int) -> list[int]:
     return out
 
 
-def cfg_for_step(cfg: float, schedule: CfgSchedule | str, mask_len: int, seq_len: int) -> float:
-    """Guidance scale of one step: MAR's linear ramp 1 + (cfg - 1) * (seq_len - mask_len) / seq_len.
-
-    Computed in float32 like the official code, so the value matches it exactly.
-    """
-    schedule = CfgSchedule(schedule)
-    if schedule is CfgSchedule.CONSTANT:
-        return float(cfg)
-    m = torch.tensor([float(mask_len)], dtype=torch.float32)
-    return float((1 + (cfg - 1) * (seq_len - m) / seq_len)[0])
+def cfg_schedule(cfg: float, schedule: CfgSchedule | str, mask_lens: Sequence[int], seq_len: int) -> Tensor:
+    """(num_iter,) float32 guidance scale of each step: MAR's linear ramp 1 + (cfg - 1) * (seq_len - mask_len) /
+    seq_len, computed in float32 like the official code (so the values match it exactly), or constant `cfg`."""
+    if CfgSchedule(schedule) is CfgSchedule.CONSTANT:
+        return torch.full((len(mask_lens),), float(cfg), dtype=torch.float32)
+    m = torch.tensor([float(n) for n in mask_lens], dtype=torch.float32)
+    return 1 + (cfg - 1) * (seq_len - m) / seq_len
 
 
 def step_positions(order: Tensor, seq_len: int, num_iter: int) -> list[tuple[Tensor, Tensor]]:

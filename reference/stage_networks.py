@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from reference.diffusion import DenoiseStep
+from reference.diffusion import DenoiseStep, denoise_steps
 from reference.gpt import GPT, empty_cache
 from reference.model import D2C, D2CConfig
 
@@ -59,7 +59,10 @@ def as_outputs(out: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 
 class ModuleStages:
-    """Stages run by PyTorch modules: `run(stage, inputs)` calls the stage's module on the inputs in order."""
+    """Stages run by PyTorch modules on the CPU: `run(stage, inputs)` calls the stage's module on the inputs in
+    order; `denoise` runs the steps one call each."""
+
+    device = "cpu"
 
     def __init__(self, config: D2CConfig, modules: dict[str, nn.Module]):
         self.config = config
@@ -70,6 +73,9 @@ class ModuleStages:
 
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
         return empty_cache(self.config.gpt, rows)
+
+    def denoise(self, feeds: dict[str, Tensor]) -> Tensor:
+        return denoise_steps(self.run, feeds)
 
 
 class TorchStages(ModuleStages):

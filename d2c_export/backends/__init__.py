@@ -22,16 +22,27 @@ def resolve_auto(engines: Engines, precision: Precision) -> Target:
 
 
 def open_backend(engines: Engines, target: Target, threads: int = 0, keep_fp16_rounding: bool = False,
-                 device: str | None = None) -> Backend:
+                 device: str | None = None, cuda_graphs: bool | None = None) -> Backend:
     """The stages of `engines` on `target`.
 
     `threads`: ONNX Runtime's intra-op threads (0: its default). `keep_fp16_rounding`: run FP16 graphs on ONNX
     Runtime without graph optimisations, which would fuse away the FP16 casts on the CPU (for parity checks).
-    `device`: where the PyTorch backend computes (default: CUDA when present, else the CPU).
+    `device`: where the PyTorch backend computes (default: CUDA when present, else the CPU). `cuda_graphs`:
+    whether PyTorch on CUDA replays its gpt step and denoising loops as CUDA graphs (default: at FP16 / BF16,
+    the GPU fast path; FP32 stays the eager baseline); CUDA graphs need CUDA.
     """
     if target.backend is BackendName.TORCH:
         from d2c_export.backends.pytorch import TorchBackend
-        return TorchBackend(engines, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_cuda = torch.device(device).type == "cuda"
+        graphs = (on_cuda and target.precision is not Precision.FP32) if cuda_graphs is None else cuda_graphs
+        if graphs and not on_cuda:
+            raise EngineError(f"CUDA graphs need a CUDA device; {target.name} runs on {device} here")
+        graph_device = None
+        if graphs:
+            from d2c_export.backends.cuda_device import CudaDevice
+            graph_device = CudaDevice()
+        return TorchBackend(engines, device, target.precision, graph_device)
     trt = None
     if target.backend is BackendName.TRT:
         from d2c_export.trt_platform import RUN_HINT, require_tensorrt

@@ -2,7 +2,10 @@
 
 What differs per stage is data on the stage's spec (`d2c_export.stages`), never a method per stage:
 a backend binds inputs and outputs by the spec's tensor names. The shared loop
-(`reference.pipeline.generate_with`) calls `run` and `gpt_cache` and nothing else.
+(`reference.pipeline.generate_with`) calls `run`, `gpt_cache` and `denoise` and nothing else, with its tensors
+on the backend's `device`. `denoise` runs the denoising steps of one masked step through `run`
+(`reference.diffusion.denoise_steps`); a backend that replays them as one CUDA graph says so in
+`graphs_denoise`, and the wrappers then time and count the replay as the steps it stands for.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from torch import Tensor
 from d2c_export.errors import EngineError
 from d2c_export.stages import STAGES
 from d2c_export.targets import Target
+from reference.diffusion import denoise_steps
 from reference.gpt import empty_cache
 from reference.model import D2CConfig
 
@@ -24,11 +28,18 @@ class Backend:
     config: D2CConfig
     max_batch: int  # images per call the stages admit (the exported profile)
     description: str  # what runs, for logs and reports
-    device: str = "cpu"  # where the stage calls compute ("cpu" or "cuda")
+    device: str = "cpu"  # where the loop keeps its tensors: the stage inputs and outputs ("cpu" or "cuda")
+    graphs_denoise: bool = False  # `denoise` replays the steps as one CUDA graph instead of calling `run`
 
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        """Run `stage` on `inputs` (input name -> CPU tensor, in the stage's order); its outputs, in order."""
+        """Run `stage` on `inputs` (input name -> tensor, in the stage's order); its outputs, in order, on `device`.
+
+        Inputs on `device` are used where they are; host inputs are copied there first (parity checks)."""
         raise NotImplementedError
+
+    def denoise(self, feeds: dict[str, Tensor]) -> Tensor:
+        """The denoising steps of one masked step (`reference.diffusion.denoise_steps`), one `run` per step."""
+        return denoise_steps(self.run, feeds)
 
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
         """Zeroed k_cache, v_cache (L, rows, H, S, hd) where `run("gpt")` reads them."""
@@ -62,15 +73,30 @@ def check_graph_io(path: Path, stage: str, config: D2CConfig, inputs: list[tuple
 
 
 class Wrapper:
-    """Stages that pass every call to `inner`: the base of timing, FLOP counting and thread control."""
+    """Stages that pass every call to `inner`: the base of timing, FLOP counting and thread control.
+
+    `denoise` runs the steps through this wrapper's `run`, so each step passes the wrapper; where `inner`
+    replays them as one graph, the replay goes through `replay_denoise` instead (override both to see both).
+    """
 
     def __init__(self, inner):
         self.inner = inner
         self.config = inner.config
         self.max_batch = inner.max_batch
+        self.device = inner.device
+        self.graphs_denoise = getattr(inner, "graphs_denoise", False)
 
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
         return self.inner.run(stage, inputs)
+
+    def denoise(self, feeds: dict[str, Tensor]) -> Tensor:
+        if self.graphs_denoise:
+            return self.replay_denoise(feeds)
+        return denoise_steps(self.run, feeds)
+
+    def replay_denoise(self, feeds: dict[str, Tensor]) -> Tensor:
+        """The inner backend's one-graph replay of `denoise_steps(feeds)`."""
+        return self.inner.denoise(feeds)
 
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:  # allocation, not a stage call
         return self.inner.gpt_cache(rows)

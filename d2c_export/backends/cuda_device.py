@@ -14,7 +14,9 @@ ALIGNMENT = 256  # bytes: TensorRT's alignment of every tensor address (NvInferR
 
 
 class CudaDevice:
-    """torch.cuda behind the methods the TensorRT backend calls."""
+    """torch.cuda behind the methods the TensorRT backend and the CUDA graphs of PyTorch stages call."""
+
+    torch_device = "cuda"  # where tensors on this device live, as torch names it
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return torch.empty(shape, dtype=dtype, device="cuda")
@@ -48,6 +50,15 @@ class CudaDevice:
 
     def capture(self, graph, stream) -> AbstractContextManager:
         return torch.cuda.graph(graph, stream=stream)
+
+    def capture_call(self, graph, stream, fn) -> Tensor:
+        """Capture `fn()` into `graph` on `stream`; its output tensor, which each replay rewrites."""
+        with torch.cuda.graph(graph, stream=stream):
+            return fn()
+
+    def reserved_bytes(self) -> int:
+        """Bytes PyTorch's caching allocator holds on the device (graph pools included)."""
+        return torch.cuda.memory_reserved()
 
     def gpu(self) -> tuple[str, str]:
         """The GPU's name and compute capability ("9.0")."""

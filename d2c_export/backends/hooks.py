@@ -23,11 +23,12 @@ class StageTimer:
     def start(self, stage: str):
         return time.perf_counter()
 
-    def stop(self, stage: str, token) -> None:
+    def stop(self, stage: str, token, calls: int = 1) -> None:
+        """End a call started with `start`; `calls` > 1: one replay that ran that many calls (a CUDA graph)."""
         elapsed = time.perf_counter() - token
         self.seconds[stage] += elapsed
-        self.calls[stage] += 1
-        self.durations[stage].append(elapsed)
+        self.calls[stage] += calls
+        self.durations[stage].extend([elapsed / calls] * calls)
 
     def resolve(self) -> None:
         """Make the figures final (a no-op for wall time)."""
@@ -45,17 +46,17 @@ class CudaEventTimer(StageTimer):
         event.record()
         return event
 
-    def stop(self, stage: str, token) -> None:
+    def stop(self, stage: str, token, calls: int = 1) -> None:
         end = torch.cuda.Event(enable_timing=True)
         end.record()
-        self.events[stage].append((token, end))
+        self.events[stage].append((token, end, calls))
 
     def resolve(self) -> None:
         torch.cuda.synchronize()
         for name, pairs in self.events.items():
-            self.durations[name] = [s.elapsed_time(e) / 1e3 for s, e in pairs]
+            self.durations[name] = [s.elapsed_time(e) / 1e3 / n for s, e, n in pairs for _ in range(n)]
             self.seconds[name] = sum(self.durations[name])
-            self.calls[name] = len(pairs)
+            self.calls[name] = len(self.durations[name])
 
 
 class Timed(Wrapper):
@@ -71,6 +72,12 @@ class Timed(Wrapper):
         self.timer.stop(stage, token)
         return out
 
+    def replay_denoise(self, feeds: dict[str, Tensor]) -> Tensor:
+        token = self.timer.start("diffusion")
+        out = self.inner.denoise(feeds)
+        self.timer.stop("diffusion", token, calls=feeds["timesteps"].shape[0])
+        return out
+
 
 class FlopCounted(Wrapper):
     """Every stage call's FLOPs counted from its input shapes by the stage's own formula."""
@@ -82,6 +89,12 @@ class FlopCounted(Wrapper):
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
         self.flops[stage] += STAGES[stage].count_flops(self.config, inputs)
         return self.inner.run(stage, inputs)
+
+    def replay_denoise(self, feeds: dict[str, Tensor]) -> Tensor:
+        step = {"x": feeds["noise"][0], "t": feeds["timesteps"][:1], "z": feeds["z"], "noise": feeds["noise"][0],
+                "cfg": feeds["cfg"], "temperature": feeds["temperature"], "coefs": feeds["coefs"][0]}
+        self.flops["diffusion"] += feeds["timesteps"].shape[0] * STAGES["diffusion"].count_flops(self.config, step)
+        return self.inner.denoise(feeds)
 
 
 class StageThreads(Wrapper):
@@ -99,5 +112,12 @@ class StageThreads(Wrapper):
         torch.set_num_threads(self.stage_threads)
         try:
             return self.inner.run(stage, inputs)
+        finally:
+            torch.set_num_threads(self.loop_threads)
+
+    def replay_denoise(self, feeds: dict[str, Tensor]) -> Tensor:
+        torch.set_num_threads(self.stage_threads)
+        try:
+            return self.inner.denoise(feeds)
         finally:
             torch.set_num_threads(self.loop_threads)

@@ -16,9 +16,11 @@ capture that fails turns graphs off for that engine and drops every graph it cap
 fails during capture is an error.
 
 Host copies: `TrtBackend` returns tensors on the device its first input came from. The shared loop in
-`reference/pipeline.py` keeps its state on the CPU, so under it every stage call copies its inputs to the
-GPU and its outputs back. The gpt KV cache is the exception: `gpt_cache` hands out device buffers bound as
-the engine's inputs (each layer on its own 256-byte boundary), so the cache never crosses the bus.
+`reference/pipeline.py` keeps its state on the backend's `device`, so a stage call copies its device inputs
+into the engine's buffers (device to device) and its outputs out of them, and nothing crosses the bus but
+the draws. The gpt KV cache is bound in place: `gpt_cache` hands out device buffers bound as the engine's
+inputs (each layer on its own 256-byte boundary). The denoising steps of a masked step replay the per-step
+graph one step at a time (one whole-loop graph is PyTorch's, `backends.graphs`).
 
 The GPU is reached only through a device object (`cuda_device.CudaDevice`) and `tensorrt` only through the
 module passed in, so the tests run this code on the CPU under contract fakes.
@@ -254,9 +256,8 @@ def aligned_cache(device, n_layer: int, rows: int, n_head: int, slots: int, head
 
 
 class TrtBackend(Backend):
-    """The plans of `precision` in an engines directory on TensorRT."""
-
-    device = "cuda"
+    """The plans of `precision` in an engines directory on TensorRT; the loop's tensors live on the device seam's
+    `torch_device` (CUDA; host memory under the tests' fake)."""
 
     def __init__(self, engines: Engines, precision: Precision = Precision.FP16, trt=None, device=None):
         trt = trt or require_tensorrt(RUN_HINT)  # checks for a CUDA device before any TensorRT object exists
@@ -264,6 +265,7 @@ class TrtBackend(Backend):
             from d2c_export.backends.cuda_device import CudaDevice
             device = CudaDevice()
         self.cuda = device
+        self.device = device.torch_device
         self.target = Target(BackendName.TRT, precision)
         self.config = engines.config
         self.max_batch = engines.max_batch

@@ -50,8 +50,14 @@ class Tolerance:
 ORT_FP32_TOLERANCE = Tolerance(max_rel=1e-5, rel_l2=1e-5, min_cosine=0.999999)
 TRT_FP32_TOLERANCE = Tolerance(max_rel=1e-3, rel_l2=1e-4, min_cosine=0.99999)
 FP16_TOLERANCE = Tolerance(max_rel=5e-2, rel_l2=1e-2, min_cosine=0.999)
+# PyTorch: FP32 on the CPU is the reference itself, on CUDA other kernels (TF32 convolutions); FP16 / BF16 cast
+# the weights and run under autocast (which keeps norms, softmax and reductions in FP32); bfloat16 keeps
+# 8 mantissa bits to FP16's 11, so about 8x the rounding.
+BF16_TOLERANCE = Tolerance(max_rel=2e-1, rel_l2=5e-2, min_cosine=0.995)
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {"onnx-fp32": ORT_FP32_TOLERANCE, "trt-fp32": TRT_FP32_TOLERANCE,
-                                            "onnx-fp16": FP16_TOLERANCE, "trt-fp16": FP16_TOLERANCE}
+                                            "onnx-fp16": FP16_TOLERANCE, "trt-fp16": FP16_TOLERANCE,
+                                            "torch-fp32": TRT_FP32_TOLERANCE, "torch-fp16": FP16_TOLERANCE,
+                                            "torch-bf16": BF16_TOLERANCE}
 
 
 def default_parity_sizes(profile: dict[str, tuple[int, int, int]]) -> list[Sizes]:

@@ -69,7 +69,7 @@ def check_stage(model: D2C, spec: StageSpec, backend: Backend, max_batch: int, s
     """Run `backend` and the reference module on the same inputs at the spec's parity shapes; compare every output."""
     config = model.config
     module = spec.wrapper(model).eval()
-    kind = backend.target.kind
+    kind = backend.target.parity_kind
     tol = spec.tolerance(kind)
     reports = []
     for i, sizes in enumerate(spec.parity_cases(config, max_batch)):
@@ -77,14 +77,18 @@ def check_stage(model: D2C, spec: StageSpec, backend: Backend, max_batch: int, s
         ref = as_outputs(module(*feeds.values()))
         got = backend.run(spec.name, feeds)
         for t, r, g in zip(spec.output_specs(config), ref, got):
-            result = compare(g.numpy(), r.numpy())
+            result = compare(g.float().cpu().numpy(), r.numpy())
             reports.append(StageReport(spec.name, kind, sizes, t.name, result, result.within(tol)))
     return reports
 
 
 def check_targets(engines: Engines, precision: Precision) -> list[Target]:
-    """What `d2c-export check --precision P` compares: the ONNX graphs, and the TensorRT plans where they run."""
-    targets = [Target(BackendName.ORT, precision)]
+    """What `d2c-export check --precision P` compares: the ONNX graphs, the TensorRT plans where they run, and at
+    FP16 / BF16 PyTorch with reduced-precision weights (BF16 has no graphs or plans)."""
+    torch_target = [] if precision is Precision.FP32 else [Target(BackendName.TORCH, precision)]
+    if precision is Precision.BF16:
+        return torch_target
+    targets = [Target(BackendName.ORT, precision)] + torch_target
     trt = Target(BackendName.TRT, precision)
     if engines.has(trt.kind):
         reason = tensorrt_missing()

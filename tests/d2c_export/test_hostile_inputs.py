@@ -75,7 +75,7 @@ RUN = [  # (id, argv after `d2c-run --engines WS/eng`, needles, setup)
     ("seed-huge", ["--class", "1", "--seed", str(2 ** 70)], ["--seed"], None),
     ("class-not-a-number", ["--class", "cat"], ["--class"], None),
     ("unknown-backend", ["--class", "1", "--backend", "tensorflow"], ["--backend", "tensorflow"], None),
-    ("torch-fp16", ["--class", "1", "--backend", "torch", "--precision", "fp16"], ["fp32 only"], None),
+    ("ort-bf16", ["--class", "1", "--backend", "ort", "--precision", "bf16"], ["fp32, fp16 only"], None),
     ("ort-fp16-missing", ["--class", "1", "--backend", "ort", "--precision", "fp16"], ["onnx-fp16", "--fp16"], None),
     ("trt-missing", ["--class", "1", "--backend", "trt"], ["TensorRT", "--backend ort"], None),
     ("out-is-directory", ["--class", "1", "--out", "{ws}/adir"], ["adir", "directory"], None),

@@ -21,7 +21,8 @@ def test_names_parse_to_one_meaning(name, backend, precision, kind):
     assert name in choices()
 
 
-@pytest.mark.parametrize("name,needle", [("torch-fp16", "torch backend runs fp32 only"), ("cuda", "unknown backend"),
+@pytest.mark.parametrize("name,needle", [("ort-bf16", "ort backend runs fp32, fp16 only"),
+                                         ("trt-bf16", "trt backend runs fp32, fp16 only"), ("cuda", "unknown backend"),
                                          ("ort-int8", "unknown precision")])
 def test_what_cannot_run_is_refused(name, needle):
     with pytest.raises(TargetError, match=needle):
@@ -36,9 +37,9 @@ def test_lists_refuse_repeats_and_emptiness():
         parse_list(" , ")
 
 
-def test_torch_in_fp16_is_an_error_not_fp32(engines_factory, tmp_path, capsys):
+def test_bf16_on_onnx_runtime_is_an_error_not_fp32(engines_factory, tmp_path, capsys):
     out = tmp_path / "x.png"
-    code, err = run_cli(run_main, ["--engines", engines_factory("d2c-tiny"), "--class", "1", "--backend", "torch",
-                                   "--precision", "fp16", "--out", out, "--quiet"], capsys)
-    assert_one_line_error(code, err, "torch backend runs fp32 only")
+    code, err = run_cli(run_main, ["--engines", engines_factory("d2c-tiny"), "--class", "1", "--backend", "ort",
+                                   "--precision", "bf16", "--out", out, "--quiet"], capsys)
+    assert_one_line_error(code, err, "ort backend runs fp32, fp16 only, not bf16")
     assert not out.exists()

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.sampling import filter_logits, mask_len_schedule
+from reference.sampling import BatchDraws, filter_logits, mask_len_schedule
 
 
-class ReplayDraws:
+class ReplayDraws(BatchDraws):
     """Returns recorded draws in order and checks each has the shape the caller asks for."""
 
     def __init__(self, records: Sequence[tuple[str, Tensor]]):

@@ -6,9 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reference.diffusion import DenoiseStep, make_tables, space_timesteps
+from reference.diffusion import DenoiseStep, make_tables, space_timesteps, step_tables
 from reference.diffusion_head import HeadArgs, SimpleMLPAdaLN
-from reference.pipeline import sample_latents
 from tests.reference.replay import ReplayDraws
 from reference.stage_networks import ModuleStages
 
@@ -97,8 +96,12 @@ def test_replayed_sample_loop_matches_official(mar_rec, guided):
     call = "sample_cfg" if guided else "sample_nocfg"
     z = t_(io["in_sample_z"] if guided else io["in_sample_z_nocfg"])
     replay = ReplayDraws(call_draws(draws, call))
-    out = sample_latents(ModuleStages(None, {"diffusion": DenoiseStep(head)}), z, 16, make_tables(10), 2.0 if guided else 1.0, 0.9, guided, replay)
+    groups = 2 if guided else 1
+    noise = replay.step_noise(1, z.shape[0] // groups, 16, groups, 10)  # all of DiffLoss.sample's draws, one call
     assert replay.exhausted
+    feeds = {"noise": noise, "z": z, **step_tables(make_tables(10)), "cfg": torch.tensor([2.0 if guided else 1.0]),
+             "temperature": torch.tensor([0.9])}
+    out = ModuleStages(None, {"diffusion": DenoiseStep(head)}).denoise(feeds)
     ref = t_(io[f"out_{call}_out"])[: out.shape[0]]
     scale = ref.abs().max()
     assert float((out - ref).abs().max() / scale) < 1e-5

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from reference.sampling import TorchDraws, cfg_for_step, filter_logits, mask_len_schedule, sample_gumbel, step_positions
+from reference.sampling import TorchDraws, cfg_schedule, filter_logits, mask_len_schedule, sample_gumbel, step_positions
 from tests.reference.replay import ReplayDraws, logits_to_probs, tokens_per_step, uniforms_for_outcome
 
 
@@ -18,8 +18,8 @@ def test_mask_and_cfg_schedule_match_official(official_dir, num_iter):
     lens = mask_len_schedule(seq_len, int(num_iter))
     assert lens == r["mask_len"]
     assert tokens_per_step(seq_len, int(num_iter)) == r["n_pred"]
-    assert [cfg_for_step(cfg, "linear", m, seq_len) for m in lens] == r["cfg_iter"]
-    assert cfg_for_step(cfg, "constant", 7, seq_len) == cfg
+    assert cfg_schedule(cfg, "linear", lens, seq_len).tolist() == r["cfg_iter"]
+    assert cfg_schedule(cfg, "constant", [7, 3], seq_len).tolist() == [cfg, cfg]
 
 
 def test_step_positions_partition_the_sequence():

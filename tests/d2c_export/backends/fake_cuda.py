@@ -56,6 +56,8 @@ class FakeGraph:
 class FakeCudaDevice:
     """Memory by address, streams and graph capture, on the CPU."""
 
+    torch_device = "cpu"  # the fake's device memory is host memory
+
     def __init__(self):
         self.allocations: list[Allocation] = []
         self.capturing: tuple[FakeGraph, FakeStream] | None = None
@@ -145,6 +147,24 @@ class FakeCudaDevice:
         finally:
             self.capturing = None
         graph.captured = True
+
+    def capture_call(self, graph: FakeGraph, stream: FakeStream, fn):
+        """Capture of PyTorch work: the callable runs once now and again on every replay, writing into the
+        output tensor it returned the first time (a replay rewrites the captured output in place); so a
+        replay sees only what is in the tensors the callable closed over, as a real graph does."""
+        with self.capture(graph, stream):
+            output = fn()
+            outputs = output if isinstance(output, tuple) else (output,)
+
+            def launch():
+                again = fn()
+                for o, a in zip(outputs, again if isinstance(again, tuple) else (again,)):
+                    o.copy_(a)
+            graph.launches.append(launch)
+        return output
+
+    def reserved_bytes(self) -> int:
+        return self.memory_used()
 
     def gpu(self) -> tuple[str, str]:
         return "Fake GPU (CPU memory)", "9.0"

@@ -185,7 +185,7 @@ def test_ort_fp16_without_fp16_graphs_is_one_clear_error(engines_factory, tmp_pa
 
 
 @pytest.mark.parametrize("argv,needles", [
-    (["--backends", "torch,tensorflow"], ["tensorflow", "torch, ort"]),
+    (["--backends", "torch,tensorflow"], ["tensorflow", "torch, torch-fp16, torch-bf16, ort"]),
     (["--batch", "5"], ["max batch 4"]),
     (["--repeat", "0"], ["--repeat"]),
 ])
