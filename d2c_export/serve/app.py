@@ -262,14 +262,27 @@ class Ingress:
                                               total_s=time.monotonic() - start, stages_s=result.stages_s))
 
 
-def build_app(options: ServeOptions):
-    """The application graph: the ingress bound to `options.replicas` generator replicas."""
-    engines = Engines.open(options.engines_dir)  # refused here, in the command, before anything starts
+def check_options(options: ServeOptions) -> ServeOptions:
+    """Refuse, before anything starts, what the replicas could not run: missing engines, a max batch above the
+    exported profile, a target whose files are not there. Fills in the max batch."""
+    from d2c_export.targets import AUTO, BackendName, Target
+    engines = Engines.open(options.engines_dir)
     max_batch = options.max_batch or engines.max_batch
     if max_batch > engines.max_batch:
         raise EngineError(f"--max-batch {max_batch} exceeds the exported profile (max batch {engines.max_batch}); "
                           f"re-export with `{engines.rebuild_command('onnx-fp32', max_batch=max_batch)}`")
+    names = [BackendName.ORT.value, BackendName.TRT.value] if options.backend == AUTO else [options.backend]
+    targets = [Target.of(name, options.precision) for name in names]
+    if not any(t.kind is None or engines.has(t.kind) for t in targets):
+        raise EngineError(f"{engines.directory} has no {targets[0].kind} build of every stage, so the replicas "
+                          f"cannot run {targets[0].name!r}; build it with `{engines.rebuild_command(targets[0].kind)}`")
     options.max_batch = max_batch
+    return options
+
+
+def build_app(options: ServeOptions):
+    """The application graph: the ingress bound to `options.replicas` generator replicas."""
+    max_batch = check_options(options).max_batch
     generator = Generator.options(
         num_replicas=options.replicas, max_ongoing_requests=2 * max_batch, max_queued_requests=options.max_queue,
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
