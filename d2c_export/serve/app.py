@@ -91,6 +91,7 @@ class Generator:
         self.generate_batch.set_max_batch_size(self.max_batch)
         self.generate_batch.set_batch_wait_timeout_s(options.batch_wait_s)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2c-generate")
+        self._idle: asyncio.Event | None = None
         self.replica = serve.get_replica_context().replica_id.unique_id
         target = self.stages.target
         self.info = ModelInfo(config_name=engines.config.name, config=engines.manifest.config,
@@ -101,14 +102,28 @@ class Generator:
                               manifest_sha256=sha256_file(engines.directory / MANIFEST))
         log.info("replica %s: %s, max batch %d", self.replica, self.stages.description, self.max_batch)
 
+    def _idle_event(self) -> asyncio.Event:
+        if self._idle is None:  # made on the replica's event loop
+            self._idle = asyncio.Event()
+            self._idle.set()
+        return self._idle
+
     async def generate(self, job: Job) -> JobResult:
+        # Ray's batch loop forms the next batch as soon as the previous one starts; held here while a generation
+        # runs, the jobs that arrive meanwhile reach the batch queue together when it ends, and merge.
+        await self._idle_event().wait()
         result = await self.generate_batch(job)
         result.replica = self.replica
         return result
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=batch_images)
     async def generate_batch(self, jobs: list[Job]) -> list[JobResult]:
-        return await asyncio.get_running_loop().run_in_executor(self.worker, run_batch, self.stages, jobs)
+        idle = self._idle_event()
+        idle.clear()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.worker, run_batch, self.stages, jobs)
+        finally:
+            idle.set()
 
     def describe(self) -> ModelInfo:
         return self.info

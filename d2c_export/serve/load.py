@@ -26,6 +26,7 @@ class Sample:
     status: int  # 0: no HTTP answer (connection refused or reset, timeout)
     batch_size: int = 0
     error: str = ""
+    generation_s: float = 0.0  # of the generation the answer came from
 
 
 @dataclass
@@ -109,7 +110,8 @@ def run_load(url: str, clients: int, requests: int, duration_s: float, body_for:
             try:
                 status, data, _ = post_json(url, "/v1/images", body_for(index), timeout_s, token)
                 sample = Sample(t0 - start, time.monotonic() - t0, status, int(data.get("batch_size", 0)),
-                                "" if status == 200 else str(data.get("error", ""))[:200])
+                                "" if status == 200 else str(data.get("error", ""))[:200],
+                                float(data.get("timings", {}).get("generation_s", 0.0)))
             except OSError as exc:  # refused, reset, or the socket timeout
                 sample = Sample(t0 - start, time.monotonic() - t0, 0, 0, f"{type(exc).__name__}: {exc}"[:200])
             with lock:
