@@ -35,5 +35,5 @@ fi
 if [ "${DRY_RUN:-0}" = 1 ] || .venv/bin/python -m pip show --quiet "$DROP" >/dev/null 2>&1; then
   run "${PIP[@]}" uninstall --quiet --yes "$DROP"
 fi
-run "${PIP[@]}" install --quiet -e ".[dev,$ORT]"
+run "${PIP[@]}" install --quiet -e ".[dev,serve,$ORT]"
 [ "${DRY_RUN:-0}" = 1 ] || .venv/bin/python -c "import torch, onnxruntime; print(f'torch {torch.__version__}, onnxruntime {onnxruntime.__version__} ($KEEP)')"

@@ -1,0 +1,157 @@
+"""The HTTP API's requests and answers: pydantic models (they are the OpenAPI schema at /docs) and the checks of a
+request against the model, each failure an `ApiError` whose message is one line."""
+from __future__ import annotations
+
+import hmac
+import hashlib
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+
+from d2c_export.cli_support import one_line
+from d2c_export.engines import Engines
+from d2c_export.serve.batching import Job
+from reference.diffusion import TRAIN_STEPS
+from reference.pipeline import SamplingParams
+from reference.sampling import CfgSchedule
+
+MAX_SEED = 2 ** 63 - 1  # every image's seed (the request's seed + its index) must fit a torch generator seed
+MAX_BODY_BYTES = 16 * 1024  # a request is a few numbers; anything larger is refused (413) before it is parsed
+TOKEN_ENV = "D2C_SERVE_TOKEN"  # when set, requests must carry `Authorization: Bearer <token>`
+
+StrictInt = Annotated[int, Strict()]
+
+
+class ApiError(Exception):
+    """A refused request: its HTTP status, a one-line message and the headers to send (Retry-After)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(one_line(message))
+        self.status = status
+        self.message = one_line(message)
+        self.headers = headers or {}
+
+
+class ImageRequest(BaseModel):
+    """POST /v1/images. Sampling settings left out take the engines' recommended ones, as in `d2c-run`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True,
+                              json_schema_extra={"examples": [{"class": 3, "seed": 0}]})
+
+    classes: list[StrictInt] = Field(alias="class", min_length=1, max_length=4096,
+                                     description="class label, or a list of them (as d2c-run's repeated --class)")
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="image i of the request draws from seed + i")
+    num_images: StrictInt = Field(1, ge=1, le=4096, description="images per class (as d2c-run's --num-images)")
+    format: Literal["json", "png"] = Field("json", description="json: base64 PNGs with their seeds; png: one grid")
+    cfg: float | None = Field(None, ge=0.0, description="guidance scale (1: none)")
+    cfg_schedule: CfgSchedule | None = None
+    num_iter: StrictInt | None = Field(None, ge=1, description="masked autoregressive steps")
+    diffusion_steps: StrictInt | None = Field(None, ge=1, le=TRAIN_STEPS, description="denoising steps per masked step")
+    temperature: float | None = Field(None, gt=0.0, description="diffusion-head temperature")
+    top_k: StrictInt | None = Field(None, ge=0, description="discrete sampling: the k most likely tokens (0: all)")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="discrete sampling: nucleus mass (1: all)")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    def given_settings(self) -> dict:
+        return {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
+
+
+SAMPLING_FIELDS = ("cfg", "cfg_schedule", "num_iter", "diffusion_steps", "temperature", "top_k", "top_p")
+
+
+class ImageOut(BaseModel):
+    class_label: int = Field(serialization_alias="class")
+    seed: int
+    tokens: list[int] | None = Field(description="the discrete stage's token ids (None for plain MAR)")
+    png_base64: str
+
+
+class Timings(BaseModel):
+    queue_s: float = Field(description="from arrival at the replica to the start of its generation")
+    generation_s: float = Field(description="the generation this request was merged into")
+    total_s: float = Field(description="at the ingress, from the parsed request to the answer")
+    stages_s: dict[str, float]
+
+
+class ImagesResponse(BaseModel):
+    images: list[ImageOut]
+    settings: dict
+    backend: str
+    precision: str
+    manifest_sha256: str
+    batch_size: int = Field(description="images in the generation this request was merged into")
+    batch_requests: int = Field(description="requests merged into that generation")
+    replica: str
+    timings: Timings
+
+
+class ModelInfo(BaseModel):
+    config_name: str
+    config: dict
+    classes: int
+    image_size: int
+    max_batch: int = Field(description="images per generation (and per request) this server admits")
+    exported_max_batch: int
+    backend: str
+    precision: str
+    sampling: dict = Field(description="the recommended settings, used for those a request leaves out")
+    manifest_sha256: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    replica: str
+    actor: str = Field(description="the replica's Ray actor name")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="one line naming the problem")
+
+
+def validation_message(exc: ValidationError | list) -> str:
+    """The first problem of a failed validation as `field: message`."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else exc
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return one_line(f"{loc + ': ' if loc else ''}{first.get('msg', 'invalid')}{more}")
+
+
+def resolve(request: ImageRequest, engines: Engines, max_batch: int) -> Job:
+    """The request as a job for the generator (labels, per-image seeds, full settings), or an `ApiError` (422)."""
+    config = engines.config
+    labels = [c for c in request.classes for _ in range(request.num_images)]
+    if len(labels) > max_batch:
+        raise ApiError(422, f"{len(labels)} images ({len(request.classes)} classes x num_images "
+                            f"{request.num_images}) exceeds this server's max batch of {max_batch}; ask for fewer")
+    bad = [c for c in labels if not 0 <= c < config.num_classes]
+    if bad:
+        raise ApiError(422, f"class {bad[0]} is out of range: this model has classes 0..{config.num_classes - 1}")
+    if request.seed + len(labels) - 1 > MAX_SEED:
+        raise ApiError(422, f"seed: image seeds seed + i must stay <= {MAX_SEED}")
+    try:
+        params = SamplingParams(**{**vars(engines.sampling), **request.given_settings()})
+        params.check_for(config)
+    except ValueError as exc:
+        raise ApiError(422, str(exc)) from None
+    return Job(labels=tuple(labels), seeds=tuple(request.seed + i for i in range(len(labels))), params=params)
+
+
+def token_digest(token: str | None) -> str | None:
+    """What the ingress keeps of the bearer token: its sha256 (the token itself never leaves the command)."""
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+def authorized(header: str | None, digest: str | None) -> bool:
+    """Whether `Authorization: Bearer <token>` matches the digest, compared in constant time; True with no token."""
+    if digest is None:
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    presented = hashlib.sha256(token.strip().encode()).hexdigest() if scheme.lower() == "bearer" else ""
+    return hmac.compare_digest(presented.encode(), digest.encode())

@@ -1,0 +1,164 @@
+"""`d2c-serve` (the HTTP API on Ray Serve) and `d2c-serve-load` (the load generator, batching on and off side by
+side, with an optional replica kill), on the shared flags of `d2c_export.cli`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import click
+
+from d2c_export.cli import (SAMPLING_FIELDS, _checked_out, _int_list, _logging, _options, backend_options,
+                            engines_option, quiet_option, sampling_options)
+from d2c_export.cli_support import Command, Finite
+from d2c_export.errors import EngineError
+
+log = logging.getLogger("d2c")
+
+replica_options = _options(
+    click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="generator replicas, each with its own set of stages (one GPU each where the cluster has GPUs)"),
+    click.option("--max-batch", type=click.IntRange(min=1), default=None,
+                 help="images per generation, merged across requests (default: the exported max batch)"),
+    click.option("--batch-wait-ms", type=Finite(min=0.0, max=10_000.0), default=20.0, show_default=True,
+                 help="how long a replica waits for more requests to merge after the first"),
+    click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+                 help="requests queued for the replicas beyond what they hold; more get 503 with Retry-After"),
+    click.option("--replica-cpus", type=Finite(min=0.0, min_open=True), default=1.0, show_default=True,
+                 help="CPUs Ray reserves per replica (its stage threads, unless --threads)"),
+    click.option("--gpus-per-replica", type=Finite(min=0.0), default=None,
+                 help="GPUs per replica (default: 1 where the Ray cluster has GPUs, else 0)"),
+    click.option("--threads", type=click.IntRange(min=0), default=0, help="stage threads per replica (0: its CPUs)"),
+    click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True),
+    click.option("--address", default=None, help="an existing Ray cluster (ray://HOST:10001 or auto); default: a "
+                 "local Ray instance"),
+    click.option("--num-cpus", type=click.IntRange(min=1), default=None,
+                 help="CPUs of the local Ray instance (default: all)"),
+)
+
+
+def _serve_options(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue, replica_cpus,
+                   threads):
+    from d2c_export.serve.api import TOKEN_ENV, token_digest
+    from d2c_export.serve.app import ServeOptions, check_options
+    return check_options(ServeOptions(
+        engines_dir=str(engines_dir), backend=backend, precision=precision, replicas=replicas,
+        max_batch=max_batch or 0, batch_wait_s=batch_wait_ms / 1000, max_queue=max_queue,
+        replica_cpus=replica_cpus, threads=threads, token_sha256=token_digest(os.environ.get(TOKEN_ENV))))
+
+
+def _start(options, gpus_per_replica, address, num_cpus, host, port) -> str:
+    from d2c_export.serve import cluster
+    cluster.connect(address, num_cpus)
+    options.replica_gpus = (1.0 if cluster.cluster_gpus() > 0 else 0.0) if gpus_per_replica is None \
+        else gpus_per_replica
+    log.info("deploying %d replica%s (%g CPU, %g GPU each, max batch %d) ...", options.replicas,
+             "s" * (options.replicas > 1), options.replica_cpus, options.replica_gpus, options.max_batch)
+    return cluster.deploy(options, host, port)
+
+
+@click.command(cls=Command, help="Serve exported D2C engines over HTTP on Ray Serve: POST /v1/images, GET /v1/health, "
+               "GET /v1/model, OpenAPI at /docs, a page at /. With D2C_SERVE_TOKEN set, requests need "
+               "`Authorization: Bearer <token>`.")
+@engines_option
+@backend_options
+@replica_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="address the HTTP proxy listens on")
+@quiet_option
+def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue, replica_cpus,
+              gpus_per_replica, threads, port, address, num_cpus, host, quiet):
+    from d2c_export.serve import cluster
+    _logging(quiet)
+    options = _serve_options(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue,
+                             replica_cpus, threads)
+    try:
+        url = _start(options, gpus_per_replica, address, num_cpus, host, port)
+        log.info("serving %s at %s (docs: %s/docs); Ctrl-C stops", engines_dir, url, url)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        cluster.shutdown()
+    return 0
+
+
+@click.command(cls=Command, help="Load the HTTP API with concurrent clients on loopback, once per --max-batch (side "
+               "by side: batching on and off), optionally killing a replica mid-run. Sampling flags are sent with "
+               "every request.")
+@engines_option
+@backend_options
+@replica_options
+@click.option("--max-batches", "max_batches", default="16,1", show_default=True, callback=_int_list,
+              help="one run per value of the server's max batch")
+@click.option("--clients", type=click.IntRange(1, 256), default=16, show_default=True)
+@click.option("--requests", type=click.IntRange(min=1), default=96, show_default=True, help="requests per run")
+@click.option("--duration", type=Finite(min=1.0, max=3600.0), default=300.0, show_default=True,
+              help="seconds per run at most")
+@click.option("--kill-replica-at", type=Finite(min=0.0), default=None,
+              help="also a fault run (first max batch): kill a generator replica this many seconds in")
+@sampling_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write every run as JSON here")
+@quiet_option
+def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue, replica_cpus,
+             gpus_per_replica, threads, port, address, num_cpus, max_batches, clients, requests, duration,
+             kill_replica_at, json_path, quiet, **flags):
+    from d2c_export.serve import cluster
+    from d2c_export.serve.load import default_body, markdown, post_json, run_load
+    _logging(quiet)
+    _checked_out(json_path)
+    if max_batch is not None:
+        raise click.UsageError("--max-batch: give the runs' max batches with --max-batches")
+    settings = {k: (v.value if hasattr(v, "value") else v) for k, v in flags.items()
+                if k in SAMPLING_FIELDS and v is not None}
+    runs = [(f"max batch {b}", b, None) for b in max_batches]
+    if kill_replica_at is not None:
+        runs.append((f"max batch {max_batches[0]}, replica killed", max_batches[0], kill_replica_at))
+    checked = [_serve_options(engines_dir, backend, precision, replicas, b, batch_wait_ms, max_queue, replica_cpus,
+                              threads) for _, b, _ in runs]
+    token = os.environ.get("D2C_SERVE_TOKEN")
+    reports = []
+    try:
+        for (label, _, kill_at), options in zip(runs, checked):
+            url = _start(options, gpus_per_replica, address, num_cpus, "127.0.0.1", port)
+            classes = json.loads(_get(url, "/v1/model", token))["classes"]
+            body = lambda i: default_body(i, classes, settings)  # noqa: E731
+            run_load(url, min(clients, replicas * 2), 2 * replicas, duration, body, timeout_s=120, token=token)
+            log.info("run %r: %d clients, %d requests ...", label, clients, requests)
+            report = run_load(url, clients, requests, duration, body, label, token=token, fault_at_s=kill_at,
+                              fault=None if kill_at is None else (lambda: f"killed {cluster.kill_replica()}"))
+            if kill_at is not None:
+                back = cluster.wait_replicas(replicas, 120, after_kill=True)
+                probes = [post_json(url, "/v1/images", body(10_000 + i), 120, token)[0] for i in range(4)]
+                report.fault += f"; {replicas} replica(s) running again {back:.1f} s after the check began; " \
+                                f"probes after: {probes}"
+                if any(p != 200 for p in probes):
+                    raise EngineError(f"serving did not recover after the replica kill (probe statuses {probes})")
+            reports.append(report)
+    finally:
+        cluster.shutdown()
+    summaries = [r.summary() for r in reports]
+    print(markdown(summaries))
+    for s in summaries:
+        if s["fault"]:
+            print(f"{s['run']}: {s['fault']}; statuses {s['statuses']}")
+    if json_path:
+        from reference.files import write_json_atomic
+        write_json_atomic(json_path, {"settings": settings, "runs": [r.to_dict() for r in reports]})
+    return 0
+
+
+def _get(url: str, path: str, token: str | None) -> str:
+    import urllib.request
+    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return reply.read().decode()
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    return serve_cli.main(argv, prog_name="d2c-serve", standalone_mode=False)
+
+
+def load_main(argv: list[str] | None = None) -> int:
+    return load_cli.main(argv, prog_name="d2c-serve-load", standalone_mode=False)

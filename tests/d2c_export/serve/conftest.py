@@ -1,0 +1,70 @@
+"""One local Ray instance (2 CPUs) and one deployment of the d2c-tiny engines for the whole test session, behind a
+bearer token, on a free loopback port."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from d2c_export.serve import cluster
+from d2c_export.serve.api import token_digest
+from d2c_export.serve.app import ServeOptions
+
+TOKEN = "test-token-0123"
+MAX_BATCH = 4  # the session engines' exported max batch (tests/d2c_export/conftest.py)
+FAST = {"num_iter": 2, "diffusion_steps": 3}  # settings that make a d2c-tiny generation take milliseconds
+
+
+@dataclass
+class Served:
+    url: str
+    engines: Path
+    token: str
+
+    def request(self, method: str, path: str, body: dict | bytes | None = None, token: str | None = "default",
+                headers: dict | None = None, timeout_s: float = 60) -> tuple[int, bytes, dict]:
+        """One HTTP request; (status, raw body, headers). `token` "default": the session's token."""
+        parts = urlsplit(self.url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+        sent = dict(headers or {})
+        token = self.token if token == "default" else token
+        if token:
+            sent["Authorization"] = f"Bearer {token}"
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        try:
+            connection.request(method, path, body=body, headers=sent)
+            reply = connection.getresponse()
+            return reply.status, reply.read(), {k.lower(): v for k, v in reply.getheaders()}
+        finally:
+            connection.close()
+
+    def images(self, body: dict, **kw) -> dict:
+        status, raw, _ = self.request("POST", "/v1/images", body, **kw)
+        assert status == 200, raw
+        return json.loads(raw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(engines_factory) -> Served:
+    engines = engines_factory("d2c-tiny")
+    cluster.connect(None, num_cpus=2)
+    options = ServeOptions(engines_dir=str(engines), backend="ort", replicas=1, batch_wait_s=0.25, max_queue=4,
+                           replica_cpus=1, threads=1, timeout_s=60, token_sha256=token_digest(TOKEN))
+    try:
+        url = cluster.deploy(options, "127.0.0.1", _free_port(), request_timeout_s=90, ready_timeout_s=120)
+        yield Served(url, engines, TOKEN)
+    finally:
+        cluster.shutdown()

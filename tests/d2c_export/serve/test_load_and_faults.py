@@ -1,0 +1,44 @@
+"""The load generator against the served engines, and a generator replica killed under load: every failed request
+gets a clean 5xx (none hangs or loses its connection) and serving recovers once Ray Serve replaces the replica."""
+from __future__ import annotations
+
+import pytest
+
+from d2c_export.serve import cluster
+from d2c_export.serve.load import default_body, markdown, percentile, post_json, run_load
+from tests.d2c_export.serve.conftest import FAST, MAX_BATCH
+
+
+def test_percentiles_are_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 95), percentile(values, 99)) == (50.0, 95.0, 99.0)
+    assert percentile([3.0], 99) == 3.0
+
+
+def test_concurrent_clients_are_merged_into_batches(served):
+    report = run_load(served.url, clients=8, requests=24, duration_s=60,
+                      body_for=lambda i: default_body(i, 10, FAST), label="load", token=served.token)
+    summary = report.summary()
+    assert summary["requests"] == 24 and summary["errors"] == 0, summary["error_examples"]
+    assert max(summary["batch_sizes"]) > 1 and max(summary["batch_sizes"]) <= MAX_BATCH
+    assert summary["images_per_s"] > 0 and summary["p50_s"] <= summary["p99_s"]
+    assert "| load | 8 | 24 | 24 | 0 |" in markdown([summary])
+
+
+@pytest.mark.slow
+def test_a_replica_killed_under_load_fails_cleanly_and_serving_recovers(served):
+    slow = {"num_iter": 4, "diffusion_steps": 200}
+    report = run_load(served.url, clients=6, requests=30, duration_s=90, body_for=lambda i: default_body(i, 10, slow),
+                      label="kill", timeout_s=60, token=served.token, fault_at_s=1.0,
+                      fault=lambda: cluster.kill_replica())
+    summary = report.summary()
+    assert report.fault.startswith("at ") and "SERVE_REPLICA" in report.fault
+    assert summary["requests"] == 30
+    failed = [s for s in report.samples if s.status != 200]
+    assert failed, "the kill failed no request"  # requests in flight at the kill
+    assert all(500 <= s.status < 600 for s in failed), [(s.status, s.error) for s in failed]
+    assert all(s.error for s in failed)  # each with its one-line error
+    cluster.wait_replicas(1, 90, after_kill=True)
+    statuses = [post_json(served.url, "/v1/images", default_body(500 + i, 10, FAST), 60, served.token)[0]
+                for i in range(3)]
+    assert statuses == [200, 200, 200]
