@@ -17,7 +17,7 @@ from d2c_export.cli_support import SEED, Command, Finite, Group
 from d2c_export.engines import DEFAULT_ENGINES, Engines
 from d2c_export.export.onnx import DEFAULT_OPSET
 from d2c_export.stages import DEFAULT_MAX_BATCH, STAGES
-from d2c_export.targets import AUTO, BackendName, Precision, TargetError, choices, parse_list
+from d2c_export.targets import AUTO, BackendName, Precision, Target, TargetError, choices, parse_list
 from reference.diffusion import TRAIN_STEPS
 from reference.files import check_output_file
 from reference.model import PRESETS, get_config
@@ -191,12 +191,13 @@ def _convert(out, checkpoint, **official):
 
 @export_cli.command("check", help="Per-stage parity table against the reference (teacher forcing).")
 @engines_option
-@precision_option
-def _check(engines_dir, precision):
+@backend_options
+def _check(engines_dir, backend, precision):
     from d2c_export.verify.parity import check_engines, check_targets, format_table
     _logging(False)
     engines = Engines.open(engines_dir)
-    reports = check_engines(engines, check_targets(engines, Precision(precision)))
+    targets = check_targets(engines, Precision(precision)) if backend == AUTO else [Target.of(backend, precision)]
+    reports = check_engines(engines, targets)
     print(format_table(reports))
     failed = [r for r in reports if not r.passed]
     print(f"{len(reports) - len(failed)} passed, {len(failed)} failed")

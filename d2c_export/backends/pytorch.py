@@ -10,6 +10,8 @@ step and the denoising steps of a whole masked step (`denoise`) are replayed as 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -27,8 +29,9 @@ CAST_MODULES = (nn.Linear, nn.Conv2d, nn.Embedding)  # their weights in reduced 
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`model` with the weights of its CAST_MODULES in `dtype` (in place); FP32 leaves it as it is."""
+    """A copy of `model` with the weights of its CAST_MODULES in `dtype`; FP32 gives `model` itself."""
     if dtype is not torch.float32:
+        model = copy.deepcopy(model)  # the engines' model is shared (the parity reference, other backends)
         for module in model.modules():
             if isinstance(module, CAST_MODULES):
                 module.to(dtype)
@@ -45,7 +48,7 @@ class TorchBackend(Backend):
         self.max_batch = engines.max_batch
         self.device = device
         self.dtype = DTYPES[precision]
-        model = cast_weights(engines.model().to(device), self.dtype)
+        model = cast_weights(engines.model(), self.dtype).to(device)
         self.modules = {spec.name: spec.wrapper(model).eval() for spec in engines.specs()}
         self._caches: dict[int, tuple[Tensor, Tensor]] = {}
         self.graphs = None if graph_device is None else {"gpt": CallableGraphs(graph_device),

@@ -1,34 +1,14 @@
 """The loop never waits for the device inside a step, and asks for each masked step's noise in one call."""
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from reference.model import PRESETS, D2C
 from reference.pipeline import SamplingParams, generate_with
 from reference.sampling import ImageDraws, TorchDraws
 from reference.stage_networks import TorchStages
-
-# Tensor -> host calls: on a GPU each waits for the device to finish what it was given.
-SYNCING = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
-
-
-class SyncCounter(TorchFunctionMode):
-    """Counts every host-synchronising tensor call made while it is active, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in SYNCING:
-            self.calls[name] += 1
-        return func(*args, **(kwargs or {}))
-
+from tests.reference.syncs import SyncCounter
 
 class CountingDraws(TorchDraws):
     """TorchDraws that records each call the loop makes and each primitive draw behind it."""
@@ -52,7 +32,7 @@ def model() -> D2C:
     return D2C(PRESETS["d2c-tiny"]).eval()
 
 
-def syncs(model: D2C, num_iter: int, steps: int, cfg: float = 3.0) -> Counter[str]:
+def syncs(model: D2C, num_iter: int, steps: int, cfg: float = 3.0) -> dict[str, int]:
     with SyncCounter() as counter:
         generate_with(TorchStages(model), torch.tensor([1, 7]), SamplingParams(cfg=cfg, num_iter=num_iter,
                                                                                diffusion_steps=steps), TorchDraws(0))

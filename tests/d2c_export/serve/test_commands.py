@@ -11,10 +11,10 @@ from tests.d2c_export.cli_helpers import assert_one_line_error, run_cli
     (["--engines", "{tmp}/none"], ("does not exist", "d2c-export onnx")),
     (["--engines", "{engines}", "--max-batch", "5"], ("exceeds the exported profile", "--max-batch 5")),
     (["--engines", "{engines}", "--backend", "ort", "--precision", "fp16"], ("no onnx-fp16 build", "--fp16")),
-    (["--engines", "{engines}", "--backend", "torch", "--precision", "fp16"], ("fp32 only",)),
+    (["--engines", "{engines}", "--backend", "ort", "--precision", "bf16"], ("fp32, fp16 only",)),
     (["--engines", "{engines}", "--batch-wait-ms", "nan"], ("not a finite number",)),
     (["--engines", "{engines}", "--replicas", "0"], ("--replicas",)),
-], ids=["missing", "max-batch", "fp16", "torch-fp16", "nan-wait", "replicas"])
+], ids=["missing", "max-batch", "fp16", "ort-bf16", "nan-wait", "replicas"])
 def test_serve_refuses_in_one_line(engines_factory, tmp_path, capsys, argv, words):
     engines = engines_factory("d2c-tiny")
     argv = [a.format(tmp=tmp_path, engines=engines) for a in argv]
