@@ -190,10 +190,11 @@ def denoise_steps(run: Callable[[str, dict[str, Tensor]], tuple[Tensor, ...]], f
     `timesteps` (T,) and `coefs` (T, NUM_COEFS) in the order the steps run, `cfg` (1,), `temperature` (1,).
     Every tensor stays where it is; nothing here waits for the device, so the loop can be captured as a graph.
     """
-    noise, x = feeds["noise"], feeds["noise"][0]
-    for k in range(feeds["timesteps"].shape[0]):
-        x, = run("diffusion", {"x": x, "t": feeds["timesteps"][k:k + 1], "z": feeds["z"], "noise": noise[k + 1],
-                               "cfg": feeds["cfg"], "temperature": feeds["temperature"], "coefs": feeds["coefs"][k]})
+    x, *noise = feeds["noise"].unbind(0)  # views, made in one call each: the loop adds no per-step tensor math
+    z, cfg, temperature = feeds["z"], feeds["cfg"], feeds["temperature"]
+    for t, n, coefs in zip(feeds["timesteps"].split(1), noise, feeds["coefs"].unbind(0)):
+        x, = run("diffusion", {"x": x, "t": t, "z": z, "noise": n, "cfg": cfg, "temperature": temperature,
+                               "coefs": coefs})
     return x
 
 

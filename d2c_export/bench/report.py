@@ -85,6 +85,7 @@ def summarize(result: BenchResult) -> dict:
         "sampling": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(result.params).items()},
         "repeat": result.repeat, "warmup": result.warmup, "interleaved": True, "load_average": result.load_average,
         "backends": result.backends, "devices": result.devices, "roofline_flops": result.roofline,
+        "cuda_graphs": result.graphs,
         "flops_per_generation": {str(b): f for b, f in result.flops.items()}, "results": cells}
 
 
@@ -118,7 +119,9 @@ def markdown(summary: dict) -> str:
         f"- fp32 matmul roofline: {rl}",
         f"- machine load (1-minute average, {summary['machine']['cpus']} CPUs): {summary['load_average']['start']:.1f} "
         f"at the start, {summary['load_average']['end']:.1f} at the end",
-        "- backends: " + "; ".join(f"`{k}` {v}" for k, v in summary["backends"].items()), "",
+        "- backends: " + "; ".join(f"`{k}` {v}" for k, v in summary["backends"].items()),
+        *[f"- CUDA graphs of `{k}`: " + ", ".join(f"{n} {c} replays" for n, c in g["replays"].items())
+          + f", holding {g['memory_mb']:.1f} MB" for k, g in summary.get("cuda_graphs", {}).items()], "",
         "| batch | backend | end to end s | images/s | vs torch | overhead | GFLOP/image | peak RSS MB | GPU MB | "
         "largest stage by time | by FLOPs |",
         "|---:|---|---|---:|---:|---:|---:|---:|---|---|---|"]

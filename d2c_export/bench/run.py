@@ -168,6 +168,15 @@ class BenchResult:
     flops: dict[int, dict[str, int]]  # batch -> stage -> FLOPs per generation
     measurements: list[Measurement]
     load_average: dict[str, float]  # 1-minute load average of the machine at the start and the end
+    graphs: dict[str, dict] = field(default_factory=dict)  # backend -> CUDA-graph replays per stage, memory held
+
+
+def graph_use(backend: Backend) -> dict | None:
+    """The CUDA graphs a backend replayed (per stage) and the device memory their caches hold; None without."""
+    replays = getattr(backend, "graph_replays", lambda: {})()
+    if not any(replays.values()):
+        return None
+    return {"replays": replays, "memory_mb": backend.graph_memory_bytes() / MB}
 
 
 def _warm_up(columns: list[Column], labels: list[int], params: SamplingParams, seed: int, warmup: int,
@@ -242,10 +251,11 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
         load["end"] = os.getloadavg()[0]
         for device, again in measure_rooflines(columns, threads).items():  # the better of before and after
             roofline[device] = {k: max(v, again[k]) for k, v in roofline[device].items()}
+        graphs = {b.name: use for b in columns if (use := graph_use(b.backend)) is not None}
     return BenchResult(config=config.to_dict(), backends={b.name: b.description for b in columns}, batches=batches,
                        params=params, repeat=repeat, warmup=warmup, threads=threads, roofline=roofline,
                        devices={b.name: b.device for b in columns}, flops=flops, measurements=results,
-                       load_average=load)
+                       load_average=load, graphs=graphs)
 
 
 def export_for_bench(config: str, directory: Path, targets: list[Target], max_batch: int,

@@ -9,6 +9,7 @@ from d2c_export.backends import open_backend
 from d2c_export.backends.graphs import CallableGraphs
 from d2c_export.backends.hooks import FlopCounted, StageTimer
 from d2c_export.backends.pytorch import TorchBackend
+from d2c_export.bench.run import graph_use
 from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
 from d2c_export.generate import generate_images
@@ -77,6 +78,8 @@ def test_graph_replays_generate_what_the_eager_calls_generate(engines):
     assert replays["gpt"] == engines.config.gpt.block_size  # every gpt step
     assert timer.calls["diffusion"] == PARAMS.num_iter * PARAMS.diffusion_steps  # a replay counts its steps
     assert graphed.graph_memory_bytes() > 0
+    use = graph_use(graphed)  # what d2c-bench reports per column
+    assert use["replays"] == replays and use["memory_mb"] > 0 and graph_use(eager) is None
     keys = len(graphed.graphs["denoise"].entries)  # one per count of tokens a masked step predicts
     assert 1 <= keys <= PARAMS.num_iter
     c, _ = generate_images(graphed, [2, 7, 3], PARAMS, seed=6)  # captured keys replayed with new feeds
