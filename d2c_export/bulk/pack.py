@@ -24,6 +24,20 @@ def read_samples(store: ShardStore, count: int, digests: dict[str, str] | None =
     return np.stack(images)
 
 
+def read_directory(directory: str | Path) -> tuple[np.ndarray, list[int], str]:
+    """A finished `d2c-generate` directory: (pixels (N, H, W, 3) uint8, labels, a description of its settings)."""
+    store = ShardStore(Path(directory))
+    record = store.read_samples()
+    if record is None:
+        raise BulkError(f"{store.samples_json} is missing; --samples takes a directory written by d2c-generate")
+    if not record.get("complete"):
+        raise BulkError(f"{directory} is not complete; rerun its d2c-generate command first")
+    settings, labels = record["settings"], record["labels"]
+    description = (f"{settings['model']}, {settings['backend']}-{settings['precision']}, seed {settings['seed']}, "
+                   + ", ".join(f"{k} {v}" for k, v in settings["sampling"].items() if v is not None))
+    return read_samples(store, len(labels)), labels, description
+
+
 def pack_npz(store: ShardStore, plan: BulkPlan) -> Path:
     """Write `DIR.npz` from every index of the plan (all shards must be finished)."""
     pixels = read_samples(store, plan.num_images, store.recorded_digests(plan))
