@@ -319,17 +319,26 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
               help="also write the first backend's first 16 samples as a 4x4 PNG grid here (8x zoom)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="also write the reports as JSON here")
+@click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="score this d2c-generate directory (its PNGs and samples.json labels) instead of sampling")
 @quiet_option
-def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, threads, grid, json_path, quiet,
-                **flags):
+def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, threads, grid, json_path, samples,
+                quiet, **flags):
     from dataclasses import asdict
 
     from d2c_export.images import GRID_ZOOM, save_images
-    from d2c_export.verify.quality import DEFAULT_CLASSIFIER, evaluate_backends, gate_failures, markdown
+    from d2c_export.verify.quality import (DEFAULT_CLASSIFIER, evaluate_backends, evaluate_samples, gate_failures,
+                                           markdown)
     from reference.files import write_json_atomic
     from training.classifier import load_classifier
     _logging(quiet)
     _checked_out(grid), _checked_out(json_path)
+    if samples:
+        report = evaluate_samples(samples, load_classifier(classifier or DEFAULT_CLASSIFIER), real_per_class)
+        print(markdown([report]))
+        if json_path:
+            write_json_atomic(json_path, {"samples": str(samples), "reports": [asdict(report)]})
+        return 0
     engines = Engines.open(engines_dir)
     params = engines_sampling(engines, flags)
     model = load_classifier(classifier or DEFAULT_CLASSIFIER)

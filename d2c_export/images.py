@@ -1,13 +1,14 @@
-"""Images as files: (B, 3, H, W) tensors in [-1, 1] to PNG grids, written atomically."""
+"""Images as files: (B, 3, H, W) tensors in [-1, 1] to PNG grids, written atomically; one PNG encoder for all."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from reference.files import atomic_path
+from reference.files import write_bytes_atomic
 
 GRID_ZOOM = 8  # the demo's 16 px samples are drawn 8x larger in quality grids
 
@@ -32,9 +33,22 @@ def grid(images: Tensor, zoom: int = 1) -> np.ndarray:
     return out
 
 
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """One (H, W, 3) uint8 image as PNG bytes: every PNG of the project is encoded here, so equal pixels give equal
+    bytes."""
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """A PNG file as (H, W, 3) uint8."""
+    from PIL import Image
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def save_images(images: Tensor, path: str | Path, zoom: int = 1) -> Path:
     """Write (B, 3, H, W) images in [-1, 1] as one PNG (a grid when B > 1), atomically."""
-    from PIL import Image
-    with atomic_path(path) as tmp:
-        Image.fromarray(grid(images, zoom)).save(tmp, format="PNG")
-    return Path(path)
+    return write_bytes_atomic(path, png_bytes(grid(images, zoom)))

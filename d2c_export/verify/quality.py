@@ -83,9 +83,28 @@ def sample_quality(stages, labels: list[int], params: SamplingParams, seed: int,
         result, _ = generate_images(stages, labels[i:i + batch], params, seed + i // batch, progress)
         chunks.append(result.images)
     images = torch.cat(chunks)
+    return (*score_images(classifier, images, labels, reference), images)
+
+
+def score_images(classifier: ShapesClassifier, images: Tensor, labels: list[int],
+                 reference: np.ndarray) -> tuple[float, float]:
+    """(accuracy %, Frechet distance against `reference` features) of images (B, 3, H, W) in [-1, 1]."""
     predicted, features = classify(classifier, images)
     accuracy = 100.0 * float((predicted == torch.tensor(labels)).float().mean())
-    return accuracy, frechet_distance(features.numpy(), reference), images
+    return accuracy, frechet_distance(features.numpy(), reference)
+
+
+def evaluate_samples(directory, classifier: ShapesClassifier, real_per_class: int) -> QualityReport:
+    """The quality of a `d2c-generate` directory: its PNGs, labelled by its samples.json, scored as a backend's."""
+    from d2c_export.bulk.pack import read_directory
+    pixels, labels, description = read_directory(directory)
+    if max(labels) >= classifier.num_classes:
+        raise ValueError(f"{directory} has class {max(labels)}, the classifier {classifier.num_classes} classes: "
+                         "score samples of the model the classifier was trained with")
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # uint8 (N, H, W, 3) -> [-1, 1]
+    accuracy, fd = score_images(classifier, images, labels, real_features(classifier, real_per_class))
+    log.info("%s: accuracy %.1f%%, Frechet %.3f (%s)", directory, accuracy, fd, description)
+    return QualityReport(str(directory), description, len(labels), accuracy, fd)
 
 
 def evaluate_backends(engines: Engines, targets: list[Target], per_class: int, params: SamplingParams, seed: int,

@@ -1,4 +1,4 @@
-"""Exported engines of the tiny presets, built once per test session."""
+"""Exported engines of the tiny presets, built once per test session; one local Ray instance for the session."""
 from __future__ import annotations
 
 import shutil
@@ -37,3 +37,14 @@ def tiny_engines_copy(engines_factory, tmp_path) -> Path:
     dst = tmp_path / "engines"
     shutil.copytree(engines_factory("d2c-tiny"), dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs) that the serving and the bulk tests share, started on first use."""
+    from d2c_export.serve import cluster
+    cluster.connect(None, num_cpus=2)
+    try:
+        yield
+    finally:
+        cluster.shutdown()

@@ -1,5 +1,5 @@
-"""One local Ray instance (2 CPUs) and one deployment of the d2c-tiny engines for the whole test session, behind a
-bearer token, on a free loopback port."""
+"""The session's local Ray instance (`ray_local`, shared with the bulk tests) and one deployment of the d2c-tiny
+engines for the whole test session, behind a bearer token, on a free loopback port."""
 from __future__ import annotations
 
 import http.client
@@ -58,13 +58,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def served(engines_factory) -> Served:
+def served(engines_factory, ray_local) -> Served:
     engines = engines_factory("d2c-tiny")
-    cluster.connect(None, num_cpus=2)
     options = ServeOptions(engines_dir=str(engines), backend="ort", replicas=1, batch_wait_s=0.25, max_queue=4,
                            replica_cpus=1, threads=1, timeout_s=60, token_sha256=token_digest(TOKEN))
     try:
         url = cluster.deploy(options, "127.0.0.1", _free_port(), request_timeout_s=90, ready_timeout_s=120)
         yield Served(url, engines, TOKEN)
     finally:
-        cluster.shutdown()
+        from ray import serve
+        serve.shutdown()
