@@ -54,11 +54,8 @@ class BatchDraws:
         conditional output; the rest is drawn only to keep MAR's shapes.
         """
         n = bsz * pred
-        out = torch.empty(steps + 1, n, channels)
-        out[0] = self.normal((n, channels))
-        for k in range(1, steps + 1):
-            out[k] = self.normal((groups * n, channels))[:n]
-        return out
+        first = self.normal((n, channels))
+        return torch.stack([first] + [self.normal((groups * n, channels))[:n] for _ in range(steps)])
 
 
 class TorchDraws(BatchDraws):
