@@ -41,6 +41,9 @@ GENERATOR = "Generator"
 INGRESS = "Ingress"
 
 
+INGRESS_HEADROOM = 8  # the ingress admits this many times what the generators hold and queue (plus 64)
+
+
 @dataclass
 class ServeOptions:
     """How to serve: the engines, the target, the replicas and the batching and back-pressure limits."""
@@ -303,6 +306,8 @@ def build_app(options: ServeOptions):
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
     ).bind(options)
-    ingress_limit = options.max_queue + options.replicas * 2 * max_batch + 8
+    # The ingress only awaits the generators, and answers what they refuse at once (503 JSON, Retry-After): its
+    # own limit, past which Ray Serve would drop requests with a plain-text 503, stays far above theirs.
+    ingress_limit = INGRESS_HEADROOM * (options.max_queue + options.replicas * 2 * max_batch) + 64
     return Ingress.options(num_replicas=1, max_ongoing_requests=ingress_limit, max_queued_requests=ingress_limit,
                            ray_actor_options={"num_cpus": 0}).bind(generator, options)
