@@ -60,9 +60,9 @@ class ClusterRequest:
 def worker_spec(engines: Engines, plan: BulkPlan, request: ClusterRequest) -> tuple[int, WorkerSpec]:
     import ray
 
-    from d2c_export.serve import cluster
-    cluster.connect(request.address, request.num_cpus)
-    gpus = cluster.cluster_gpus()
+    from d2c_export import ray_cluster
+    ray_cluster.connect(request.address, request.num_cpus)
+    gpus = ray_cluster.cluster_gpus()
     count = request.workers or (int(gpus) if gpus >= 1 else 1)
     cpus = request.worker_cpus or (1.0 if gpus >= 1 else max(1.0, float(ray.cluster_resources().get("CPU", 1)) // count))
     threads = 0 if gpus >= 1 else max(1, int(cpus))

@@ -49,9 +49,10 @@ def _serve_options(engines_dir, backend, precision, replicas, max_batch, batch_w
 
 
 def _start(options, gpus_per_replica, address, num_cpus, host, port) -> str:
+    from d2c_export import ray_cluster
     from d2c_export.serve import cluster
-    cluster.connect(address, num_cpus)
-    options.replica_gpus = (1.0 if cluster.cluster_gpus() > 0 else 0.0) if gpus_per_replica is None \
+    ray_cluster.connect(address, num_cpus)
+    options.replica_gpus = (1.0 if ray_cluster.cluster_gpus() > 0 else 0.0) if gpus_per_replica is None \
         else gpus_per_replica
     log.info("deploying %d replica%s (%g CPU, %g GPU each, max batch %d) ...", options.replicas,
              "s" * (options.replicas > 1), options.replica_cpus, options.replica_gpus, options.max_batch)

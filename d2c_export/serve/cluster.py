@@ -1,31 +1,16 @@
-"""Ray and Ray Serve around the application: connect (a local instance or `--address`), deploy, wait, and the
-replica-kill fault the load runs use."""
+"""Ray Serve around the application: deploy, wait, shut down, and the replica-kill fault the load runs use (the
+cluster itself: `d2c_export.ray_cluster`)."""
 from __future__ import annotations
 
 import logging
 import time
 import urllib.request
 
+from d2c_export import ray_cluster
 from d2c_export.errors import EngineError
 from d2c_export.serve.app import APP_NAME, GENERATOR, ServeOptions, build_app
 
 log = logging.getLogger("d2c")
-
-
-def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at `address`, or start a local Ray instance (`num_cpus`: its CPUs, default all)."""
-    import ray
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-
-
-def cluster_gpus() -> float:
-    import ray
-    return float(ray.cluster_resources().get("GPU", 0))
 
 
 def deploy(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, request_timeout_s: float = 300,
@@ -90,8 +75,9 @@ def wait_replicas(count: int, timeout_s: float, after_kill: bool = False) -> flo
 
 
 def shutdown() -> None:
+    """Stop the application and Serve, then leave Ray."""
     import ray
     from ray import serve
     if ray.is_initialized():
         serve.shutdown()
-        ray.shutdown()
+    ray_cluster.shutdown()

@@ -42,9 +42,9 @@ def tiny_engines_copy(engines_factory, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance (2 CPUs) that the serving and the bulk tests share, started on first use."""
-    from d2c_export.serve import cluster
-    cluster.connect(None, num_cpus=2)
+    from d2c_export import ray_cluster
+    ray_cluster.connect(None, num_cpus=2)
     try:
         yield
     finally:
-        cluster.shutdown()
+        ray_cluster.shutdown()
