@@ -334,7 +334,9 @@ def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, se
     _logging(quiet)
     _checked_out(grid), _checked_out(json_path)
     if samples:
-        report = evaluate_samples(samples, load_classifier(classifier or DEFAULT_CLASSIFIER), real_per_class)
+        from d2c_export.bulk.pack import read_directory
+        report = evaluate_samples(str(samples), *read_directory(samples),
+                                  load_classifier(classifier or DEFAULT_CLASSIFIER), real_per_class)
         print(markdown([report]))
         if json_path:
             write_json_atomic(json_path, {"samples": str(samples), "reports": [asdict(report)]})

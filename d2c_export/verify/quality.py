@@ -94,17 +94,17 @@ def score_images(classifier: ShapesClassifier, images: Tensor, labels: list[int]
     return accuracy, frechet_distance(features.numpy(), reference)
 
 
-def evaluate_samples(directory, classifier: ShapesClassifier, real_per_class: int) -> QualityReport:
-    """The quality of a `d2c-generate` directory: its PNGs, labelled by its samples.json, scored as a backend's."""
-    from d2c_export.bulk.pack import read_directory
-    pixels, labels, description = read_directory(directory)
+def evaluate_samples(name: str, pixels: np.ndarray, labels: list[int], description: str,
+                     classifier: ShapesClassifier, real_per_class: int) -> QualityReport:
+    """The quality of generated images, uint8 (N, H, W, 3) with their labels (a `d2c-generate` directory read by
+    `bulk.pack.read_directory`), scored as a backend's are."""
     if max(labels) >= classifier.num_classes:
-        raise ValueError(f"{directory} has class {max(labels)}, the classifier {classifier.num_classes} classes: "
+        raise ValueError(f"{name} has class {max(labels)}, the classifier {classifier.num_classes} classes: "
                          "score samples of the model the classifier was trained with")
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # uint8 (N, H, W, 3) -> [-1, 1]
     accuracy, fd = score_images(classifier, images, labels, real_features(classifier, real_per_class))
-    log.info("%s: accuracy %.1f%%, Frechet %.3f (%s)", directory, accuracy, fd, description)
-    return QualityReport(str(directory), description, len(labels), accuracy, fd)
+    log.info("%s: accuracy %.1f%%, Frechet %.3f (%s)", name, accuracy, fd, description)
+    return QualityReport(name, description, len(labels), accuracy, fd)
 
 
 def evaluate_backends(engines: Engines, targets: list[Target], per_class: int, params: SamplingParams, seed: int,
