@@ -10,26 +10,14 @@ from d2c_export.backends.graphs import CallableGraphs
 from d2c_export.backends.hooks import FlopCounted, StageTimer
 from d2c_export.backends.pytorch import TorchBackend
 from d2c_export.bench.run import graph_use
-from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
 from d2c_export.generate import generate_images
 from d2c_export.targets import Precision, Target
 from d2c_export.verify.parity import check_stage
 from reference.pipeline import SamplingParams
 from tests.d2c_export.backends.fake_cuda import ContractViolation, FakeCudaDevice
-from tests.d2c_export.conftest import build_engines
 
 PARAMS = SamplingParams(cfg=3.0, num_iter=3, diffusion_steps=4)
-
-
-@pytest.fixture(scope="module")
-def engines(engines_factory) -> Engines:
-    return Engines.open(engines_factory("d2c-tiny"))
-
-
-@pytest.fixture(scope="module")
-def demo_engines(tmp_path_factory) -> Engines:
-    return Engines.open(build_engines(None, tmp_path_factory.mktemp("demo")))
 
 
 @pytest.mark.parametrize("precision", [Precision.FP16, Precision.BF16])

@@ -17,6 +17,22 @@ from reference.files import sha256_file
 from tests.d2c_export.serve.conftest import FAST, MAX_BATCH
 
 
+
+def concurrently(call, n: int, join_s: float) -> dict:
+    """`call(k)` for k in 0..n-1 on n threads at once; the answers by k (a thread still running after `join_s`,
+    or one that raised, has none)."""
+    answers: dict = {}
+
+    def run(k: int) -> None:
+        answers[k] = call(k)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join_s)
+    return answers
+
 def served_config(served):
     from d2c_export.engines import Engines
     return Engines.open(served.engines).config
@@ -63,17 +79,12 @@ def test_the_same_image_alone_batched_and_from_d2c_run(served, tmp_path, capsys)
     alone = served.images({"class": 5, "seed": 7, **FAST})
     assert alone["batch_size"] == 1
     barrier = threading.Barrier(4, timeout=30)
-    answers: dict[int, dict] = {}
 
-    def client(k: int) -> None:
+    def client(k: int) -> dict:
         barrier.wait()
-        answers[k] = served.images({"class": [5, 0, 3, 9][k], "seed": [7, 100, 3, 55][k], **FAST})
+        return served.images({"class": [5, 0, 3, 9][k], "seed": [7, 100, 3, 55][k], **FAST})
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    answers = concurrently(client, 4, 60)
     assert len(answers) == 4
     batched = answers[0]
     assert batched["batch_size"] > 1 and batched["batch_requests"] > 1  # merged with the others
@@ -137,19 +148,8 @@ def test_bad_requests_get_one_line_4xx_and_the_replica_stays_up(served):
 def test_a_full_queue_answers_503_with_retry_after(served):
     """More requests than the replica holds (2 x max batch) plus the queue (4) are refused at once."""
     slow = {"class": 1, "num_iter": 16, "diffusion_steps": 1000}
-    results: list[tuple[int, bytes, dict]] = []
-    lock = threading.Lock()
-
-    def client(k: int) -> None:
-        answer = served.request("POST", "/v1/images", {**slow, "seed": k}, timeout_s=90)
-        with lock:
-            results.append(answer)
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(28)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    answers = concurrently(lambda k: served.request("POST", "/v1/images", {**slow, "seed": k}, timeout_s=90), 28, 120)
+    results = list(answers.values())
     assert len(results) == 28
     statuses = sorted(status for status, _, _ in results)
     refused = [(raw, headers) for status, raw, headers in results if status == 503]
