@@ -46,6 +46,10 @@ class BatchDraws:
         """(B, L) int64 generation orders: one `permutation(L)` per image, in batch order."""
         return torch.stack([self.permutation(seq_len) for _ in range(bsz)])
 
+    def fill_normal(self, out: Tensor) -> None:
+        """Fill the contiguous float32 `out` with the numbers `normal(out.shape)` returns (no new tensor)."""
+        out.copy_(self.normal(tuple(out.shape)))
+
     def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int) -> Tensor:
         """(steps + 1, N, C) float32, N = B * pred rows (batch-major): MAR's DiffLoss.sample draws of one masked step.
 
@@ -53,9 +57,22 @@ class BatchDraws:
         first N rows of the k-th diffusion step's `normal((G * N, C))` (G = `groups`), the rows that reach the
         conditional output; the rest is drawn only to keep MAR's shapes.
         """
-        n = bsz * pred
-        first = self.normal((n, channels))
-        return torch.stack([first] + [self.normal((groups * n, channels))[:n] for _ in range(steps)])
+        out = torch.empty((steps + 1, bsz * pred, channels), dtype=torch.float32)
+        self.fill_step_noise(out, groups)
+        return out
+
+    def fill_step_noise(self, out: Tensor, groups: int) -> None:
+        """`step_noise` written into `out` (steps + 1, N, C), whose every `out[k]` is contiguous, step by step."""
+        first, *steps = out.unbind(0)
+        self.fill_normal(first)
+        if groups == 1:
+            for o in steps:
+                self.fill_normal(o)
+            return
+        drawn = torch.empty((groups * first.shape[0], first.shape[1]), dtype=torch.float32)
+        for o in steps:
+            self.fill_normal(drawn)
+            o.copy_(drawn[:first.shape[0]])
 
 
 class TorchDraws(BatchDraws):
@@ -71,6 +88,9 @@ class TorchDraws(BatchDraws):
 
     def normal(self, shape: Sequence[int]) -> Tensor:
         return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
+
+    def fill_normal(self, out: Tensor) -> None:
+        out.normal_(generator=self.generator)  # what `randn(out.shape)` draws, written in place
 
     def permutation(self, n: int) -> Tensor:
         return torch.randperm(n, generator=self.generator, dtype=torch.int64)
@@ -97,7 +117,10 @@ class ImageDraws:
 
     def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int) -> Tensor:
         self._check(bsz)
-        return torch.cat([d.step_noise(1, pred, channels, groups, steps) for d in self.images], dim=1)
+        out = torch.empty((steps + 1, bsz * pred, channels), dtype=torch.float32)
+        for i, d in enumerate(self.images):  # image i's rows: a contiguous block of every step's (N, C)
+            d.fill_step_noise(out[:, i * pred:(i + 1) * pred], groups)
+        return out
 
 
 def image_seeds(seed: int | Sequence[int], count: int) -> list[int]:

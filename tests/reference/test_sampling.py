@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from reference.sampling import TorchDraws, cfg_schedule, filter_logits, mask_len_schedule, sample_gumbel, step_positions
+from reference.sampling import ImageDraws, TorchDraws, cfg_schedule, filter_logits, mask_len_schedule, sample_gumbel, step_positions
 from tests.reference.replay import ReplayDraws, logits_to_probs, tokens_per_step, uniforms_for_outcome
 
 
@@ -73,3 +73,28 @@ def test_draws_are_seeded_and_replay_checks_shapes():
     replay = ReplayDraws([("normal", torch.zeros(2, 3))])
     with pytest.raises(ValueError):
         replay.normal((3, 2))
+
+
+@pytest.mark.parametrize("bsz, pred, channels, groups", [(1, 1, 16, 1), (3, 5, 7, 2), (2, 4, 16, 2), (4, 1, 3, 1)])
+def test_step_noise_is_the_generator_sequence_of_mars_calls(bsz, pred, channels, groups):
+    """`step_noise` fills its buffer in place, yet draws exactly MAR's `randn` calls in MAR's order and shapes:
+    x_T as (N, C), then (G*N, C) per step keeping the first N rows; per image, each image's own sequence."""
+    steps = 6
+
+    def mars_calls(seed: int, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        first = torch.randn((n, channels), generator=g)
+        return torch.stack([first] + [torch.randn((groups * n, channels), generator=g)[:n] for _ in range(steps)])
+
+    draws = TorchDraws(9)
+    draws.orders(bsz, 8)  # what the generator produced before must carry over, too
+    g = torch.Generator().manual_seed(9)
+    [torch.randperm(8, generator=g) for _ in range(bsz)]
+    first = torch.randn((bsz * pred, channels), generator=g)
+    want = torch.stack([first] + [torch.randn((groups * bsz * pred, channels), generator=g)[:bsz * pred]
+                                  for _ in range(steps)])
+    assert torch.equal(draws.step_noise(bsz, pred, channels, groups, steps), want)
+    per_image = ImageDraws([20 + i for i in range(bsz)]).step_noise(bsz, pred, channels, groups, steps)
+    assert per_image.shape == (steps + 1, bsz * pred, channels)
+    for i in range(bsz):
+        assert torch.equal(per_image[:, i * pred:(i + 1) * pred], mars_calls(20 + i, pred)), i
