@@ -28,13 +28,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from reference.diffusion import TRAIN_STEPS, denoise_steps, make_tables, step_tables
+from reference.diffusion import TRAIN_STEPS, make_tables, step_tables
 from reference.gpt import cache_feeds, write_cache
 from reference.model import RECOMMENDED_SAMPLING, D2C, D2CConfig
 from reference.sampling import (CfgSchedule, Draws, ImageDraws, TorchDraws, cfg_schedule, filter_logits,

@@ -29,6 +29,7 @@ class Backend:
     max_batch: int  # images per call the stages admit (the exported profile)
     description: str  # what runs, for logs and reports
     device: str = "cpu"  # where the loop keeps its tensors: the stage inputs and outputs ("cpu" or "cuda")
+    compute_device: str | None = None  # where the stages compute, when not `device` (ONNX Runtime's CUDA provider)
     graphs_denoise: bool = False  # `denoise` replays the steps as one CUDA graph instead of calling `run`
 
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
@@ -84,6 +85,7 @@ class Wrapper:
         self.config = inner.config
         self.max_batch = inner.max_batch
         self.device = inner.device
+        self.compute_device = getattr(inner, "compute_device", None)
         self.graphs_denoise = getattr(inner, "graphs_denoise", False)
 
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:

@@ -27,6 +27,10 @@ class CudaDevice:
     def to_host(self, t: Tensor) -> Tensor:
         return t.to("cpu")
 
+    def copy(self, dst: Tensor, src: Tensor) -> None:
+        """`dst` <- `src` on the current stream, without waiting (captured when the stream is being captured)."""
+        dst.copy_(src, non_blocking=True)
+
     def new_stream(self):
         return torch.cuda.Stream()
 

@@ -94,7 +94,10 @@ class OrtBackend(Backend):
             self.sessions[spec.name] = session
         first = next(iter(self.sessions.values()))
         self.providers = first.session.get_providers()
-        self.device = first.device
+        self.compute_device = first.device
+        # the loop's tensors stay on the host: `run` feeds ONNX Runtime numpy arrays, and the CUDA provider copies
+        # them to its own device memory and its outputs back (the gpt KV cache included)
+        self.device = "cpu"
         self.description = f"ONNX Runtime {ort.__version__} ({precision.value}) with {self.providers[0]}"
 
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:

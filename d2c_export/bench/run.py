@@ -51,7 +51,8 @@ class Column:
 
     @property
     def device(self) -> str:
-        return self.backend.device
+        """Where the column's stages compute (its timers, memory and roofline are that device's)."""
+        return self.backend.compute_device or self.backend.device
 
     @property
     def description(self) -> str:

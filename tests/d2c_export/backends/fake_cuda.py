@@ -10,7 +10,12 @@ tensor from nothing but the address bound to it, as TensorRT does. The rules it 
   elements, on CPU and CUDA alike).
 - A CUDA graph is captured on a stream that is not the legacy default stream (CUDA Runtime API,
   `cudaStreamBeginCapture`: capture on the legacy NULL stream is not allowed); work issued while
-  capturing is recorded, not run, and `replay` runs what was recorded.
+  capturing is recorded, not run, and `replay` runs what was recorded. `torch.cuda.graph` makes the
+  capture stream the current one, so PyTorch work (here `copy`) is captured with it.
+- While a stream is capturing, work on another stream of the same capture is an error (CUDA Programming
+  Guide, "Stream Capture": with the default `cudaStreamCaptureModeGlobal`, an unjoined stream's or the
+  legacy stream's work invalidates the capture), and so is a copy from or to pageable host memory
+  ("Prohibited and Unhandled Operations": synchronous host copies are not allowed during capture).
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ class FakeCudaDevice:
         self.replays = 0  # graph replays on this device, counted here whatever the backend does
         self._streams = 0
         self.default_stream = FakeStream(0)
+        self._current = [self.default_stream]  # the stream `use` (or a capture) made current, innermost last
 
     # -- memory ---------------------------------------------------------------------------------------
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -107,20 +113,38 @@ class FakeCudaDevice:
     def to_host(self, t: Tensor) -> Tensor:
         return t.clone()
 
+    def copy(self, dst: Tensor, src: Tensor) -> None:
+        """`dst.copy_(src)` on the current stream: recorded while that stream is capturing, else done now."""
+        if self.capturing is None:
+            dst.copy_(src)
+            return
+        graph, stream = self.capturing
+        if self.current_stream() is not stream:
+            raise ContractViolation("a copy on another stream while a stream is capturing (it would invalidate the "
+                                    "capture): issue the graph's work on the capture stream")
+        for what, t in (("source", src), ("destination", dst)):
+            if t.numel() and not self.is_device(t):
+                raise ContractViolation(f"a captured copy whose {what} is host memory (not allowed during capture)")
+        graph.launches.append(lambda: dst.copy_(src))
+
     # -- streams ----------------------------------------------------------------------------------------
     def new_stream(self) -> FakeStream:
         self._streams += 1
         return FakeStream(self._streams)
 
     def current_stream(self) -> FakeStream:
-        return self.default_stream
+        return self._current[-1]
 
     def handle(self, stream: FakeStream) -> int:
         return stream.handle
 
     @contextmanager
     def use(self, stream: FakeStream):
-        yield
+        self._current.append(stream)
+        try:
+            yield
+        finally:
+            self._current.pop()
 
     def wait(self, waiter, other) -> None:
         pass
@@ -142,9 +166,11 @@ class FakeCudaDevice:
             self.fail_capture = False
             raise RuntimeError("operation not permitted when stream is capturing")
         self.capturing = (graph, stream)
+        self._current.append(stream)
         try:
             yield graph
         finally:
+            self._current.pop()
             self.capturing = None
         graph.captured = True
 

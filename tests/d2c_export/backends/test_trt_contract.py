@@ -93,16 +93,19 @@ def test_a_whole_generation_equals_onnx_runtime(shape, engines_factory, tmp_path
         labels, params = [4, 2], SamplingParams(cfg=4.0, num_iter=4, diffusion_steps=6)
     engines = plans(tmp_path / "engines", fake)
     with OrtBackend(engines, Precision.FP32, threads=1) as ort:
-        want, _ = generate_images(ort, labels, params, seed=3)
+        want = [generate_images(ort, labels, params, seed=seed)[0] for seed in (3, 4)]
     with backend(engines, fake) as trt:
         got, timer = generate_images(trt, labels, params, seed=3)
+        again, _ = generate_images(trt, labels, params, seed=4)  # replays what the first generation captured
         counts = trt.graph_replays()
     print(f"{shape}: graph replays per stage {counts}")
-    assert torch.equal(got.discrete_ids, want.discrete_ids)
-    assert float((got.images - want.images).abs().max()) < 1e-4
-    # from its second call on, a shape replays its captured graph: every masked step's denoising steps but the
-    # first, and every decode step but the first
-    assert counts["diffusion"] >= params.num_iter * (params.diffusion_steps - 1)
+    for g, w in zip((got, again), want):
+        assert torch.equal(g.discrete_ids, w.discrete_ids)
+        assert float((g.images - w.images).abs().max()) < 1e-4
+    # every masked step replays its whole denoising loop as one graph (a new shape is captured first), and from
+    # its second call on, a gpt decode step replays its captured graph
+    assert counts["denoise"] == 2 * params.num_iter and counts["diffusion"] == 0
+    assert timer.calls["diffusion"] == params.num_iter * params.diffusion_steps
     assert counts["gpt"] >= timer.calls["gpt"] - 1 and counts["mar"] == counts["vae"] == 0
     assert sum(counts.values()) == replays(fake)
 
@@ -232,7 +235,7 @@ def test_an_enqueue_failure_during_capture_is_an_error(tiny, fake):
 
 
 def test_the_graph_cache_is_bounded_and_reported(tiny, fake):
-    from d2c_export.backends.trt import GRAPH_CACHE
+    from d2c_export.backends.trt_engine import GRAPH_CACHE
     spec, config = STAGES["diffusion"], tiny.config
     with backend(tiny, fake) as trt:
         for n in range(1, GRAPH_CACHE + 4):
@@ -242,3 +245,99 @@ def test_the_graph_cache_is_bounded_and_reported(tiny, fake):
         engine = trt.engines["diffusion"]
         assert len(engine.graphs()) <= GRAPH_CACHE
         assert trt.graph_memory_bytes() > 0
+
+
+# -- a masked step's denoising loop as one graph ------------------------------------------------------------
+def loop_feeds(config, rows: int, steps: int, seed: int, groups: int = 2) -> dict:
+    """The feeds of `Stages.denoise` for one masked step of `rows` latent rows, on the fake's device."""
+    from reference.diffusion import make_tables, step_tables
+    g = torch.Generator().manual_seed(seed)
+    m = config.mar
+    return {"noise": torch.randn(steps + 1, rows, m.token_dim, generator=g),
+            "z": torch.randn(groups * rows, m.decoder_embed_dim, generator=g), **step_tables(make_tables(steps)),
+            "cfg": torch.tensor([1.5 + seed % 3]), "temperature": torch.tensor([0.9])}
+
+
+def on_device(device, feeds: dict) -> dict:
+    out = {}
+    for n, t in feeds.items():
+        out[n] = device.empty(tuple(t.shape), t.dtype)
+        out[n].copy_(t)
+    return out
+
+
+def test_a_denoising_loop_replays_as_one_graph_and_reads_its_new_feeds(tiny, fake):
+    """One replay per masked step, computing from that step's noise, z, cfg and tables: what the steps give one
+    `run` at a time on ONNX Runtime, and a different result for different feeds."""
+    from reference.diffusion import denoise_steps
+    device, _ = fake
+    with OrtBackend(tiny, Precision.FP32, threads=1) as ort, backend(tiny, fake) as trt:
+        assert trt.graphs_denoise
+        outs = []
+        for k, (rows, steps) in enumerate([(4, 5), (4, 5), (3, 5), (4, 5), (4, 7), (3, 5)]):
+            feeds = loop_feeds(tiny.config, rows, steps, seed=k)
+            got = trt.denoise(on_device(device, feeds))
+            torch.testing.assert_close(got, denoise_steps(ort.run, feeds), rtol=1e-6, atol=1e-5, msg=lambda m: f"{k}: {m}")
+            outs.append(got.clone())
+        counts = trt.graph_replays()
+        assert counts["denoise"] == 6 and counts["diffusion"] == 0 and replays(fake) == 6
+        assert len(trt.loops.entries) == 3  # (4, 5), (3, 5), (4, 7)
+        assert trt.graph_memory_bytes() > 0
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_a_failed_loop_capture_runs_the_steps_one_by_one(tiny, fake, caplog):
+    """A loop that cannot be captured warns once; that masked step and every later one run per step, right,
+    and nothing of the engine replays any more."""
+    from reference.diffusion import denoise_steps
+    device, _ = fake
+    with OrtBackend(tiny, Precision.FP32, threads=1) as ort, backend(tiny, fake) as trt:
+        device.fail_capture = True
+        for k in range(3):
+            feeds = loop_feeds(tiny.config, 4, 5, seed=k)
+            torch.testing.assert_close(trt.denoise(on_device(device, feeds)), denoise_steps(ort.run, feeds),
+                                       rtol=0, atol=1e-5)
+        assert replays(fake) == 0 and not trt.loops.entries and not trt.engines["diffusion"].cuda_graphs
+    assert sum("CUDA graph capture failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_enqueue_failure_while_capturing_a_loop_is_an_error(tiny, fake):
+    device, trt_module = fake
+    with backend(tiny, fake) as trt:
+        trt_module.fail_next_enqueue_in_capture()
+        with pytest.raises(EngineError, match="while capturing"):
+            trt.denoise(on_device(device, loop_feeds(tiny.config, 4, 5, seed=0)))
+
+
+def test_the_loop_cache_is_bounded(tiny, fake):
+    from d2c_export.backends.trt_engine import LOOP_CACHE
+    device, _ = fake
+    with backend(tiny, fake) as trt:
+        for rows in range(1, LOOP_CACHE + 3):
+            trt.denoise(on_device(device, loop_feeds(tiny.config, rows, 2, seed=rows)))
+        assert len(trt.loops.entries) == LOOP_CACHE
+        first = trt.graph_memory_bytes()
+        trt.denoise(on_device(device, loop_feeds(tiny.config, LOOP_CACHE + 3, 2, seed=0)))
+        assert len(trt.loops.entries) == LOOP_CACHE and trt.graph_memory_bytes() > first  # a larger key replaced a small one
+
+
+# -- the fake's capture rules, which the loop's capture relies on ---------------------------------------------
+def test_the_fake_records_copies_on_the_capture_stream_and_refuses_others():
+    from tests.d2c_export.backends.fake_cuda import ContractViolation
+    device = FakeCudaDevice()
+    stream, other = device.new_stream(), device.new_stream()
+    src, dst = device.empty((4,), torch.float32), device.empty((4,), torch.float32)
+    src.fill_(1.0)
+    dst.zero_()
+    graph = device.new_graph()
+    with device.capture(graph, stream):
+        device.copy(dst, src)
+        assert float(dst.sum()) == 0.0  # recorded, not run
+        with device.use(other):
+            with pytest.raises(ContractViolation, match="another stream"):
+                device.copy(dst, src)
+        with pytest.raises(ContractViolation, match="host memory"):
+            device.copy(dst, torch.ones(4))
+    src.fill_(2.0)
+    graph.replay()
+    assert dst.tolist() == [2.0] * 4  # the replay copies what the source holds then

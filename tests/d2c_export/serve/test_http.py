@@ -8,7 +8,6 @@ import json
 import threading
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from d2c_export.cli import run_main
