@@ -309,7 +309,9 @@ class DenoiseLoops:
 
     def _capture(self, feeds: dict[str, Tensor]) -> Loop | None:
         cuda, engine = self.cuda, self.engine
-        static = {n: device_buffer(cuda, tuple(t.shape), t.dtype) for n, t in feeds.items()}
+        # the bound feeds in the engine's dtype (the copy in casts), the others in the loop's
+        static = {n: device_buffer(cuda, tuple(t.shape), engine.dtypes[n] if n in self.BOUND else t.dtype)
+                  for n, t in feeds.items()}
         noise = feeds["noise"]
         step = tuple(noise.shape[1:])
         shapes = {"x": step, "t": (1,), "noise": step, "coefs": tuple(feeds["coefs"].shape[1:]),
