@@ -105,3 +105,15 @@ def test_replayed_sample_loop_matches_official(mar_rec, guided):
     ref = t_(io[f"out_{call}_out"])[: out.shape[0]]
     scale = ref.abs().max()
     assert float((out - ref).abs().max() / scale) < 1e-5
+
+
+def test_step_rows_are_made_once_per_table_and_follow_its_contents():
+    from reference.diffusion import step_rows
+    tables = step_tables(make_tables(7))
+    t, coefs = tables["timesteps"], tables["coefs"]
+    rows = step_rows(t)
+    assert step_rows(t) is rows and step_rows(coefs) is step_rows(coefs)
+    assert [r.shape for r in rows] == [(1,)] * 7 and all(r.shape == (coefs.shape[1],) for r in step_rows(coefs))
+    assert torch.equal(torch.cat(rows), t) and torch.equal(torch.stack(step_rows(coefs)), coefs)
+    t.copy_(t.flip(0))  # a static buffer refilled in place: the same views, the new values
+    assert step_rows(t) is rows and torch.equal(torch.cat(step_rows(t)), t)
