@@ -29,7 +29,9 @@ def test_concurrent_clients_are_merged_into_batches(served):
 
 @pytest.mark.slow
 def test_a_replica_killed_under_load_fails_cleanly_and_serving_recovers(served):
-    slow = {"num_iter": 4, "diffusion_steps": 200}
+    # about a second per generation on d2c-tiny, so that the kill at 1 s lands inside one: with 4 x 200 steps the
+    # whole run could end before it
+    slow = {"num_iter": 8, "diffusion_steps": 1000}
     report = run_load(served.url, clients=6, requests=30, duration_s=90, body_for=lambda i: default_body(i, 10, slow),
                       label="kill", timeout_s=60, token=served.token, fault_at_s=1.0,
                       fault=lambda: cluster.kill_replica())
@@ -37,6 +39,7 @@ def test_a_replica_killed_under_load_fails_cleanly_and_serving_recovers(served):
     assert report.fault.startswith("at ") and "SERVE_REPLICA" in report.fault
     assert summary["requests"] == 30
     failed = [s for s in report.samples if s.status != 200]
+    print(f"kill run: {report.fault}; {len(failed)} of {summary['requests']} failed, {report.seconds:.1f} s in all")
     assert failed, "the kill failed no request"  # requests in flight at the kill
     assert all(500 <= s.status < 600 for s in failed), [(s.status, s.error) for s in failed]
     assert all(s.error for s in failed)  # each with its one-line error
