@@ -118,27 +118,26 @@ class TrtBackend(Backend):
         out = self.engines[stage].run(inputs)
         with cuda.use(self.stream):
             results = [cuda.to_host(out[name]) if on_host else out[name].clone() for name in self.output_names(stage)]
-        caller = cuda.current_stream()
-        cuda.wait(caller, self.stream)
+        return self._hand_back(results)
+
+    def _hand_back(self, results: list[Tensor]) -> tuple[Tensor, ...]:
+        """Results made on `self.stream`, handed to the caller's stream (which waits for them)."""
+        caller = self.cuda.current_stream()
+        self.cuda.wait(caller, self.stream)
         for r in results:
-            if cuda.is_device(r):
-                cuda.record(r, caller)  # made on self.stream, used on the caller's
+            if self.cuda.is_device(r):
+                self.cuda.record(r, caller)  # made on self.stream, used on the caller's
         return tuple(results)
 
     def denoise(self, feeds: dict[str, Tensor]) -> Tensor:
         """A masked step's denoising steps: one replay of its captured loop, or one `run` per step once capture has
         failed (or without graphs)."""
-        cuda = self.cuda
-        if self.loops is None or not self.loops.engine.cuda_graphs:
-            return denoise_steps(self.run, feeds)
-        cuda.wait(self.stream, cuda.current_stream())  # feeds made on the caller's stream
-        x = self.loops(feeds)
-        if x is None:
-            return denoise_steps(self.run, feeds)
-        caller = cuda.current_stream()
-        cuda.wait(caller, self.stream)
-        cuda.record(x, caller)
-        return x
+        if self.loops is not None:
+            self.cuda.wait(self.stream, self.cuda.current_stream())  # feeds made on the caller's stream
+            x = self.loops(feeds)
+            if x is not None:
+                return self._hand_back([x])[0]
+        return denoise_steps(self.run, feeds)
 
     def graph_replays(self) -> dict[str, int]:
         """CUDA graph replays so far, per stage, and of whole denoising loops (`denoise`)."""

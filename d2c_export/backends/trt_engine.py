@@ -268,7 +268,10 @@ class DenoiseLoops:
         self.replays = 0
 
     def __call__(self, feeds: dict[str, Tensor]) -> Tensor | None:
-        """x_0 of the masked step, on the device (a fresh tensor); None once capture has failed (run per step)."""
+        """x_0 of the masked step, on the device (a fresh tensor); None once the engine runs without graphs (a
+        capture failed here or in its per-call graphs): run the steps one by one."""
+        if not self.engine.cuda_graphs:
+            return None
         key = tuple((n, tuple(t.shape), t.dtype) for n, t in feeds.items())
         loop = self.entries.get(key)
         if loop is None:
