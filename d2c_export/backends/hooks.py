@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from d2c_export.backends.base import Wrapper
 from d2c_export.stages import STAGES
+from reference.diffusion import denoise_steps
 
 
 @dataclass
@@ -86,14 +88,19 @@ class FlopCounted(Wrapper):
         super().__init__(inner)
         self.flops: dict[str, int] = defaultdict(int)
 
-    def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    def _count(self, stage: str, inputs: dict[str, Tensor]) -> None:
         self.flops[stage] += STAGES[stage].count_flops(self.config, inputs)
+
+    def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        self._count(stage, inputs)
         return self.inner.run(stage, inputs)
 
     def replay_denoise(self, feeds: dict[str, Tensor]) -> Tensor:
-        step = {"x": feeds["noise"][0], "t": feeds["timesteps"][:1], "z": feeds["z"], "noise": feeds["noise"][0],
-                "cfg": feeds["cfg"], "temperature": feeds["temperature"], "coefs": feeds["coefs"][0]}
-        self.flops["diffusion"] += feeds["timesteps"].shape[0] * STAGES["diffusion"].count_flops(self.config, step)
+        def count_step(stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor]:  # counted from its shapes, not run
+            self._count(stage, inputs)
+            return (inputs["x"],)
+
+        denoise_steps(count_step, feeds)  # every step's feeds, as the replayed loop made them
         return self.inner.denoise(feeds)
 
 
@@ -108,16 +115,18 @@ class StageThreads(Wrapper):
         super().__init__(inner)
         self.stage_threads, self.loop_threads = stage_threads, loop_threads
 
-    def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    @contextmanager
+    def _stage_threads(self):
         torch.set_num_threads(self.stage_threads)
         try:
-            return self.inner.run(stage, inputs)
+            yield
         finally:
             torch.set_num_threads(self.loop_threads)
 
+    def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        with self._stage_threads():
+            return self.inner.run(stage, inputs)
+
     def replay_denoise(self, feeds: dict[str, Tensor]) -> Tensor:
-        torch.set_num_threads(self.stage_threads)
-        try:
+        with self._stage_threads():
             return self.inner.denoise(feeds)
-        finally:
-            torch.set_num_threads(self.loop_threads)
