@@ -141,6 +141,9 @@ def _onnx(stage, config, checkpoint, seed, out, opset, max_batch, fp16, quiet, *
     from d2c_export.export.onnx import export_model
     from d2c_export.sources import ModelRequest, OfficialParts, build_model
     _logging(quiet)
+    if fp16:
+        from d2c_export.export.fp16 import converter
+        converter()  # installed, before the FP32 export
     parts = OfficialParts(**official)
     model, source = build_model(ModelRequest(config=config, checkpoint=checkpoint, seed=seed, parts=parts))
     stages = "all" if stage == "all" else [stage]

@@ -23,6 +23,9 @@ After it, `_restore_fp32_paths` removes the FP32 -> FP16 -> FP32 casts that the 
 consecutive FP32 nodes, and gives back the FP32 type of outputs made by FP32 nodes. So FP32 regions
 stay FP32 end to end, and graph inputs and outputs keep their FP32/INT64 types: runtime feeds are the
 same for both precisions. `check_precision` verifies the result with strict type inference.
+
+onnxconverter-common is imported where a conversion starts (`converter`), so everything else here (and whatever
+imports this module) works where it is not installed, as on a GPU machine without a package index.
 """
 from __future__ import annotations
 
@@ -34,7 +37,6 @@ from pathlib import Path
 
 import onnx
 from onnx import TensorProto
-from onnxconverter_common import float16
 from tqdm import tqdm
 
 from d2c_export.engines import Engines
@@ -49,7 +51,8 @@ log = logging.getLogger(__name__)
 PRECISION = "fp16"
 FP16_MAX = 65504.0  # largest finite float16: constants are clipped there, not at the converter's 1e4
 FP32_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "Softmax", "Sin", "Cos", "Exp")
-OP_BLOCK_LIST = sorted(set(FP32_OPS) | set(float16.DEFAULT_OP_BLOCK_LIST))  # with the converter's defaults
+CONVERTER_MISSING = ("the FP16 graphs need onnxconverter-common, which is not installed: pip install "
+                     "onnxconverter-common (without a package index: carry the wheel of scripts/fetch_wheels.sh)")
 
 _LINEAR = {"MatMul", "Gemm"}
 _NORM_CHAIN = {"Add", "Sqrt", "Reciprocal", "Div", "Mul"}
@@ -58,6 +61,15 @@ _EMBED_OPS = {"Mul", "Div", "Cast", "Unsqueeze", "Expand", "Reshape", "Squeeze"}
 _HEAD_OPS = {"Reshape", "Cast", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 _MOVEMENT = {"Transpose", "Reshape", "Gather", "GatherElements", "GatherND", "Slice", "Squeeze", "Unsqueeze",
              "Concat", "Expand", "Identity", "Split", "Tile", "ScatterElements"}
+
+
+def converter():
+    """onnxconverter-common's `float16` module, or an EngineError naming the install when it is missing."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise EngineError(CONVERTER_MISSING) from None
+    return float16
 
 
 class _Graph:
@@ -237,18 +249,20 @@ def _drop_dead_casts(graph: onnx.GraphProto) -> None:
 
 def convert_graph(src: Path, dst: Path, spec: StageSpec) -> set[str]:
     """Write the mixed-precision graph of the FP32 graph `src` to `dst` (+ `.data` if large); returns the FP32 nodes."""
+    float16 = converter()
+    op_block_list = sorted(set(FP32_OPS) | set(float16.DEFAULT_OP_BLOCK_LIST))  # with the converter's defaults
     structure = onnx.load(str(src), load_external_data=False)
     structure = onnx.shape_inference.infer_shapes(structure)  # works on >2 GB graphs: weights are not loaded
     keep = fp32_nodes(structure, spec)
     onnx.external_data_helper.load_external_data_for_model(structure, str(src.parent))
-    blocked = keep | {n.name for n in structure.graph.node if n.op_type in OP_BLOCK_LIST}
+    blocked = keep | {n.name for n in structure.graph.node if n.op_type in op_block_list}
     _untie_initializers(structure.graph, blocked)
     float_outputs = {o.name for o in structure.graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # per-constant clipping notices; FP16_MAX clips only true overflows
         model = float16.convert_float_to_float16(
             structure, max_finite_val=FP16_MAX, keep_io_types=True, disable_shape_infer=True,
-            op_block_list=OP_BLOCK_LIST, node_block_list=sorted(keep))
+            op_block_list=op_block_list, node_block_list=sorted(keep))
     _restore_fp32_paths(model, blocked, float_outputs)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     onnx.save_model(model, str(dst), save_as_external_data=size > EXTERNAL_DATA_BYTES, all_tensors_to_one_file=True,
@@ -295,6 +309,7 @@ def convert_engines(engines: Engines, stages: str | list[str] = "all", progress:
 
 
 def _convert_locked(engines: Engines, stages: str | list[str], progress: bool) -> None:
+    converter()  # before any work
     bar = tqdm(engines.specs(stages), desc="fp16", unit="stage", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)

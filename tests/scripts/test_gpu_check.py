@@ -1,21 +1,61 @@
-"""scripts/gpu_check.sh on the CPU: one clear line without a CUDA device, and every step it runs on a GPU machine
-runs here too, with the CUDA check answered yes by a stand-in interpreter and the bench sized down."""
+"""scripts/gpu_check.sh on the CPU: one clear line without a CUDA device, and every step it runs on the GPU machine
+runs here too, with the modules that machine's image lacks hidden (`lent_image.py`), the CUDA check answered yes by
+a stand-in interpreter and the sizes turned down."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.scripts.lent_image import missing_modules, write_blocker
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+# what the image is known to lack that the project imports; the blocker is built from the package list
+KNOWN_MISSING = {"onnxconverter_common", "ray", "fastapi", "starlette", "pydantic", "tensorrt"}
+TINY = {"INSTALL": "0", "BENCH_CONFIG": "d2c-tiny", "BENCH_BATCHES": "1,2", "BENCH_STEPS": "2 2"}
+OUT_FILES = {"summary.md", "check.log", "gpu_tests.txt", "parity.txt", "bench-b1.json", "bench-b2.json"}
 
 
 def run(args: list[str], env: dict | None = None, timeout: int = 60) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+
+
+def lent_image(tmp_path: Path, hang_on: str | None = None) -> dict:
+    """The environment of a run as on the GPU machine: its missing modules hidden, no wheels to carry, and a
+    stand-in interpreter that answers the CUDA check yes (the rest sees no GPU: the gpu tests skip, PyTorch
+    computes on the CPU); with `hang_on`, a call whose arguments hold that text hangs instead."""
+    python = tmp_path / "python"
+    hang = f'  *"{hang_on}"*) exec sleep 600 ;;\n' if hang_on else ""
+    python.write_text(f"""#!/bin/sh
+case "$*" in
+  *is_available*) exit 0 ;;
+  *get_device_name*) echo "torch (stand-in), no GPU"; exit 0 ;;
+{hang}esac
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    blocker = write_blocker(tmp_path / "lent-image")
+    return {"PYTHON": str(python), "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}", "WHEELS": str(tmp_path / "no-wheels"),
+            **TINY}
+
+
+def table_rows(text: str, first: str, keys: int = 1) -> dict[str, list[str]]:
+    """The rows of the Markdown table whose header starts with `first`, keyed by their first `keys` cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[" ".join(cells[:keys])] = cells
+    return rows
 
 
 def test_without_cuda_it_says_so_in_one_line(tmp_path):
@@ -29,25 +69,41 @@ def test_without_cuda_it_says_so_in_one_line(tmp_path):
     assert usage.returncode == 2 and usage.stderr.strip() == "usage: bash scripts/gpu_check.sh OUTDIR"
 
 
+def test_the_blocker_hides_what_the_lent_image_lacks(tmp_path):
+    missing = missing_modules()
+    assert KNOWN_MISSING <= set(missing) and not {"torch", "onnx", "onnxruntime", "PIL", "click"} & set(missing)
+    blocker = write_blocker(tmp_path / "lent-image")
+    probe = ("import importlib.util, importlib.metadata as md\n"
+             "for name in ('ray', 'onnxconverter_common', 'tensorrt', 'fastapi'):\n"
+             "    assert importlib.util.find_spec(name) is None, name\n"
+             "try:\n    from ray import serve\nexcept ModuleNotFoundError as e:\n    print(e)\n"
+             "try:\n    md.version('onnxconverter-common')\nexcept md.PackageNotFoundError:\n    print('no metadata')\n"
+             "assert importlib.util.find_spec('torch') and md.version('onnx')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["No module named 'ray'", "no metadata"]
+
+
 @pytest.mark.slow
-def test_every_step_runs(tmp_path):
-    """The CUDA check answered yes (the rest sees no GPU: the gpu tests skip, PyTorch computes on the CPU)."""
-    python = tmp_path / "python"
-    python.write_text(f"""#!/bin/sh
-case "$*" in
-  *is_available*) exit 0 ;;
-  *get_device_name*) echo "torch (stand-in), no GPU"; exit 0 ;;
-esac
-exec {sys.executable} "$@"
-""")
-    python.chmod(0o755)
-    out = run([str(tmp_path / "out")], timeout=300,
-              env={"PYTHON": str(python), "INSTALL": "0", "BENCH_CONFIG": "d2c-tiny", "BENCH_BATCHES": "1",
-                   "BENCH_STEPS": "2 2"})
+def test_every_step_runs_on_the_lent_image(tmp_path):
+    out = run([str(tmp_path / "out")], env=lent_image(tmp_path), timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = tmp_path / "out"
-    assert "skipped" in (results / "gpu_tests.txt").read_text()  # collected and skipped: no CUDA here
+    assert {p.name for p in results.iterdir()} == OUT_FILES
+    summary = (results / "summary.md").read_text()
+    assert out.stdout.endswith(summary)  # the table closes stdout
+    steps = table_rows(summary, "step")
+    assert [s for s, cells in steps.items() if not cells[1].startswith("ok")] == ["trt-fp16 plans"], steps
+    assert "no TensorRT" in steps["trt-fp16 plans"][1]
+    tests = (results / "gpu_tests.txt").read_text()
+    last = tests.strip().splitlines()[-1]  # every gpu test collected, and skipped here for want of CUDA
+    assert re.search(r"\d+ skipped, \d+ deselected", last) and not re.search("error|failed|passed", last), last
+    assert "test_cuda.py" in tests and "needs a CUDA device" in tests
+    assert "0 errors" in steps["gpu tests"][1]
     parity = (results / "parity.txt").read_text()
     assert parity.count(", 0 failed") == 3 and "torch-bf16" in parity and "torch-fp16" in parity
-    assert {p.name for p in (results / "bench").iterdir()} >= {"bench.json", "bench.md"}
-    assert "torch-bf16" in (results / "bench" / "bench.md").read_text()
+    figures = table_rows(summary, "batch", keys=2)
+    assert set(figures) == {f"{b} {n}" for b in (1, 2) for n in ("torch", "torch-bf16")}
+    for cells in figures.values():
+        assert float(cells[-2]) > 0 and float(cells[-1]) > 0  # s/image, images/s

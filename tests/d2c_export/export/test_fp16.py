@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 
 import numpy as np
 import onnx
@@ -26,6 +27,7 @@ from reference.diffusion import make_tables
 from reference.gpt import cache_feeds
 from reference.model import get_config
 from reference.pipeline import SamplingParams
+from tests.d2c_export.cli_helpers import assert_one_line_error, files_in, run_cli
 from tests.d2c_export.verify.test_parity import CASES
 
 MIN_COSINE, MAX_REL_L2, MIN_ARGMAX = 0.999, 1e-2, 0.99
@@ -192,6 +194,16 @@ def test_onnx_command_writes_fp16_graphs(tmp_path):
     manifest = Manifest.read(out / MANIFEST)
     assert set(manifest.stages["diffusion"]) == {"onnx-fp32", "onnx-fp16"}
     assert (out / "diffusion.fp16.onnx").is_file()
+
+
+def test_without_onnxconverter_common_fp16_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """The converter is imported where a conversion starts, so a machine without it imports and runs the rest."""
+    monkeypatch.setitem(sys.modules, "onnxconverter_common", None)  # as if not installed: its import fails
+    out = tmp_path / "engines"
+    code, err = run_cli(export_main, ["onnx", "--stage", "diffusion", "--fp16", "--out", out, "--max-batch", "2"],
+                        capsys)
+    assert_one_line_error(code, err, "onnxconverter-common", "pip install", "scripts/fetch_wheels.sh")
+    assert files_in(out) == set()
 
 
 @torch.no_grad()
