@@ -7,8 +7,9 @@
 # beyond FP16's range: BF16 has FP32's range and FP16's speed on Hopper; FP16 is held to the reference on the demo.
 #
 # Usage: bash scripts/gpu_check.sh OUTDIR
-# Each step runs under its own time limit and all of them within BUDGET_S seconds (default 570, one 10-minute
-# call); a step that fails or runs out of time is recorded and the next one runs. The run ends with one summary
+# Each step runs under its own time limit (LIMIT_PERCENT, default 100, scales them for slower machines) and all of
+# them within BUDGET_S seconds (default 570, one 10-minute call); a step that fails or runs out of time is recorded
+# and the next one runs; the bench's batches share what the other steps left. The run ends with one summary
 # table (each step's result, then s/image and images/s per batch and column), printed last and written to
 # OUTDIR/summary.md. OUTDIR also gets check.log (device, installs, exports, the bench's logs), gpu_tests.txt,
 # parity.txt and bench-b<B>.json per batch; engines stay in a temporary folder, removed at the end.
@@ -29,6 +30,7 @@ fi
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-570}
+LIMIT_PERCENT=${LIMIT_PERCENT:-100}
 BENCH_CONFIG=${BENCH_CONFIG:-d2c-b}
 BENCH_BATCHES=${BENCH_BATCHES:-1,16}
 read -r NUM_ITER DIFFUSION_STEPS <<<"${BENCH_STEPS:-64 100}"
@@ -50,11 +52,11 @@ record() {  # record NAME RESULT SECONDS
 }
 
 step() {  # step NAME CAP LOGFILE CMD...: CMD, its output appended to LOGFILE, under min(CAP, what the budget has left)
-  local name=$1 cap=$2 log=$3 left limit t0 rc result
+  local name=$1 cap=$(($2 * LIMIT_PERCENT / 100)) log=$3 left limit t0 rc result
   shift 3
   left=$((BUDGET_S - (SECONDS - START) - 5))
   limit=$((cap < left ? cap : left))
-  if ((limit < 5)); then
+  if ((limit < 2)); then
     record "$name" "not run: the budget of $BUDGET_S s is spent" 0
     return 1
   fi
@@ -124,7 +126,7 @@ if step "export $BENCH_CONFIG" 140 "$LOG" "${D2C[@]}" export_main onnx --config 
   BATCHES=(${BENCH_BATCHES//,/ })
   for i in "${!BATCHES[@]}"; do
     b=${BATCHES[$i]}
-    share=$(((BUDGET_S - (SECONDS - START) - 5) / (${#BATCHES[@]} - i)))
+    share=$(((BUDGET_S - (SECONDS - START) - 5) / (${#BATCHES[@]} - i) * 100 / LIMIT_PERCENT))  # not scaled
     step "bench batch $b" "$share" "$LOG" "${D2C[@]}" bench_main --engines "$ENG" --backends "$COLUMNS" --batch "$b" \
       --num-iter "$NUM_ITER" --diffusion-steps "$DIFFUSION_STEPS" --repeat 2 --warmup 1 --no-plot \
       --out "$SCRATCH/bench-b$b"

@@ -1,7 +1,9 @@
 """The PyTorch backend: the stages' reference modules (the specs' wrappers), rebuilt from the manifest's source.
 
-FP32 is the reference itself. FP16 and BF16 cast the weights of the matmuls, convolutions and embeddings once
-(`cast_weights`; norms and other parameters stay FP32) and run every stage under autocast, which keeps
+FP32 is the reference itself, and on CUDA it stays FP32: PyTorch would run FP32 convolutions (cuDNN, by
+default) and matmuls (cuBLAS, once `set_float32_matmul_precision("high")`) as TF32, with 10 of FP32's 23 mantissa
+bits, so every FP32 stage call there runs with TF32 off (`ieee_fp32`). FP16 and BF16 cast the weights of the
+matmuls, convolutions and embeddings once (`cast_weights`; norms and other parameters stay FP32) and run every stage under autocast, which keeps
 softmax, norms and reductions in FP32 where the device's autocast does; the DDPM update sees FP32 x and
 coefficients. Stage outputs come back as FP32. On CUDA the loop's tensors stay
 on the device, the gpt KV cache is static (one per row count, bound in place), and with `graphs` on, the gpt
@@ -11,6 +13,8 @@ step and the denoising steps of a whole masked step (`denoise`) are replayed as 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +30,21 @@ from reference.stage_networks import as_outputs
 
 DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 CAST_MODULES = (nn.Linear, nn.Conv2d, nn.Embedding)  # their weights in reduced precision; everything else FP32
+TF32_DEVICE_TYPES = frozenset({"cuda"})  # where PyTorch may run FP32 convolutions and matmuls as TF32
+
+
+@contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """cuDNN convolutions and cuBLAS matmuls in IEEE FP32 inside the block (TF32 off); the flags are global, so the
+    caller's are given back after it."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.set_float32_matmul_precision(matmul)
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -48,6 +67,8 @@ class TorchBackend(Backend):
         self.max_batch = engines.max_batch
         self.device = device
         self.dtype = DTYPES[precision]
+        exact = precision is Precision.FP32 and torch.device(device).type in TF32_DEVICE_TYPES
+        self._fp32 = ieee_fp32 if exact else nullcontext  # FP32 stage calls: TF32 off where it could be on
         model = cast_weights(engines.model(), self.dtype).to(device)
         self.modules = {spec.name: spec.wrapper(model).eval() for spec in engines.specs()}
         self._caches: dict[int, tuple[Tensor, Tensor]] = {}
@@ -61,7 +82,8 @@ class TorchBackend(Backend):
     def _call(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
         args = [inputs[t.name].to(self.device) for t in STAGES[stage].input_specs(self.config) if t.name in inputs]
         if self.dtype is torch.float32:
-            return as_outputs(self.modules[stage](*args))
+            with self._fp32():
+                return as_outputs(self.modules[stage](*args))
         with torch.autocast(torch.device(self.device).type, dtype=self.dtype, cache_enabled=False):
             out = as_outputs(self.modules[stage](*args))
         return tuple(o.float() if o.is_floating_point() else o for o in out)
