@@ -17,6 +17,9 @@ from d2c_export.targets import BackendName, Precision, Target
 ORT_ALLOW_SPINNING = "0"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# the CUDA provider runs FP32 matmuls and convolutions as TF32 (10 mantissa bits) unless told not to: FP32 means FP32,
+# and the FP16 graphs' FP32 regions stay FP32
+CUDA_OPTIONS = {"use_tf32": "0"}
 
 
 def onnxruntime():
@@ -54,7 +57,8 @@ class OrtSession:
         opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per physical core)
         opts.add_session_config_entry("session.intra_op.allow_spinning", ORT_ALLOW_SPINNING)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(str(path), sess_options=opts,
+                                                providers=[(p, CUDA_OPTIONS) if p == CUDA else p for p in providers])
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
             raise EngineError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
         self.device = "cuda" if CUDA in self.session.get_providers() else "cpu"

@@ -25,3 +25,19 @@ def test_the_loop_stays_on_the_host_under_the_cuda_provider(engines_factory, mon
         assert gpu.providers[0] == CUDA
         assert (gpu.device, gpu.compute_device) == ("cpu", "cuda")
         assert Column(gpu.target, gpu).device == "cuda"
+
+
+def test_the_cuda_provider_computes_fp32_in_fp32(engines_factory, monkeypatch):
+    """ONNX Runtime's CUDA provider runs FP32 matmuls and convolutions as TF32 unless its `use_tf32` option is 0."""
+    engines = Engines.open(engines_factory("d2c-tiny"))
+    ort, asked = onnxruntime(), []
+    session = ort.InferenceSession
+
+    def on_this_cpu(path, sess_options=None, providers=None):
+        asked.append(providers)
+        return session(path, sess_options=sess_options, providers=[CPU])
+
+    monkeypatch.setattr(ort, "InferenceSession", on_this_cpu)
+    with OrtBackend(engines, Precision.FP32, threads=1, provider_list=[CUDA, CPU]):
+        pass
+    assert asked and all(p == [(CUDA, {"use_tf32": "0"}), CPU] for p in asked), asked
