@@ -105,18 +105,17 @@ step "gpu tests" 110 "$OUT/gpu_tests.txt" "$PY" -m pytest -p no:cacheprovider -r
 export -f parity_tables
 export PY D2C_CODE SCRATCH
 step "parity tables" 75 "$OUT/parity.txt" bash -c parity_tables
-# 3. the bench's engines (FP16 graphs and trt-fp16 plans where TensorRT and onnxconverter-common are there)
+# 3. the bench's engines: the FP32 graphs, then (under their own limit, so the PyTorch columns run whatever happens
+#    to them) the FP16 graphs and trt-fp16 plans where TensorRT and onnxconverter-common are there
 COLUMNS=torch,torch-bf16
 ENG=$SCRATCH/$BENCH_CONFIG
 TRT_WHY=
 "$PY" -c "import tensorrt" 2>/dev/null || TRT_WHY="no TensorRT"
 [ -n "$TRT_WHY" ] || "$PY" -c "import onnxconverter_common" 2>/dev/null \
   || TRT_WHY="no onnxconverter-common (bash scripts/fetch_wheels.sh, then carry .whl)"
-FP16=()
-[ -n "$TRT_WHY" ] || FP16=(--fp16)
 MAX_BATCH=$(tr ',' '\n' <<<"$BENCH_BATCHES" | sort -n | tail -n 1)
-if step "export $BENCH_CONFIG" 140 "$LOG" "${D2C[@]}" export_main onnx --config "$BENCH_CONFIG" --out "$ENG" \
-  --max-batch "$MAX_BATCH" --quiet ${FP16[@]+"${FP16[@]}"}; then
+if step "export $BENCH_CONFIG" 170 "$LOG" "${D2C[@]}" export_main onnx --config "$BENCH_CONFIG" --out "$ENG" \
+  --max-batch "$MAX_BATCH" --quiet; then
   if [ -n "$TRT_WHY" ]; then
     record "trt-fp16 plans" "skipped: $TRT_WHY" 0
   elif step "trt-fp16 plans" 240 "$LOG" "${D2C[@]}" export_main trt --fp16 --engines "$ENG" --quiet; then
