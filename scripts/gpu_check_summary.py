@@ -23,6 +23,7 @@ def pytest_counts(path: Path) -> str:
 
 
 def step_rows(steps: Path, out: Path) -> list[str]:
+    """One row per step (name, result, seconds), the tests' counts added to theirs."""
     rows = ["| step | result | s |", "|---|---|---:|"]
     for line in steps.read_text().splitlines():
         name, result, seconds = line.split("\t")

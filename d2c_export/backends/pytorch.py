@@ -3,9 +3,9 @@
 FP32 is the reference itself, and on CUDA it stays FP32: PyTorch would run FP32 convolutions (cuDNN, by
 default) and matmuls (cuBLAS, once `set_float32_matmul_precision("high")`) as TF32, with 10 of FP32's 23 mantissa
 bits, so every FP32 stage call there runs with TF32 off (`ieee_fp32`). FP16 and BF16 cast the weights of the
-matmuls, convolutions and embeddings once (`cast_weights`; norms and other parameters stay FP32) and run every stage under autocast, which keeps
-softmax, norms and reductions in FP32 where the device's autocast does; the DDPM update sees FP32 x and
-coefficients. Stage outputs come back as FP32. On CUDA the loop's tensors stay
+matmuls, convolutions and embeddings once (`cast_weights`; norms and other parameters stay FP32) and run every
+stage under autocast, which keeps softmax, norms and reductions in FP32 where the device's autocast does; the DDPM
+update sees FP32 x and coefficients. Stage outputs come back as FP32. On CUDA the loop's tensors stay
 on the device, the gpt KV cache is static (one per row count, bound in place), and with `graphs` on, the gpt
 step and the denoising steps of a whole masked step (`denoise`) are replayed as CUDA graphs
 (`graphs.CallableGraphs`), captured per shape, in bounded caches whose memory `graph_memory_bytes` reports.

@@ -28,7 +28,7 @@ def run(args: list[str], env: dict | None = None, timeout: int = 60) -> subproce
                           env={**os.environ, "PYTHON": sys.executable, **(env or {})})
 
 
-def lent_image(tmp_path: Path, hang_on: str | None = None) -> dict:
+def lent_image_env(tmp_path: Path, hang_on: str | None = None) -> dict:
     """The environment of a run as on the GPU machine: its missing modules hidden, no wheels to carry, and a
     stand-in interpreter that answers the CUDA check yes (the rest sees no GPU: the gpu tests skip, PyTorch
     computes on the CPU); with `hang_on`, a call whose arguments hold that text hangs instead."""
@@ -89,7 +89,7 @@ def test_the_blocker_hides_what_the_lent_image_lacks(tmp_path):
 
 @pytest.mark.slow
 def test_every_step_runs_on_the_lent_image(tmp_path):
-    out = run([str(tmp_path / "out")], env=lent_image(tmp_path), timeout=900)
+    out = run([str(tmp_path / "out")], env=lent_image_env(tmp_path), timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = tmp_path / "out"
     assert {p.name for p in results.iterdir()} == OUT_FILES
@@ -115,7 +115,7 @@ def test_every_step_runs_on_the_lent_image(tmp_path):
 def test_a_step_that_hangs_is_cut_and_the_rest_runs(tmp_path):
     """Limits at 5 % of the GPU machine's: the hung tests are cut at 5 s, the later steps each run (and are cut where
     their work needs more), the summary still closes the output, and the whole run stays inside the budget."""
-    env = {**lent_image(tmp_path, hang_on="-m pytest"), "LIMIT_PERCENT": "5", "BUDGET_S": "60"}
+    env = {**lent_image_env(tmp_path, hang_on="-m pytest"), "LIMIT_PERCENT": "5", "BUDGET_S": "60"}
     out = run([str(tmp_path / "out")], env=env, timeout=120)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     steps = table_rows((tmp_path / "out" / "summary.md").read_text(), "step")
