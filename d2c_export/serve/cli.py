@@ -71,7 +71,7 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _log_auth(token: str | None, host: str, port: int) -> None:
+def log_auth(token: str | None, host: str, port: int) -> None:
     """Say at start whether requests need the token, and warn when anyone on the network could generate."""
     if token is not None:
         log.info("auth on: /v1/images and /v1/model need `Authorization: Bearer <D2C_SERVE_TOKEN>`")
@@ -142,7 +142,7 @@ def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_m
     options = _serve_options(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue,
                              replica_cpus, threads, token)
     _refuse_before_ray(options, gpus_per_replica, address, num_cpus, host, port)
-    _log_auth(token, host, port)
+    log_auth(token, host, port)
     try:
         url = _start(options, gpus_per_replica, address, num_cpus, host, port)
         log.info("serving %s at %s (docs: %s/docs); Ctrl-C stops", engines_dir, url, url)
@@ -194,7 +194,7 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
     checked = [_serve_options(engines_dir, backend, precision, replicas, b, batch_wait_ms, max_queue, replica_cpus,
                               threads, token) for _, b, _ in runs]
     _refuse_before_ray(checked[0], gpus_per_replica, address, num_cpus, "127.0.0.1", port)
-    _log_auth(token, "127.0.0.1", port)
+    log_auth(token, "127.0.0.1", port)
     reports, stalls = [], []
     try:
         for (label, _, kill_at), options in zip(runs, checked):

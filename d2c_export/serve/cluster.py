@@ -30,7 +30,8 @@ def deploy(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, req
     except RayTaskError as exc:  # the proxy could not listen (on a cluster: the port is checked on the head node)
         raise EngineError(f"Ray Serve's HTTP proxy did not start on {host}:{port} ({exc.cause}); if the port is in "
                           f"use, pick another with --port") from None
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    # not serve.run: it waits, unbounded, for the application to run (forever for a replica that cannot be placed)
+    serve._run(app, _blocking=False, name=APP_NAME, route_prefix="/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     wait_healthy(url, ready_timeout_s, _application_state)
     return url
@@ -44,7 +45,13 @@ def _application_state() -> tuple[bool, str]:
     if app is None:
         return False, ""
     said = [app.message] + [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
-    return app.status == ApplicationStatus.DEPLOY_FAILED, " ".join(m for m in said if m)
+    return app.status == ApplicationStatus.DEPLOY_FAILED, " ".join(without_traceback(m) for m in said if m)
+
+
+def without_traceback(message: str) -> str:
+    """A status message without the traceback it may carry: its first line and its last (the error itself)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return " ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else message.strip()
 
 
 def check_port(host: str, port: int) -> None:
@@ -76,7 +83,8 @@ def wait_healthy(url: str, timeout_s: float, state: Callable[[], tuple[bool, str
         if failed:
             raise EngineError(f"the server at {url} failed to start: {said}")
         try:
-            with urllib.request.urlopen(f"{url}/v1/health", timeout=10) as reply:
+            with urllib.request.urlopen(f"{url}/v1/health", timeout=max(1.0, min(10.0, deadline - time.monotonic()))) \
+                    as reply:
                 if reply.status == 200:
                     return
         except OSError as exc:

@@ -21,10 +21,10 @@ STILL_OPEN = "open"  # no answer and no close by the time the outcomes were read
 CLOSED = "closed"  # closed (or reset) without an HTTP answer
 
 
-def opening(stall: str, host: str, path: str = "/v1/images", token: str | None = None) -> bytes:
+def opening(stall: str, host: str, path: str = "/v1/images", token: str | None = None, method: str = "POST") -> bytes:
     """The bytes a stalled client sends before it stops: a request whose end never comes."""
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\n"
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\n"
     if stall == "body":  # 1000 bytes announced, 5 sent
         return (head + "Content-Length: 1000\r\n\r\n{\"cla").encode()
     if stall == "chunked":  # one chunk of 5 bytes, no last chunk
@@ -47,11 +47,11 @@ class SlowClients:
     """`count` loopback connections that each send `opening(stall, ...)` and stall; a context manager."""
 
     def __init__(self, url: str, count: int, stall: str = "body", token: str | None = None,
-                 path: str = "/v1/images"):
+                 path: str = "/v1/images", method: str = "POST"):
         parts = urlsplit(url)
         self.address = (parts.hostname, parts.port)
         self.count = count
-        self.payload = opening(stall, parts.hostname, path, token)
+        self.payload = opening(stall, parts.hostname, path, token, method)
         self.sockets: list[socket.socket] = []
 
     def __enter__(self) -> "SlowClients":

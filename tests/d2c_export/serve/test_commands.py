@@ -7,9 +7,11 @@ import socket
 
 import pytest
 
+from d2c_export.errors import EngineError
 from d2c_export.ray_cluster import node_resources, unplaceable
 from d2c_export.serve.api import TOKEN_ENV
-from d2c_export.serve.cli import _log_auth, load_main, serve_main
+from d2c_export.serve.cli import load_main, log_auth, serve_main
+from d2c_export.serve.cluster import wait_healthy, without_traceback
 from tests.d2c_export.cli_helpers import assert_one_line_error, run_cli
 
 
@@ -97,9 +99,15 @@ AUTH_LOGS = [  # (token, host, level, words of the one line logged at start)
 
 
 @pytest.mark.parametrize("token,host,level,words", AUTH_LOGS)
-def test_auth_on_or_off_is_logged_at_start(caplog, token, host, level, words):
-    with caplog.at_level(logging.INFO, logger="d2c"):
-        _log_auth(token, host, 8000)
+def test_auth_on_or_off_is_logged_at_start(caplog, monkeypatch, token, host, level, words):
+    logger = logging.getLogger("d2c")  # caught here only: the commands run above left root handlers on closed streams
+    monkeypatch.setattr(logger, "propagate", False)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="d2c"):
+            log_auth(token, host, 8000)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert [(r.levelno, words in r.getMessage()) for r in caplog.records] == [(level, True)], caplog.records
 
 
@@ -128,3 +136,30 @@ def test_placement_on_the_running_instance(ray_local):
     nodes = node_resources()
     assert unplaceable(1, 1, 0, nodes) is None
     assert "cannot be placed" in unplaceable(1, 1, 1000, nodes)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("failed,said,timeout_s,words", [
+    (True, "Generator: The deployment failed to start 3 times in a row. Error: EngineError: gpt.onnx does not match",
+     300, "failed to start: Generator: The deployment failed to start 3 times"),
+    (False, "Generator: 1 replicas that have taken more than 30s to be scheduled", 1,
+     "did not become healthy within 1 s"),
+])
+def test_waiting_for_the_server_ends_in_one_line(failed, said, timeout_s, words):
+    """Serve's account of the application ends the wait at once when it gave up, and says why at the timeout."""
+    with pytest.raises(EngineError) as caught:
+        wait_healthy(f"http://127.0.0.1:{_closed_port()}", timeout_s, lambda: (failed, said))
+    assert words in str(caught.value) and said in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_status_message_loses_its_traceback():
+    message = "The deployment failed to start.\nTraceback (most recent call last):\n  File \"x.py\", line 1\n" \
+              "d2c_export.errors.EngineError: gpt.onnx is truncated\n"
+    assert without_traceback(message) == "The deployment failed to start. d2c_export.errors.EngineError: gpt.onnx " \
+                                            "is truncated"
+    assert without_traceback(" one line ") == "one line"

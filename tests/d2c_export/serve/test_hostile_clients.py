@@ -12,13 +12,14 @@ import pytest
 
 from d2c_export.serve.api import MAX_BODY_BYTES
 from d2c_export.serve.app import BODY_READERS, ServeOptions, generator_capacity
+from d2c_export.serve.cluster import KEEP_ALIVE_S
 from d2c_export.serve.slow_clients import STILL_OPEN, SlowClients, probe, stall_markdown, stall_report
 from tests.d2c_export.serve.conftest import BODY_TIMEOUT_S, FAST, MAX_BATCH
 from tests.d2c_export.serve.test_http import concurrently
 
-PROBE_TIMEOUT_S = 30  # a probe with no answer by then counts as unanswered (status 0): a bound on the test, not a figure
+PROBE_TIMEOUT_S = 30  # a probe with no answer by then counts as unanswered (status 0): a bound on the test only
 # the session server (max queue 4, one replica) reads at most this many bodies at once
-BODY_READERS_SERVED = BODY_READERS * generator_capacity(ServeOptions(engines_dir="", max_queue=4, replicas=1), MAX_BATCH)
+BODY_READERS_SERVED = BODY_READERS * generator_capacity(ServeOptions("", max_queue=4, replicas=1), MAX_BATCH)
 
 
 def _serving_answers(served) -> list[int]:
@@ -29,18 +30,21 @@ def _serving_answers(served) -> list[int]:
                   timeout_s=PROBE_TIMEOUT_S).status]
 
 
-STALLS = [  # (name, stall, connections, seconds to wait for their answers, what they get)
-    ("body, no token", "body", 200, 30, {"401": 200}),
-    ("chunked body, no token", "chunked", 200, 30, {"401": 200}),
+STALLS = [  # (name, stall, method and path, connections, seconds to wait for their answers, what they get)
+    ("body, no token", "body", "POST /v1/images", 200, 30, {"401": 200}),
+    ("chunked body, no token", "chunked", "POST /v1/images", 200, 30, {"401": 200}),
+    ("body to an unknown path, no token", "body", "POST /v2/none", 100, 30, {"401": 100}),
+    ("body to health", "body", "GET /v1/health", 100, 30, {"200": 100}),  # health reads no body
     # no answer and no close: Ray Serve's proxy has no header deadline; they hold a socket of it, and no slot
-    ("unfinished headers", "headers", 100, 1, {STILL_OPEN: 100}),
-    ("idle sockets", "idle", 100, 1, {STILL_OPEN: 100}),
+    ("unfinished headers", "headers", "POST /v1/images", 100, 1, {STILL_OPEN: 100}),
+    ("idle sockets", "idle", "POST /v1/images", 100, 1, {STILL_OPEN: 100}),
 ]
 
 
-@pytest.mark.parametrize("name,stall,count,wait_s,outcomes", STALLS, ids=[s[0] for s in STALLS])
-def test_stalled_clients_without_the_token_hold_no_slot(served, name, stall, count, wait_s, outcomes):
-    with SlowClients(served.url, count, stall) as slow:
+@pytest.mark.parametrize("name,stall,request_line,count,wait_s,outcomes", STALLS, ids=[s[0] for s in STALLS])
+def test_stalled_clients_without_the_token_hold_no_slot(served, name, stall, request_line, count, wait_s, outcomes):
+    method, path = request_line.split()
+    with SlowClients(served.url, count, stall, path=path, method=method) as slow:
         answers = _serving_answers(served)
         got = slow.outcomes(wait_s)
     assert answers == [200, 200, 200], (name, answers)
@@ -58,6 +62,19 @@ def test_stalled_bodies_with_the_token_are_bounded_in_number_and_time(served):
     assert health_and_model == [200, 200]
     assert set(got) == {"408", "503"} and sum(got.values()) == 2 * half > BODY_READERS_SERVED, got
     assert _serving_answers(served) == [200, 200, 200]
+
+
+def test_idle_connections_are_closed_after_their_answer(served):
+    """Keep-alive connections left idle after an answer are closed by the server (after KEEP_ALIVE_S)."""
+    with SlowClients(served.url, 20, "idle") as idle:
+        for connection in idle.sockets:
+            connection.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = http.client.HTTPResponse(connection)
+            reply.begin()
+            assert reply.status == 200 and reply.read() and not reply.will_close
+            connection.settimeout(KEEP_ALIVE_S + 30)
+        closed = [connection.recv(1) for connection in idle.sockets]  # b"": closed by the server
+    assert closed == [b""] * 20
 
 
 def test_a_burst_of_health_requests_shares_one_probe_of_the_generators(served):
