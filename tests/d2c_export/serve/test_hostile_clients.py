@@ -125,6 +125,12 @@ LIMITS = [  # (name, method, path, headers, body bytes, with the token, status, 
     ("Content-Length at the limit", "POST", "/v1/images", {"Content-Length": str(MAX_BODY_BYTES)},
      _padded(MAX_BODY_BYTES), True, 200, None),
     ("health with a stalled body", "GET", "/v1/health", {"Content-Length": "1000"}, b"{", False, 200, None),
+    # broken framing never reaches the ingress: the proxy answers a plain-text 400 and closes
+    ("Content-Length not a number", "POST", "/v1/images", {"Content-Length": "12abc"}, b"{}", True, 400, None),
+    ("Content-Length and chunked both", "POST", "/v1/images", {"Content-Length": "5", "Transfer-Encoding": "chunked"},
+     _chunked(b"{}"), True, 400, None),
+    ("bad chunk size", "POST", "/v1/images", {"Transfer-Encoding": "chunked"}, b"zz\r\n{}\r\n0\r\n\r\n", True, 400,
+     None),
 ]
 
 
