@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
@@ -19,6 +20,30 @@ def cluster_gpus() -> float:
     """The GPUs of the connected cluster."""
     import ray
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The total resources of each live node of the connected cluster."""
+    import ray
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def _fits(have: float, need: float) -> float:
+    return math.inf if need <= 0 else math.floor(have / need + 1e-9)
+
+
+def unplaceable(count: int, cpus: float, gpus: float, nodes: list[dict[str, float]]) -> str | None:
+    """Why `count` actors of `cpus` CPUs and `gpus` GPUs each cannot all be placed on `nodes` (each a node's
+    total resources), or None when they can."""
+    placed = sum(min(_fits(node.get("CPU", 0.0), cpus), _fits(node.get("GPU", 0.0), gpus)) for node in nodes)
+    if placed >= count:
+        return None
+    most_cpus = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+    most_gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    need = f"{cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus > 0 else "")
+    have = f"{most_cpus:g} CPUs" + (f" and {most_gpus:g} GPUs" if gpus > 0 else "")
+    return (f"{count} x ({need}) cannot be placed: {int(placed)} fit on the {len(nodes)} node"
+            f"{'s' * (len(nodes) != 1)} of at most {have}")
 
 
 def shutdown() -> None:

@@ -1,11 +1,13 @@
 """The Ray Serve application: a FastAPI ingress and the generator replicas, each holding one set of stages.
 
-A request is parsed and checked at the ingress (`api.resolve`), then handed to a generator replica through
-a deployment handle. The replica batches what arrives (`@serve.batch`, up to the max batch in images, for at
-most the batch wait) and runs the merged groups one generation each (`batching.run_batch`) on one worker
-thread, the sampling loop in-process. Back-pressure: a replica takes `2 x max batch` requests at a time
-and the ingress queues at most `max_queue` more for the generators; beyond that it answers 503 with
-Retry-After at once. A replica that dies under a request answers it 503; Ray Serve starts a new one.
+Before the application sees a request, `guard.RequestGuard` checks the bearer token from its headers and reads
+its body under a deadline, a size limit and a cap on the bodies read at once, so that slow or unauthenticated
+clients hold no slot that serving needs. A request is then parsed and checked at the ingress (`api.resolve`), and
+handed to a generator replica through a deployment handle. The replica batches what arrives (`@serve.batch`, up
+to the max batch in images, for at most the batch wait) and runs the merged groups one generation each
+(`batching.run_batch`) on one worker thread, the sampling loop in-process. Back-pressure: a replica takes
+`2 x max batch` requests at a time and the ingress queues at most `max_queue` more for the generators; beyond that
+it answers 503 with Retry-After at once. A replica that dies under a request answers it 503; Ray Serve starts a new one.
 """
 # no `from __future__ import annotations`: FastAPI reads the route annotations of the pickled ingress class
 import asyncio
@@ -18,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
@@ -30,9 +32,10 @@ from d2c_export.cli_support import one_line
 from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
 from d2c_export.export.manifest import MANIFEST
-from d2c_export.serve.api import (MAX_BODY_BYTES, ApiError, ErrorBody, Health, ImageOut, ImageRequest,
-                                  ImagesResponse, ModelInfo, Timings, authorized, resolve, validation_message)
+from d2c_export.serve.api import (ApiError, ErrorBody, Health, ImageOut, ImageRequest, ImagesResponse, ModelInfo,
+                                  Timings, resolve, validation_message)
 from d2c_export.serve.batching import Job, JobResult, batch_images, run_batch
+from d2c_export.serve.guard import BODY_TIMEOUT_S, GuardLimits, RequestGuard
 from reference.files import sha256_file
 
 log = logging.getLogger("d2c")
@@ -42,6 +45,7 @@ INGRESS = "Ingress"
 
 
 INGRESS_HEADROOM = 8  # the ingress admits this many times what the generators hold and queue (plus 64)
+BODY_READERS = 4  # ... of which at most this many times what the generators hold and queue may be reading bodies
 
 
 @dataclass
@@ -59,9 +63,15 @@ class ServeOptions:
     replica_gpus: float = 0.0
     threads: int = 0  # stage threads per replica (0: its reserved CPUs, at least 1)
     timeout_s: float = 120.0  # a request not answered by then gets 504
+    body_timeout_s: float = BODY_TIMEOUT_S  # a body not read whole by then gets 408
     retry_after_s: int = 1
     token_sha256: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+def generator_capacity(options: ServeOptions, max_batch: int) -> int:
+    """The requests the generators hold and queue together; past that they refuse at once (503)."""
+    return options.max_queue + options.replicas * 2 * max_batch
 
 
 def _png(images) -> bytes:
@@ -139,7 +149,7 @@ class Generator:
 app = FastAPI(title="D2C image generation", version="1",
               description="Class-conditional images from exported D2C engines. Every image has its own seed "
                           "(image i of seed S draws from S + i), so it is the same alone, batched or from d2c-run.")
-ERRORS = {s: {"model": ErrorBody} for s in (401, 413, 422, 500, 503, 504)}
+ERRORS = {s: {"model": ErrorBody} for s in (401, 408, 413, 422, 500, 503, 504)}
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -170,39 +180,7 @@ async def _unexpected(request: Request, exc: Exception):
     return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-class BodyLimit:
-    """Refuse bodies over `limit` bytes with 413: by Content-Length, or by counting a body sent without one."""
-
-    def __init__(self, asgi, limit: int = MAX_BODY_BYTES):
-        self.asgi, self.limit = asgi, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.asgi(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = _error(413, f"the body is over {self.limit} bytes")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await too_big(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise ApiError(413, f"the body is over {self.limit} bytes")
-            return message
-
-        return await self.asgi(scope, counted, send)
-
-
-app.add_middleware(BodyLimit)
-
-
-def _authorize(request: Request) -> None:
-    if not authorized(request.headers.get("authorization"), request.app.state.token_sha256):
-        raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                       {"WWW-Authenticate": "Bearer"})
+app.add_middleware(RequestGuard)
 
 
 async def _awaited(response):
@@ -220,7 +198,10 @@ class Ingress:
         self.engines = Engines.open(options.engines_dir)
         self.max_batch = options.max_batch or self.engines.max_batch
         self.info: ModelInfo | None = None
-        app.state.token_sha256 = options.token_sha256
+        self.health_probe: asyncio.Future | None = None
+        app.state.guard = GuardLimits(options.token_sha256, body_timeout_s=options.body_timeout_s,
+                                      body_readers=BODY_READERS * generator_capacity(options, self.max_batch),
+                                      retry_after_s=options.retry_after_s)
 
     async def _call(self, method: str, *args):
         """A generator call, bounded in time; failures of the generators become 503 / 504 `ApiError`s."""
@@ -248,13 +229,17 @@ class Ingress:
 
     @app.get("/v1/health", response_model=Health, responses=ERRORS)
     async def health(self):
-        return await self._call("health")
+        # one probe of a generator at a time, shared by every health request that arrives meanwhile: a flood of
+        # health requests takes one of the generators' slots, not one each
+        if self.health_probe is None or self.health_probe.done():
+            self.health_probe = asyncio.ensure_future(self._call("health"))
+        return await asyncio.shield(self.health_probe)
 
-    @app.get("/v1/model", response_model=ModelInfo, responses=ERRORS, dependencies=[Depends(_authorize)])
+    @app.get("/v1/model", response_model=ModelInfo, responses=ERRORS)
     async def model(self):
         return await self._model()
 
-    @app.post("/v1/images", response_model=ImagesResponse, dependencies=[Depends(_authorize)],
+    @app.post("/v1/images", response_model=ImagesResponse,
               responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or one PNG (a grid "
                                          "for several images) with format png"}})
     async def images(self, body: ImageRequest):
@@ -307,7 +292,9 @@ def build_app(options: ServeOptions):
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
     ).bind(options)
     # The ingress only awaits the generators, and answers what they refuse at once (503 JSON, Retry-After): its
-    # own limit, past which Ray Serve would drop requests with a plain-text 503, stays far above theirs.
-    ingress_limit = INGRESS_HEADROOM * (options.max_queue + options.replicas * 2 * max_batch) + 64
+    # own limit, past which Ray Serve would drop requests with a plain-text 503, stays far above theirs. Requests
+    # still sending their body hold at most half of it (BODY_READERS), each for at most the body timeout, so
+    # health and the model always find a slot.
+    ingress_limit = INGRESS_HEADROOM * generator_capacity(options, max_batch) + 64
     return Ingress.options(num_replicas=1, max_ongoing_requests=ingress_limit, max_queued_requests=ingress_limit,
                            ray_actor_options={"num_cpus": 0}).bind(generator, options)

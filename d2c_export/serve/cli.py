@@ -2,9 +2,11 @@
 side, with an optional replica kill), on the shared flags of `d2c_export.cli`."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import re
 import time
 
 import click
@@ -15,6 +17,8 @@ from d2c_export.cli_support import Command, Finite
 from d2c_export.errors import EngineError
 
 log = logging.getLogger("d2c")
+TOKEN_CHARACTER = re.compile(r"[!-~]")  # printable ASCII but the space: what a client can send in a header, as is
+NEW_TOKEN = "export D2C_SERVE_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
 
 replica_options = _options(
     click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
@@ -38,14 +42,72 @@ replica_options = _options(
 )
 
 
+def serve_token() -> str | None:
+    """D2C_SERVE_TOKEN (None when unset); refused in one line when set but empty, or not a bearer token (a trailing
+    newline, a space, a non-ASCII letter), since either would silently serve every request without a token, or
+    none."""
+    from d2c_export.serve.api import TOKEN_ENV
+    token = os.environ.get(TOKEN_ENV)
+    if token is None:
+        return None
+    if not token:
+        raise click.UsageError(f"{TOKEN_ENV} is set but empty, which would serve every request without a token; "
+                               f"set a token (`{NEW_TOKEN}`) or unset it (`unset {TOKEN_ENV}`) to serve without auth")
+    at = next((i for i, c in enumerate(token) if not TOKEN_CHARACTER.fullmatch(c)), None)
+    if at is not None:  # the token itself is never printed
+        what = {"\n": "a newline", "\r": "a carriage return", " ": "a space", "\t": "a tab"}.get(
+            token[at], f"the character U+{ord(token[at]):04X}")
+        raise click.UsageError(
+            f"{TOKEN_ENV} has {what} at character {at + 1} of {len(token)}, so no client could send it as is in an "
+            f"Authorization header; a token is printable ASCII without spaces: strip it "
+            f"(`export {TOKEN_ENV}=\"$(tr -d '[:space:]' < token.txt)\"`) or make a new one (`{NEW_TOKEN}`)")
+    return token
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def log_auth(token: str | None, host: str, port: int) -> None:
+    """Say at start whether requests need the token, and warn when anyone on the network could generate."""
+    if token is not None:
+        log.info("auth on: /v1/images and /v1/model need `Authorization: Bearer <D2C_SERVE_TOKEN>`")
+    elif _loopback(host):
+        log.info("auth off: D2C_SERVE_TOKEN is not set, so any local client can generate")
+    else:
+        log.warning("auth off on a non-loopback address: anyone who can reach %s:%d can generate images; set "
+                    "D2C_SERVE_TOKEN (`%s`)", host, port, NEW_TOKEN)
+
+
 def _serve_options(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue, replica_cpus,
-                   threads):
-    from d2c_export.serve.api import TOKEN_ENV, token_digest
+                   threads, token):
+    from d2c_export.serve.api import token_digest
     from d2c_export.serve.app import ServeOptions, check_options
     return check_options(ServeOptions(
         engines_dir=str(engines_dir), backend=backend, precision=precision, replicas=replicas,
         max_batch=max_batch or 0, batch_wait_s=batch_wait_ms / 1000, max_queue=max_queue,
-        replica_cpus=replica_cpus, threads=threads, token_sha256=token_digest(os.environ.get(TOKEN_ENV))))
+        replica_cpus=replica_cpus, threads=threads, token_sha256=token_digest(token)))
+
+
+PLACEMENT_FIX = "lower --replicas, --replica-cpus or --gpus-per-replica, or serve on a larger cluster (--address)"
+
+
+def _refuse_before_ray(options, gpus_per_replica, address, num_cpus, host, port) -> None:
+    """For a local Ray instance, before it starts: the port must be free and the replicas' CPUs (and GPUs when
+    given) must fit on this machine."""
+    from d2c_export import ray_cluster
+    from d2c_export.serve import cluster
+    if address is not None:  # an existing cluster: its proxy may already hold the port, and nodes may be added
+        return
+    cluster.check_port(host, port)
+    local = {"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float("inf")}  # its GPUs: known once it runs
+    problem = ray_cluster.unplaceable(options.replicas, options.replica_cpus, gpus_per_replica or 0.0, [local])
+    if problem:
+        raise click.UsageError(f"{problem} (the local Ray instance gets {local['CPU']:g} CPUs: --num-cpus or this "
+                               f"machine's); {PLACEMENT_FIX}")
 
 
 def _start(options, gpus_per_replica, address, num_cpus, host, port) -> str:
@@ -54,6 +116,11 @@ def _start(options, gpus_per_replica, address, num_cpus, host, port) -> str:
     ray_cluster.connect(address, num_cpus)
     options.replica_gpus = (1.0 if ray_cluster.cluster_gpus() > 0 else 0.0) if gpus_per_replica is None \
         else gpus_per_replica
+    if address is None:  # the local instance, as started: its GPUs are known now
+        problem = ray_cluster.unplaceable(options.replicas, options.replica_cpus, options.replica_gpus,
+                                          ray_cluster.node_resources())
+        if problem:
+            raise click.UsageError(f"{problem}; {PLACEMENT_FIX}")
     log.info("deploying %d replica%s (%g CPU, %g GPU each, max batch %d) ...", options.replicas,
              "s" * (options.replicas > 1), options.replica_cpus, options.replica_gpus, options.max_batch)
     return cluster.deploy(options, host, port)
@@ -71,8 +138,11 @@ def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_m
               gpus_per_replica, threads, port, address, num_cpus, host, quiet):
     from d2c_export.serve import cluster
     _logging(quiet)
+    token = serve_token()
     options = _serve_options(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue,
-                             replica_cpus, threads)
+                             replica_cpus, threads, token)
+    _refuse_before_ray(options, gpus_per_replica, address, num_cpus, host, port)
+    log_auth(token, host, port)
     try:
         url = _start(options, gpus_per_replica, address, num_cpus, host, port)
         log.info("serving %s at %s (docs: %s/docs); Ctrl-C stops", engines_dir, url, url)
@@ -99,14 +169,18 @@ def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_m
               help="seconds per run at most")
 @click.option("--kill-replica-at", type=Finite(min=0.0), default=None,
               help="also a fault run (first max batch): kill a generator replica this many seconds in")
+@click.option("--slow-clients", type=click.IntRange(0, 500), default=0, show_default=True,
+              help="first, hold this many stalled connections of each kind (bodies and headers that never end, idle "
+                   "sockets) while health, the model and images are probed")
 @sampling_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write every run as JSON here")
 @quiet_option
 def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue, replica_cpus,
              gpus_per_replica, threads, port, address, num_cpus, max_batches, clients, requests, duration,
-             kill_replica_at, json_path, quiet, **flags):
+             kill_replica_at, slow_clients, json_path, quiet, **flags):
     from d2c_export.serve import cluster
     from d2c_export.serve.load import default_body, markdown, post_json, run_load
+    from d2c_export.serve.slow_clients import stall_markdown, stall_report
     _logging(quiet)
     _checked_out(json_path)
     if max_batch is not None:
@@ -116,16 +190,21 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
     runs = [(f"max batch {b}", b, None) for b in max_batches]
     if kill_replica_at is not None:
         runs.append((f"max batch {max_batches[0]}, replica killed", max_batches[0], kill_replica_at))
+    token = serve_token()
     checked = [_serve_options(engines_dir, backend, precision, replicas, b, batch_wait_ms, max_queue, replica_cpus,
-                              threads) for _, b, _ in runs]
-    token = os.environ.get("D2C_SERVE_TOKEN")
-    reports = []
+                              threads, token) for _, b, _ in runs]
+    _refuse_before_ray(checked[0], gpus_per_replica, address, num_cpus, "127.0.0.1", port)
+    log_auth(token, "127.0.0.1", port)
+    reports, stalls = [], []
     try:
         for (label, _, kill_at), options in zip(runs, checked):
             url = _start(options, gpus_per_replica, address, num_cpus, "127.0.0.1", port)
             classes = json.loads(_get(url, "/v1/model", token))["classes"]
             body = lambda i: default_body(i, classes, settings)  # noqa: E731
             run_load(url, min(clients, replicas * 2), 2 * replicas, duration, body, timeout_s=120, token=token)
+            if slow_clients and not reports:
+                log.info("%d stalled connections of each kind ...", slow_clients)
+                stalls = stall_report(url, slow_clients, token, json.dumps(body(0)).encode())
             log.info("run %r: %d clients, %d requests ...", label, clients, requests)
             report = run_load(url, clients, requests, duration, body, label, token=token, fault_at_s=kill_at,
                               fault=None if kill_at is None else (lambda: f"killed {cluster.kill_replica()}"))
@@ -141,12 +220,14 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
         cluster.shutdown()
     summaries = [r.summary() for r in reports]
     print(markdown(summaries))
+    if stalls:
+        print(stall_markdown(stalls))
     for s in summaries:
         if s["fault"]:
             print(f"{s['run']}: {s['fault']}; statuses {s['statuses']}")
     if json_path:
         from reference.files import write_json_atomic
-        write_json_atomic(json_path, {"settings": settings, "runs": [r.to_dict() for r in reports]})
+        write_json_atomic(json_path, {"settings": settings, "runs": [r.to_dict() for r in reports], "stalls": stalls})
     return 0
 
 

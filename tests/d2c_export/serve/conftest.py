@@ -1,5 +1,5 @@
 """The session's local Ray instance (`ray_local`, shared with the bulk tests) and one deployment of the d2c-tiny
-engines for the whole test session, behind a bearer token, on a free loopback port."""
+engines for the whole test session, behind a bearer token, on a free loopback port (a 5 s body deadline)."""
 from __future__ import annotations
 
 import http.client
@@ -18,6 +18,7 @@ from d2c_export.serve.app import ServeOptions
 TOKEN = "test-token-0123"
 MAX_BATCH = 4  # the session engines' exported max batch (tests/d2c_export/conftest.py)
 FAST = {"num_iter": 2, "diffusion_steps": 3}  # settings that make a d2c-tiny generation take milliseconds
+BODY_TIMEOUT_S = 5.0  # the session server's body deadline (shorter than the default, to keep the tests short)
 
 
 @dataclass
@@ -61,7 +62,8 @@ def _free_port() -> int:
 def served(engines_factory, ray_local) -> Served:
     engines = engines_factory("d2c-tiny")
     options = ServeOptions(engines_dir=str(engines), backend="ort", replicas=1, batch_wait_s=0.25, max_queue=4,
-                           replica_cpus=1, threads=1, timeout_s=60, token_sha256=token_digest(TOKEN))
+                           replica_cpus=1, threads=1, timeout_s=60, body_timeout_s=BODY_TIMEOUT_S,
+                           token_sha256=token_digest(TOKEN))
     try:
         url = cluster.deploy(options, "127.0.0.1", _free_port(), request_timeout_s=90, ready_timeout_s=120)
         yield Served(url, engines, TOKEN)
