@@ -16,7 +16,7 @@ from d2c_export.export.manifest import MANIFEST, config_digest
 from reference.checkpoint import save_checkpoint
 from reference.files import sha256_file
 from reference.model import D2C, get_config
-from tests.d2c_export.cli_helpers import assert_one_line_error
+from tests.d2c_export.cli_helpers import assert_one_line_error, snapshot
 
 TINY = ["--num-iter", "2", "--diffusion-steps", "3", "--quiet"]
 
@@ -201,14 +201,6 @@ def workspace(fixtures, engines_factory, tmp_path, monkeypatch) -> Path:
     (ws / "link-to-dir").symlink_to(ws / "adir")
     monkeypatch.chdir(ws)  # default outputs (out.png, bench/) would land here
     return ws
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    out = {}
-    for p in [root, *root.rglob("*")]:
-        st = p.lstat()
-        out[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), st.st_ino, st.st_size, st.st_mtime_ns)
-    return out
 
 
 def test_enough_cases_across_every_command():
