@@ -35,18 +35,18 @@ def one_line(text: str) -> str:
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that a terminated command unwinds (and cleans up) as Ctrl-C does."""
+_TERMINATED = threading.Event()  # set by SIGTERM: the KeyboardInterrupt that follows is reported as a termination
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _interrupt_on_sigterm(signum, frame):
+    _TERMINATED.set()
+    raise KeyboardInterrupt  # (Ray's waits turn any interrupt into a plain KeyboardInterrupt: the event tells them apart)
 
 
 def terminate_as_interrupt() -> None:
-    """SIGTERM raises `Terminated` in the main thread (Ray's `init` installs its own handler: call this after it)."""
+    """SIGTERM interrupts the main thread as Ctrl-C does, so a terminated command unwinds and cleans up the same way."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
 
 
 def ensure_standard_streams() -> None:
@@ -70,6 +70,7 @@ def run_handled(call: Callable[[], object]) -> int:
     """Run a command; a user error, a bad flag, an interrupt or SIGTERM becomes one line on stderr."""
     ensure_standard_streams()
     previous = signal.getsignal(signal.SIGTERM)
+    _TERMINATED.clear()
     terminate_as_interrupt()
     try:
         rv = call()
@@ -79,10 +80,10 @@ def run_handled(call: Callable[[], object]) -> int:
     except click.ClickException as exc:
         print(f"error: {one_line(exc.format_message())}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("error: terminated (SIGTERM); nothing was written under a final name", file=sys.stderr)
-        return 128 + signal.SIGTERM
     except (KeyboardInterrupt, click.exceptions.Abort):
+        if _TERMINATED.is_set():
+            print("error: terminated (SIGTERM); nothing was written under a final name", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("error: interrupted; nothing was written under a final name", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
@@ -124,7 +125,7 @@ class OutputPath(click.Path):
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value:
-            self.fail("the output path is empty; name a file or folder to write", param, ctx)
+            self.fail("the output path is empty; name a file or directory to write", param, ctx)
         return super().convert(value, param, ctx)
 
 
