@@ -163,13 +163,16 @@ def _onnx(stage, config, checkpoint, seed, out, opset, max_batch, fp16, quiet, *
 @click.option("--stage", type=_stage_choice(), default="all", show_default=True)
 @click.option("--workspace", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
               help="builder workspace limit in GiB")
-@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--timing-cache", type=OutputPath(dir_okay=False, path_type=Path),
               help="timing cache, loaded if present and saved after the build (default: ENGINES/timing.cache)")
 @quiet_option
 def _trt(engines_dir, fp16, stage, workspace, timing_cache, quiet):
     from d2c_export.export.trt_build import build_engines
     _logging(quiet)
     engines = Engines.open(engines_dir)
+    if timing_cache is not None:
+        check_output_file(timing_cache, "--timing-cache")
+        check_apart_from_inputs({"--timing-cache": [timing_cache]}, engines.input_files())
     build_engines(engines, fp16, "all" if stage == "all" else [stage], workspace, timing_cache, progress=not quiet)
     log.info("wrote %s (plans: %s)", engines_dir / "manifest.json", ", ".join(engines.manifest.kinds()))
     return 0

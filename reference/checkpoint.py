@@ -144,10 +144,13 @@ def _read_header(path: Path) -> dict:
                                   f"(header of {n} bytes, file of {size} bytes)")
         raw = f.read(n)
     try:
-        header = parse_json(raw, HEADER_SCHEMA, max_bytes=_MAX_HEADER)
+        header = parse_json(raw, max_bytes=_MAX_HEADER)
     except JsonError as exc:
-        problem = str(exc).replace("it ", "the header ", 1) if str(exc).startswith("it ") else exc
-        raise CheckpointError(f"{path}: not a valid safetensors file ({problem})") from None
+        raise CheckpointError(f"{path}: not a safetensors file (its header: {exc})") from None
+    try:
+        HEADER_SCHEMA.check(header)
+    except JsonError as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file (header: {exc})") from None
     problem = _layout_problem(header, size - 8 - n)
     if problem:
         raise CheckpointError(f"{path}: not a valid safetensors file ({problem})")

@@ -45,7 +45,8 @@ def not_a_readable_file(path: str | Path) -> str | None:
         return "is a symlink loop" if exc.errno == errno.ELOOP else "is missing"
     if stat.S_ISREG(mode):
         return None
-    return "is a directory" if stat.S_ISDIR(mode) else "is not a regular file (a FIFO, device or socket)"
+    return ("is a directory, not a regular file" if stat.S_ISDIR(mode)
+            else "is not a regular file (a FIFO, device or socket)")
 
 
 def _refused(flag: str | None, text: str) -> OutputPathError:

@@ -11,7 +11,7 @@ from d2c_export.errors import EngineError
 from d2c_export.sources import SOURCE_SCHEMA
 from d2c_export.stages import MAX_EXPORT_BATCH
 from reference.files import write_json_atomic
-from reference.json_files import SCALAR, Int, JsonError, ListOf, MapOf, Maybe, Obj, OneOf, Str, read_json
+from reference.json_files import ANY, SCALAR, Int, JsonError, ListOf, MapOf, Maybe, Obj, OneOf, Str, read_json
 from reference.model import CONFIG_SCHEMA, D2CConfig
 
 MANIFEST = "manifest.json"
@@ -34,7 +34,7 @@ STAGE_ENTRY = Obj({"files": MapOf(HEX_DIGEST, min_len=1), "precision": Str(choic
                    "profile": MapOf(ListOf(Int(0, MAX_AXIS), min_len=3, max_len=3))},
                   {"opset": Maybe(Int(1, 1000)), "tensorrt": Maybe(MapOf(OneOf(SCALAR, ListOf(SCALAR, max_len=8))))})
 # The manifest as JSON: every field typed, sizes bounded (`max_batch` by the limit an export accepts).
-MANIFEST_SCHEMA = Obj({"format_version": Int(), "config": CONFIG_SCHEMA, "config_sha256": HEX_DIGEST,
+MANIFEST_SCHEMA = Obj({"format_version": Int(), "config": MapOf(ANY), "config_sha256": HEX_DIGEST,
                        "source": SOURCE_SCHEMA, "max_batch": Int(1, MAX_EXPORT_BATCH), "exporter": Str(),
                        "stages": MapOf(MapOf(STAGE_ENTRY)), "sampling": MapOf(SCALAR)})
 
@@ -79,6 +79,8 @@ class Manifest:
 
     @property
     def d2c_config(self) -> D2CConfig:
+        """The recorded config, checked against CONFIG_SCHEMA (JsonError, a ValueError, names the field)."""
+        CONFIG_SCHEMA.check(self.config, "config")
         return D2CConfig.from_dict(self.config)
 
     def file_names(self) -> set[str]:

@@ -92,7 +92,7 @@ RUN = [  # (id, argv after `d2c-run --engines WS/eng`, needles, setup)
      _edit_manifest(lambda d: d["config"]["mar"].__setitem__("wings", 2), rehash_config=True)),
     ("manifest-config-edited", ["--class", "11"], ["config was changed"],
      _edit_manifest(lambda d: d["config"]["mar"].__setitem__("class_num", 20))),
-    ("manifest-null-stage", ["--class", "1"], ["stage 'vae'"], _edit_manifest(lambda d: d["stages"].__setitem__(
+    ("manifest-null-stage", ["--class", "1"], ["stages.vae"], _edit_manifest(lambda d: d["stages"].__setitem__(
         "vae", None))),
     ("manifest-file-outside", ["--class", "1", "--backend", "ort"], ["outside the engines directory"],
      _edit_manifest(lambda d: d["stages"]["vae"]["onnx-fp32"].__setitem__("files", {"../afile": "0" * 64}))),
@@ -123,9 +123,9 @@ EXPORT = [  # (id, argv of d2c-export, needles)
     ("checkpoint-missing", ["onnx", "--checkpoint", "{ws}/none.pth", "--out", "{ws}/new"], ["--checkpoint",
                                                                                             "does not exist"]),
     ("checkpoint-text-safetensors", ["onnx", "--checkpoint", "{ws}/text.safetensors", "--out", "{ws}/new"],
-     ["text.safetensors", "not a readable"]),
+     ["text.safetensors", "not a safetensors file"]),
     ("checkpoint-empty-safetensors", ["onnx", "--checkpoint", "{ws}/empty.safetensors", "--out", "{ws}/new"],
-     ["empty.safetensors", "not a readable"]),
+     ["empty.safetensors", "not a safetensors file"]),
     ("checkpoint-text-pth", ["onnx", "--checkpoint", "{ws}/text.pth", "--out", "{ws}/new"], ["text.pth",
                                                                                              "not a readable"]),
     ("checkpoint-carries-code", ["onnx", "--checkpoint", "{ws}/evil.pth", "--out", "{ws}/new"],
