@@ -13,13 +13,14 @@ from pathlib import Path
 
 import click
 
-from d2c_export.cli_support import SEED, Command, Finite, Group
+from d2c_export.cli_support import SEED, THREADS, Command, Finite, Group, OutputPath
 from d2c_export.engines import DEFAULT_ENGINES, Engines
 from d2c_export.export.onnx import DEFAULT_OPSET
-from d2c_export.stages import DEFAULT_MAX_BATCH, STAGES
+from d2c_export.stages import DEFAULT_MAX_BATCH, MAX_EXPORT_BATCH, STAGES
 from d2c_export.targets import AUTO, BackendName, Precision, Target, TargetError, choices, parse_list
+from d2c_export.verify.quality import MAX_PER_CLASS
 from reference.diffusion import TRAIN_STEPS
-from reference.files import check_output_file
+from reference.files import check_apart_from_inputs, check_output_dir, check_output_file
 from reference.model import PRESETS, get_config
 from reference.pipeline import SamplingParams
 from reference.sampling import CfgSchedule
@@ -107,9 +108,9 @@ official_options = _options(
 )
 
 
-def _checked_out(path: str | Path | None) -> Path | None:
+def _checked_out(path: str | Path | None, flag: str | None = None) -> Path | None:
     """An output file path checked before any work (a regular file in a writable folder), or None."""
-    return None if path is None else check_output_file(path)
+    return None if path is None else check_output_file(path, flag)
 
 
 # -- d2c-export ----------------------------------------------------------------------------------------
@@ -130,20 +131,23 @@ def _stage_choice():
               help="native checkpoint (.safetensors with its config), or an official MAR / D2C stage-2 file")
 @official_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the random weights with --config")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_ENGINES, show_default=True)
+@click.option("--out", type=OutputPath(file_okay=False, path_type=Path), default=DEFAULT_ENGINES, show_default=True)
 @click.option("--opset", type=click.IntRange(min=DEFAULT_OPSET, max=23), default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset")
-@click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
+@click.option("--max-batch", type=click.IntRange(1, MAX_EXPORT_BATCH), default=DEFAULT_MAX_BATCH, show_default=True,
               help="images per call the profiles admit")
 @click.option("--fp16", is_flag=True, help="also write mixed-precision <stage>.fp16.onnx graphs (FP32 where FP16 breaks)")
 @quiet_option
 def _onnx(stage, config, checkpoint, seed, out, opset, max_batch, fp16, quiet, **official):
-    from d2c_export.export.onnx import export_model
+    from d2c_export.export.onnx import export_file_names, export_model
     from d2c_export.sources import ModelRequest, OfficialParts, build_model
     _logging(quiet)
     if fp16:
         from d2c_export.export.fp16 import converter
         converter()  # installed, before the FP32 export
+    check_output_dir(out, flag="--out")
+    check_apart_from_inputs({"--out": [out / name for name in export_file_names(stage)]},
+                            [p for p in (checkpoint, official["gpt"], official["vae"]) if p is not None])
     parts = OfficialParts(**official)
     model, source = build_model(ModelRequest(config=config, checkpoint=checkpoint, seed=seed, parts=parts))
     stages = "all" if stage == "all" else [stage]
@@ -162,20 +166,23 @@ def _onnx(stage, config, checkpoint, seed, out, opset, max_batch, fp16, quiet, *
 @click.option("--stage", type=_stage_choice(), default="all", show_default=True)
 @click.option("--workspace", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
               help="builder workspace limit in GiB")
-@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--timing-cache", type=OutputPath(dir_okay=False, path_type=Path),
               help="timing cache, loaded if present and saved after the build (default: ENGINES/timing.cache)")
 @quiet_option
 def _trt(engines_dir, fp16, stage, workspace, timing_cache, quiet):
     from d2c_export.export.trt_build import build_engines
     _logging(quiet)
     engines = Engines.open(engines_dir)
+    if timing_cache is not None:
+        check_output_file(timing_cache, "--timing-cache")
+        check_apart_from_inputs({"--timing-cache": [timing_cache]}, engines.input_files())
     build_engines(engines, fp16, "all" if stage == "all" else [stage], workspace, timing_cache, progress=not quiet)
     log.info("wrote %s (plans: %s)", engines_dir / "manifest.json", ", ".join(engines.manifest.kinds()))
     return 0
 
 
 @export_cli.command("convert", help="Write official LlamaGen / MAR files as one native checkpoint.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--out", type=OutputPath(dir_okay=False, path_type=Path), required=True,
               help="native checkpoint to write (.safetensors)")
 @click.option("--checkpoint", "--stage2", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               required=True, help="official MAR / D2C stage-2 file (or a native checkpoint whose parts --gpt/--vae "
@@ -185,7 +192,8 @@ def _convert(out, checkpoint, **official):
     from reference.checkpoint import save_checkpoint
     from reference.official import assemble
     _logging(False)
-    check_output_file(out)
+    check_output_file(out, "--out")
+    check_apart_from_inputs({"--out": [out]}, [p for p in (checkpoint, official["gpt"], official["vae"]) if p])
     model = assemble(checkpoint, **official)  # the option names are assemble's keywords
     save_checkpoint(model, out)
     log.info("wrote %s (config %s)", out, model.config.name)
@@ -211,22 +219,25 @@ def _check(engines_dir, backend, precision):
 @click.command(cls=Command, help="Generate images from exported D2C engines. " + SAMPLING_HELP)
 @engines_option
 @click.option("--class", "classes", type=int, multiple=True, required=True, help="class label; repeat for several")
-@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="images per class")
+@click.option("--num-images", type=click.IntRange(1, MAX_EXPORT_BATCH), default=1, show_default=True,
+              help="images per class")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="image i draws from its own generator seeded SEED + i (the same image in any batch)")
 @click.option("--batch-order", is_flag=True,
               help="draw the whole batch from one generator seeded SEED, in the official code's order")
 @sampling_options
 @backend_options
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
+@click.option("--out", type=OutputPath(path_type=Path), default=Path("out.png"), show_default=True, help="a .png file")
 @quiet_option
 def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precision, out, quiet, **flags):
     from d2c_export.backends import open_named
     from d2c_export.generate import check_request, generate_images
-    from d2c_export.images import save_images
+    from d2c_export.images import check_png_name, save_images
     _logging(quiet)
-    _checked_out(out)
+    _checked_out(out, "--out")
     engines = Engines.open(engines_dir)
+    check_apart_from_inputs({"--out": [out]}, engines.input_files())
+    check_png_name(out, "--out")
     labels = [c for c in classes for _ in range(num_images)]
     check_request(engines.config, engines.max_batch, labels,
                   f"ask for at most {engines.max_batch} images in all ({len(classes)} --class x --num-images "
@@ -250,8 +261,8 @@ def _int_list(ctx, param, text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise click.BadParameter(f"expected positive integers, got {text!r}")
+    if not values or min(values) < 1 or max(values) > MAX_EXPORT_BATCH:
+        raise click.BadParameter(f"expected positive integers up to {MAX_EXPORT_BATCH}, got {text!r:.80}")
     return values
 
 
@@ -275,20 +286,22 @@ def _targets(ctx, param, text: str):
               help="measured generations per backend and batch")
 @click.option("--warmup", type=click.IntRange(min=1), default=1, show_default=True,
               help="unmeasured generations per backend and batch first")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads of every backend (0: torch's)")
+@click.option("--threads", type=THREADS, default=0, help="CPU threads of every backend (0: torch's)")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"), show_default=True,
+@click.option("--out", type=OutputPath(file_okay=False, path_type=Path), default=Path("bench"), show_default=True,
               help="directory of bench.json, bench.md, bench.png")
 @click.option("--no-plot", is_flag=True, help="skip bench.png")
 @quiet_option
 def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, seed, out, no_plot, quiet, **flags):
     import importlib.util
 
-    from d2c_export.bench.report import markdown, summarize, write_report
+    from d2c_export.bench.report import REPORT_FILES, markdown, summarize, write_report
     from d2c_export.bench.run import bench_from_config, run_benchmark
     _logging(quiet)
     if not no_plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("bench.png needs matplotlib: pip install -e '.[plot]', or pass --no-plot")
+    reports = REPORT_FILES[:2] if no_plot else REPORT_FILES
+    check_output_dir(out, reports, "--out")
     options = dict(repeat=repeat, warmup=warmup, threads=threads or None, seed=seed, progress=not quiet)
     if config:  # the preset's recorded settings, as its exported engines would hold them, checked before the export
         preset = get_config(config)
@@ -296,6 +309,7 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
         result = bench_from_config(config, out, backends, batch, params, **options)
     else:
         engines = Engines.open(engines_dir)
+        check_apart_from_inputs({"--out": [out / name for name in reports]}, engines.input_files())
         result = run_benchmark(engines, backends, batch, engines_sampling(engines, flags), **options)
     paths = write_report(result, out, with_plot=not no_plot)
     print(markdown(summarize(result)))
@@ -311,16 +325,16 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
               help=f"comma-separated, the first is the reference of the gate; from {', '.join(choices())}")
 @click.option("--classifier", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="default: the demo's, under checkpoints/")
-@click.option("--per-class", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("--per-class", type=click.IntRange(1, MAX_PER_CLASS), default=20, show_default=True,
               help="samples per class and backend")
-@click.option("--real-per-class", type=click.IntRange(min=2), default=200, show_default=True,
+@click.option("--real-per-class", type=click.IntRange(2, MAX_PER_CLASS), default=200, show_default=True,
               help="held-out real images per class for the FD")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @sampling_options
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads (0: its default)")
-@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path),
-              help="also write the first backend's first 16 samples as a 4x4 PNG grid here (8x zoom)")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--threads", type=THREADS, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+@click.option("--grid", type=OutputPath(dir_okay=False, path_type=Path),
+              help="also write the first backend's first 16 samples as a 4x4 PNG grid here (8x zoom; a .png file)")
+@click.option("--json", "json_path", type=OutputPath(dir_okay=False, path_type=Path),
               help="also write the reports as JSON here")
 @click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="score this d2c-generate directory (its PNGs and samples.json labels) instead of sampling")
@@ -329,24 +343,29 @@ def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, se
                 quiet, **flags):
     from dataclasses import asdict
 
-    from d2c_export.images import GRID_ZOOM, save_images
+    from d2c_export.images import GRID_ZOOM, check_png_name, save_images
     from d2c_export.verify.quality import (DEFAULT_CLASSIFIER, evaluate_backends, evaluate_samples, gate_failures,
                                            markdown)
     from reference.files import write_json_atomic
     from training.classifier import load_classifier
     _logging(quiet)
-    _checked_out(grid), _checked_out(json_path)
+    _checked_out(grid, "--grid"), _checked_out(json_path, "--json")
+    classifier = classifier or DEFAULT_CLASSIFIER
+    outputs = {"--grid": [grid] if grid else [], "--json": [json_path] if json_path else []}
     if samples:
-        from d2c_export.bulk.pack import read_directory
-        report = evaluate_samples(str(samples), *read_directory(samples),
-                                  load_classifier(classifier or DEFAULT_CLASSIFIER), real_per_class)
+        from d2c_export.bulk.pack import read_directory, sample_files
+        check_apart_from_inputs(outputs, [classifier, *sample_files(samples)])
+        report = evaluate_samples(str(samples), *read_directory(samples), load_classifier(classifier), real_per_class)
         print(markdown([report]))
         if json_path:
             write_json_atomic(json_path, {"samples": str(samples), "reports": [asdict(report)]})
         return 0
     engines = Engines.open(engines_dir)
+    check_apart_from_inputs(outputs, [classifier, *engines.input_files()])
+    if grid:
+        check_png_name(grid, "--grid")
     params = engines_sampling(engines, flags)
-    model = load_classifier(classifier or DEFAULT_CLASSIFIER)
+    model = load_classifier(classifier)
     reports, images = evaluate_backends(engines, backends, per_class, params, seed, model, real_per_class, threads,
                                         progress=not quiet)
     print(markdown(reports))

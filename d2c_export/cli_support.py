@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 import click
@@ -32,8 +35,43 @@ def one_line(text: str) -> str:
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
+_TERMINATED = threading.Event()  # set by SIGTERM: the KeyboardInterrupt that follows is reported as a termination
+
+
+def _interrupt_on_sigterm(signum, frame):
+    _TERMINATED.set()
+    raise KeyboardInterrupt  # (Ray's waits turn any interrupt into a plain KeyboardInterrupt: the event tells them apart)
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM interrupts the main thread as Ctrl-C does, so a terminated command unwinds and cleans up the same way."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+
+def ensure_standard_streams() -> None:
+    """Closed standard streams become /dev/null: a command whose stderr (or stdout) was closed still runs, and no
+    file it opens can take descriptor 0, 1 or 2 (where writes meant for a terminal would land in it)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+
+
 def run_handled(call: Callable[[], object]) -> int:
-    """Run a command; a user error, a bad flag or an interrupt becomes one line on stderr."""
+    """Run a command; a user error, a bad flag, an interrupt or SIGTERM becomes one line on stderr."""
+    ensure_standard_streams()
+    previous = signal.getsignal(signal.SIGTERM)
+    _TERMINATED.clear()
+    terminate_as_interrupt()
     try:
         rv = call()
         return rv if isinstance(rv, int) else 0
@@ -43,6 +81,9 @@ def run_handled(call: Callable[[], object]) -> int:
         print(f"error: {one_line(exc.format_message())}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, click.exceptions.Abort):
+        if _TERMINATED.is_set():
+            print("error: terminated (SIGTERM); nothing was written under a final name", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("error: interrupted; nothing was written under a final name", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
@@ -51,6 +92,9 @@ def run_handled(call: Callable[[], object]) -> int:
             message = _as_flags(str(message))
         print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
+    finally:
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class _Handled:
@@ -73,6 +117,16 @@ class Group(_Handled, click.Group):
 
 
 SEED = click.IntRange(min=0, max=2 ** 63 - 1)
+THREADS = click.IntRange(min=0, max=1024)  # CPU threads of a backend (0: its default)
+
+
+class OutputPath(click.Path):
+    """click's Path for an output: an empty value is refused (as a path it would be the current folder)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value:
+            self.fail("the output path is empty; name a file or directory to write", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class Finite(click.FloatRange):

@@ -14,7 +14,7 @@ from d2c_export.export.manifest import MANIFEST, Manifest, StageEntry
 from d2c_export.export.onnx import DEFAULT_OPSET
 from d2c_export.sources import export_command, model_from_source
 from d2c_export.stages import DEFAULT_MAX_BATCH, stages_for
-from reference.files import sha256_file
+from reference.files import not_a_readable_file, sha256_file
 from reference.model import D2C, D2CConfig
 from reference.pipeline import SamplingParams
 
@@ -45,8 +45,9 @@ class Engines:
             raise EngineError(f"engines path {directory} is not a directory; export one with "
                               f"`{export_hint(directory)}`")
         path = directory / MANIFEST
-        if not path.is_file():
-            raise EngineError(f"{path} is missing; export with `{export_hint(directory)}`")
+        problem = not_a_readable_file(path)
+        if problem:
+            raise EngineError(f"{path} {problem}; export with `{export_hint(directory)}`")
         try:
             manifest = Manifest.read(path)
         except EngineError as exc:
@@ -118,8 +119,9 @@ class Engines:
         entry = kinds[kind]
         for name, digest in entry.files.items():
             path = self.path_of(name, kind)
-            if not path.is_file():
-                raise EngineError(f"{path} is missing; rebuild with `{self.rebuild_command(kind)}`")
+            problem = not_a_readable_file(path)
+            if problem:
+                raise EngineError(f"{path} {problem}; rebuild with `{self.rebuild_command(kind)}`")
             if sha256_file(path) != digest:
                 raise EngineError(f"{path} does not match its sha256 in the manifest (changed or truncated); "
                                   f"rebuild with `{self.rebuild_command(kind)}`")
@@ -133,6 +135,16 @@ class Engines:
             raise EngineError(f"{self.directory / MANIFEST} names {name!r}, outside the engines directory; "
                               f"rebuild with `{self.rebuild_command(kind)}`")
         return self.directory / name
+
+    def input_files(self) -> list[Path]:
+        """Every file a command on these engines may read: the manifest, each file it lists (inside the directory),
+        and the model's recorded checkpoint or official files."""
+        listed = [self.directory / n for n in sorted(self.manifest.file_names())
+                  if not Path(n).is_absolute() and self.directory.resolve() in (self.directory / n).resolve().parents]
+        source = self.source
+        recorded = ([source["checkpoint"]] if "checkpoint" in source else
+                    [f["path"] for f in source.get("official", {}).values()])
+        return [self.directory / MANIFEST, *listed, *map(Path, recorded)]
 
     def file(self, stage: str, kind: str) -> Path:
         """The main file (graph or plan) of `stage` built as `kind`, verified."""

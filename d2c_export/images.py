@@ -2,15 +2,25 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from reference.files import write_bytes_atomic
+from reference.files import OutputPathError, write_bytes_atomic
 
 GRID_ZOOM = 8  # the demo's 16 px samples are drawn 8x larger in quality grids
+PNG_SUFFIX = ".png"  # the one image format the commands write
+MAX_IMAGE_SIDE = 4096  # a PNG read back (d2c-quality --samples) is refused above this many pixels a side, undecoded
+
+
+def check_png_name(path: str | Path, flag: str | None = None) -> None:
+    """Refuse an image output whose name says another format than the PNG that is written."""
+    if Path(path).suffix.lower() != PNG_SUFFIX:
+        raise OutputPathError(f"{flag + ': ' if flag else ''}{path} does not end in {PNG_SUFFIX}, and images are "
+                              f"written as PNG; name a {PNG_SUFFIX} file")
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -42,13 +52,25 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def read_png(path: str | Path) -> np.ndarray:
-    """A PNG file as (H, W, 3) uint8."""
-    from PIL import Image
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+def read_png(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A PNG file as (H, W, 3) uint8; ValueError, before decoding, for another format, a side above
+    `MAX_IMAGE_SIDE`, or a (width, height) other than `size` when given."""
+    from PIL import Image, UnidentifiedImageError
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path, formats=["PNG"]) as image:
+                width, height = image.size
+                if max(width, height) > MAX_IMAGE_SIDE or (size is not None and (width, height) != tuple(size)):
+                    want = f"{size[0]} x {size[1]}" if size is not None else f"at most {MAX_IMAGE_SIDE} a side"
+                    raise ValueError(f"{path} is {width} x {height} pixels, not {want}")
+                return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError,
+                SyntaxError) as exc:
+            raise ValueError(f"{path} is not a readable PNG ({exc})") from None
 
 
 def save_images(images: Tensor, path: str | Path, zoom: int = 1) -> Path:
     """Write (B, 3, H, W) images in [-1, 1] as one PNG (a grid when B > 1), atomically."""
+    check_png_name(path)
     return write_bytes_atomic(path, png_bytes(grid(images, zoom)))

@@ -3,17 +3,34 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at `address`, or start a local Ray instance (`num_cpus`: its CPUs, default all)."""
+    """Join the Ray cluster at `address`, or start a local Ray instance (`num_cpus`: its CPUs, default all).
+
+    `ray.init` replaces the SIGTERM handler with one that exits from wherever the main thread is; the caller's is
+    put back, so that SIGTERM unwinds as the command intends (as Ctrl-C does). A cluster that cannot be joined is a
+    ConnectionError naming --address."""
     import ray
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+        where = f"the Ray cluster at --address {address}" if address else "a local Ray instance"
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConnectionError(f"cannot connect to {where} ({why}); check that it runs and is reachable, or leave out "
+                              "--address for a local one") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def cluster_gpus() -> float:

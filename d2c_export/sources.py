@@ -14,6 +14,7 @@ import torch
 
 from d2c_export.errors import EngineError
 from reference.checkpoint import checkpoint_sha256, load_checkpoint
+from reference.json_files import Bool, Int, Maybe, Obj, OneOf, Str
 from reference.model import D2C, D2CConfig, get_config
 from reference.official import assemble, is_native
 
@@ -23,6 +24,12 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "d2c-
 
 
 SIZE_OPTIONS = ("mar_heads", "gpt_heads", "mar_patch_size")  # OfficialParts fields recorded as `--flag N`
+_FILE = Obj({"path": Str(), "sha256": Str(pattern="[0-9a-f]{64}")})
+# A source record as JSON (the manifest's `source`): a checkpoint, a preset's random weights, or official files.
+SOURCE_SCHEMA = OneOf(Obj({"checkpoint": Str(), "sha256": Str(pattern="[0-9a-f]{64}")}),
+                      Obj({"random_init_seed": Int(0, 2 ** 63 - 1)}),
+                      Obj({"official": Obj({"stage2": _FILE}, {"gpt": _FILE, "vae": _FILE}), "ema": Bool()},
+                          {k: Maybe(Int(1, 1 << 16)) for k in SIZE_OPTIONS}))
 
 
 @dataclass(frozen=True)

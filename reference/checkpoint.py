@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from pathlib import Path
@@ -12,11 +13,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from reference.files import atomic_path, sha256_file
-from reference.model import D2C, D2CConfig
+from reference.files import atomic_path, not_a_readable_file, sha256_file
+from reference.json_files import Int, JsonError, ListOf, MapOf, Maybe, Obj, Str, parse_json
+from reference.model import CONFIG_SCHEMA, D2C, D2CConfig
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "FORMAT_VERSION", "CONFIG_KEY", "VERSION_KEY",
-           "save_checkpoint", "load_checkpoint", "load_state_strict", "read_metadata", "checkpoint_sha256"]
+           "save_checkpoint", "load_checkpoint", "load_state_strict", "state_mismatch", "read_metadata",
+           "tensor_shapes", "checkpoint_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +92,44 @@ def save_checkpoint(model: D2C, path: str | Path) -> Path:
 # Reading
 # ----------------------------------------------------------------------------------------------
 def _check_file(path: Path) -> None:
-    if not path.exists():
+    problem = not_a_readable_file(path)
+    if problem == "is missing":
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    if problem:
+        raise CheckpointError(f"checkpoint {path} {problem}")
+
+
+# Bytes per element of every safetensors dtype.
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_TENSOR_ENTRY = Obj({"dtype": Str(choices=DTYPE_BYTES), "shape": ListOf(Int(0, 1 << 62), max_len=16),
+                     "data_offsets": ListOf(Int(0, 1 << 62), min_len=2, max_len=2)})
+# A safetensors header: string metadata, and every other key a tensor's dtype, shape and byte range.
+HEADER_SCHEMA = Obj({}, {"__metadata__": Maybe(MapOf(Str(max_len=_MAX_HEADER)))}, extra=_TENSOR_ENTRY)
+
+
+def _layout_problem(header: dict, data_bytes: int) -> str | None:
+    """What is wrong with the tensors' byte ranges: each must hold exactly its shape's bytes, and together they
+    must tile the data after the header, in order, with no gap or overlap (safetensors' own rule)."""
+    tensors = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    end = 0
+    for name, info in tensors:
+        start, stop = info["data_offsets"]
+        if start != end or stop < start:
+            return f"{name!r:.80} has data_offsets {[start, stop]}, not the next range after byte {end}"
+        need = math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]
+        if stop - start != need:
+            return (f"{name!r:.80} has shape {info['shape']} of {info['dtype']} ({need} bytes), but its data_offsets "
+                    f"hold {stop - start}")
+        end = stop
+    if end != data_bytes:
+        what = "truncated" if end > data_bytes else "has trailing bytes"
+        return f"{what}: the header describes {end} bytes of data, the file has {data_bytes}"
+    return None
 
 
 def _read_header(path: Path) -> dict:
-    """Parse and validate the safetensors header of `path`: the JSON dict, sizes checked against the file."""
+    """Parse and validate the safetensors header of `path`: its schema, and every tensor's bytes inside the file."""
     _check_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -111,31 +144,27 @@ def _read_header(path: Path) -> dict:
                                   f"(header of {n} bytes, file of {size} bytes)")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise CheckpointError(f"{path}: not a safetensors file (bad entry for {key!r})") from None
-    if 8 + n + end != size:
-        what = "truncated" if 8 + n + end > size else "has trailing bytes"
-        raise CheckpointError(f"{path}: {what}: the header describes {8 + n + end} bytes, the file has {size}")
+        header = parse_json(raw, max_bytes=_MAX_HEADER)
+    except JsonError as exc:
+        raise CheckpointError(f"{path}: not a safetensors file (its header: {exc})") from None
+    try:
+        HEADER_SCHEMA.check(header)
+    except JsonError as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file (header: {exc})") from None
+    problem = _layout_problem(header, size - 8 - n)
+    if problem:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({problem})")
     return header
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a safetensors file, from its validated header (no data read)."""
+    return {k: tuple(v["shape"]) for k, v in _read_header(Path(path)).items() if k != "__metadata__"}
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file (validated like `load_checkpoint` does)."""
-    meta = _read_header(Path(path)).get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: malformed safetensors metadata")
-    return meta
+    return _read_header(Path(path)).get("__metadata__") or {}
 
 
 def _config_from_metadata(path: Path, meta: dict[str, str]) -> D2CConfig | None:
@@ -150,9 +179,9 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> D2CConfig | None:
     if CONFIG_KEY not in meta:
         return None
     try:
-        return D2CConfig.from_dict(json.loads(meta[CONFIG_KEY]))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid {CONFIG_KEY} metadata: {type(exc).__name__}: {exc}") from None
+        return D2CConfig.from_dict(parse_json(meta[CONFIG_KEY], CONFIG_SCHEMA))
+    except ValueError as exc:  # JsonError, or sizes that do not fit together
+        raise CheckpointError(f"{path}: invalid {CONFIG_KEY} metadata: {exc}") from None
 
 
 def _fmt_shape(shape) -> str:
@@ -165,20 +194,28 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {len(items)} {title}:\n    {shown}{more}"
 
 
+def state_mismatch(expected: dict[str, tuple], found: dict[str, tuple], module: str, source: str) -> str | None:
+    """The missing, unexpected and mis-shaped keys of `found` (key -> shape) against `expected`, as an error
+    message for `module` read from `source`; None when they agree."""
+    missing = [f"{k} (expected {_fmt_shape(v)})" for k, v in expected.items() if k not in found]
+    unexpected = [f"{k} (found {_fmt_shape(v)})" for k, v in found.items() if k not in expected]
+    misshaped = [f"{k}: expected {_fmt_shape(expected[k])}, found {_fmt_shape(v)}"
+                 for k, v in found.items() if k in expected and tuple(v) != tuple(expected[k])]
+    if not (missing or unexpected or misshaped):
+        return None
+    counts = ", ".join(f"{len(items)} {name}" for name, items in
+                       (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items)
+    parts = [_listing(name, items) for name, items in (("missing keys", missing),
+             ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)) if items]
+    return f"{source}: state does not match {module} ({counts}):\n" + "\n".join(parts)
+
+
 def load_state_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Load `state` into `module`, refusing any missing, unexpected or mis-shaped key (CheckpointError)."""
-    expected = module.state_dict()
-    missing = [f"{k} (expected {_fmt_shape(v.shape)})" for k, v in expected.items() if k not in state]
-    unexpected = [f"{k} (found {_fmt_shape(v.shape)})" for k, v in state.items() if k not in expected]
-    misshaped = [f"{k}: expected {_fmt_shape(expected[k].shape)}, found {_fmt_shape(v.shape)}"
-                 for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if missing or unexpected or misshaped:
-        counts = ", ".join(f"{len(items)} {name}" for name, items in
-                           (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items)
-        parts = [_listing(name, items) for name, items in (("missing keys", missing),
-                 ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)) if items]
-        raise CheckpointError(f"{source}: state does not match {type(module).__name__} ({counts}):\n"
-                              + "\n".join(parts))
+    problem = state_mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                             {k: tuple(v.shape) for k, v in state.items()}, type(module).__name__, source)
+    if problem:
+        raise CheckpointError(problem)
     with torch.no_grad():
         module.load_state_dict(state, strict=True)
 
@@ -195,6 +232,11 @@ def load_checkpoint(path: str | Path, config: D2CConfig | None = None) -> D2C:
     elif stored is not None and stored.to_dict() != config.to_dict():
         log.warning("%s: the given config %r differs from the stored one %r; using the given one",
                     path, config.name, stored.name)
+    with torch.device("meta"):  # the config's shapes, compared with the file's before any memory is taken
+        expected = {k: tuple(v.shape) for k, v in D2C(config).state_dict().items()}
+    problem = state_mismatch(expected, tensor_shapes(path), "D2C", str(path))
+    if problem:
+        raise CheckpointError(problem)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:

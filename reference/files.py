@@ -7,15 +7,16 @@ writer succeeded, so an interrupted run never leaves a file that looks complete.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import stat
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 CHUNK = 1 << 20
 TEMP_PREFIX = "."  # temporary names are hidden: `.<name>.<random>.partial`
@@ -35,27 +36,111 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def check_output_file(target: str | Path) -> Path:
-    """`target` resolved, refused unless it is (or will be) a regular file in a folder that exists or can be made.
+def not_a_readable_file(path: str | Path) -> str | None:
+    """Why `path` cannot be read as an input file ("is missing", "is a directory", "is not a regular file (...)"),
+    or None: a FIFO or device is never opened, so reading it cannot block or run forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return "is a symlink loop" if exc.errno == errno.ELOOP else "is missing"
+    if stat.S_ISREG(mode):
+        return None
+    return ("is a directory, not a regular file" if stat.S_ISDIR(mode)
+            else "is not a regular file (a FIFO, device or socket)")
 
-    A symlink is followed to the file it names; a directory, device, FIFO or socket is refused.
+
+def _refused(flag: str | None, text: str) -> OutputPathError:
+    return OutputPathError(f"{flag}: {text}" if flag else text)
+
+
+def _real_for_write(target: Path, flag: str | None) -> Path:
+    """`target` absolute with every symlink followed; the part that does not exist yet is kept as given. A symlink
+    loop or a symlink to nothing on the way is refused."""
+    path = Path(os.path.abspath(target))
+    existing, missing = path, []
+    while not os.path.lexists(existing):
+        missing.append(existing.name)
+        existing = existing.parent
+    try:
+        real = Path(os.path.realpath(existing, strict=True))
+    except OSError as exc:
+        what = "a symlink loop" if exc.errno == errno.ELOOP else "a symlink to a path that does not exist"
+        raise _refused(flag, f"cannot write {target}: {existing} is {what}; name another path") from None
+    return real.joinpath(*reversed(missing))
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, tried for real: an unnamed temporary file (O_TMPFILE, which leaves no
+    trace), or where the file system has none a named one, removed at once (the folder's times put back)."""
+    try:
+        os.close(os.open(folder, getattr(os, "O_TMPFILE", 0) | os.O_WRONLY, 0o600))
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return False
+    times = os.stat(folder)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}write-check.", suffix=TEMP_SUFFIX, dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    with suppress(OSError):
+        os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns))
+    return True
+
+
+def _check_folder_for(target, folder: Path, flag: str | None) -> None:
+    """The nearest existing folder on the way to `folder` is a directory this process can make files in."""
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise _refused(flag, f"cannot write {target}: {folder} is not a directory")
+    if not _can_create_in(folder):
+        raise _refused(flag, f"cannot write {target}: {folder} is not writable")
+
+
+def check_output_file(target: str | Path, flag: str | None = None) -> Path:
+    """`target` resolved, refused unless it is (or will be) a regular file in a folder that exists or can be made,
+    where this process can write; `flag` (the option that named it) starts the message.
+
+    A symlink is followed to the file it names; a directory, device, FIFO or socket, a symlink loop or a symlink to
+    nothing is refused.
     """
     if str(target) == "":
-        raise OutputPathError("the output path is empty")
-    path = Path(target)
-    if path.is_symlink() or path.exists():
-        path = path.resolve()
-        if path.exists() and not stat.S_ISREG(path.stat().st_mode):
-            kind = "a directory" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
-            raise OutputPathError(f"{target} is {kind}; name a file to write")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputPathError(f"cannot write {target}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"cannot write {target}: {parent} is not writable")
+        raise _refused(flag, "the output path is empty; name a file to write")
+    path = _real_for_write(Path(target), flag)
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise _refused(flag, f"{target} is {kind}; name a file to write")
+    _check_folder_for(target, path.parent, flag)
     return path
+
+
+def check_output_dir(target: str | Path, files: Iterable[str] = (), flag: str | None = None) -> Path:
+    """`target` resolved, refused unless it is (or will be) a directory this process can write `files` into, each of
+    them a regular file or not there yet."""
+    if str(target) == "":
+        raise _refused(flag, "the output path is empty; name a directory to write")
+    path = _real_for_write(Path(target), flag)
+    if path.exists() and not path.is_dir():
+        raise _refused(flag, f"{target} is not a directory; name a directory to write")
+    _check_folder_for(target, path, flag)
+    for name in files:
+        check_output_file(path / name, flag)
+    return path
+
+
+def check_apart_from_inputs(outputs: Mapping[str, Iterable[str | Path]], inputs: Iterable[str | Path]) -> None:
+    """Refuse an output (by the flag that names it) that is one of the command's input files, or a symlink to one:
+    writing it would replace what the command reads."""
+    real_inputs = {os.path.realpath(p): Path(p) for p in inputs}
+    for flag, paths in outputs.items():
+        for path in paths:
+            found = real_inputs.get(os.path.realpath(path))
+            if found is not None:
+                raise OutputPathError(f"{flag}: writing {path} would replace {found}, one of this command's inputs; "
+                                      "name another file")
 
 
 @contextmanager

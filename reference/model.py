@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+import types
+import typing
 from dataclasses import dataclass
 
 from torch import nn
 
 from reference.gpt import GPT, GPT_PRESETS, GPTArgs
+from reference.json_files import Bool, Int, ListOf, Maybe, Num, Obj, Schema, Str
 from reference.mar import MAR, Fusion, MARArgs
 from reference.vae import VAE_PRESETS, AutoencoderKL, VAEArgs
 
@@ -49,12 +53,41 @@ class D2CConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "D2CConfig":
+        """The config of `to_dict`'s form; its shape is `CONFIG_SCHEMA`'s (checked by whoever read it from a file)."""
         vae = dict(d["vae"])
         for key in ("ch_mult", "attn_resolutions"):
             if key in vae:
                 vae[key] = tuple(vae[key])
         return cls(name=d["name"], mar=MARArgs(**d["mar"]), vae=VAEArgs(**vae),
                    gpt=None if d.get("gpt") is None else GPTArgs(**d["gpt"]))
+
+
+MAX_CONFIG_INT = 1 << 20  # no size of a config is larger (widths, depths, classes, vocabularies, pixels)
+
+
+def _schema_of(kind) -> Schema:
+    """The JSON schema of one dataclass field's type, as `to_dict` writes it."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        (inner,) = [k for k in typing.get_args(kind) if k is not type(None)]
+        return Maybe(_schema_of(inner))
+    if typing.get_origin(kind) is tuple:
+        return ListOf(_schema_of(typing.get_args(kind)[0]), max_len=64)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return Str(choices=[e.value for e in kind])
+    return {bool: Bool(), int: Int(0, MAX_CONFIG_INT), float: Num(), str: Str(max_len=256)}[kind]
+
+
+def _args_schema(cls) -> Obj:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: _schema_of(hints[f.name]) for f in dataclasses.fields(cls)}
+    required = {f.name: fields[f.name] for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    return Obj(required, {k: v for k, v in fields.items() if k not in required})
+
+
+# A config as JSON (the manifest's `config`, a checkpoint's `d2c_config`): every field of the dataclasses, typed.
+CONFIG_SCHEMA = Obj({"name": Str(max_len=256), "mar": _args_schema(MARArgs), "vae": _args_schema(VAEArgs)},
+                    {"gpt": Maybe(_args_schema(GPTArgs))})
 
 
 def _as_dict(obj) -> dict:

@@ -174,6 +174,8 @@ def weights_from_object(obj, source: str, ema: bool = True) -> Weights:
 
 
 def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{"  # 8-byte header length, then the JSON header

@@ -4,15 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from reference.checkpoint import CheckpointError
-from reference.files import atomic_path
+from reference.checkpoint import CheckpointError, load_state_strict, read_metadata, state_mismatch, tensor_shapes
+from reference.files import atomic_path, not_a_readable_file
+from reference.json_files import Int, JsonError, Obj, parse_json
 
 FEATURE_DIM = 64
 _META_KEY = "shapes_classifier"
+SIZES_SCHEMA = Obj({"num_classes": Int(1, 1 << 16)}, {"width": Int(1, 4096), "feature_dim": Int(1, 4096)})
 
 
 class ShapesClassifier(nn.Module):
@@ -53,14 +56,24 @@ def save_classifier(model: ShapesClassifier, path: str | Path) -> Path:
 
 
 def load_classifier(path: str | Path) -> ShapesClassifier:
-    """The classifier saved at `path`, in eval mode."""
+    """The classifier saved at `path`, in eval mode: its header and sizes checked before anything is allocated."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"classifier {path} not found; train one with `python scripts/train_demo.py`")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    problem = not_a_readable_file(path)
+    if problem:
+        raise CheckpointError(f"classifier {path} {problem}; name a classifier file with --classifier, or train the "
+                              "demo's with `python scripts/train_demo.py`")
+    meta = read_metadata(path)  # the header validated: every tensor's bytes inside the file
     if _META_KEY not in meta:
         raise CheckpointError(f"{path} is not a shapes classifier (no {_META_KEY!r} metadata)")
-    model = ShapesClassifier(**json.loads(meta[_META_KEY]))
-    model.load_state_dict(load_file(str(path)))
+    try:
+        sizes = parse_json(meta[_META_KEY], SIZES_SCHEMA)
+    except JsonError as exc:
+        raise CheckpointError(f"{path}: invalid {_META_KEY} metadata: {exc}") from None
+    with torch.device("meta"):  # the sizes' shapes, compared with the file's before any memory is taken
+        expected = {k: tuple(v.shape) for k, v in ShapesClassifier(**sizes).state_dict().items()}
+    problem = state_mismatch(expected, tensor_shapes(path), "ShapesClassifier", str(path))
+    if problem:
+        raise CheckpointError(problem)
+    model = ShapesClassifier(**sizes)
+    load_state_strict(model, load_file(str(path)), str(path))
     return model.eval()

@@ -8,7 +8,9 @@ from pathlib import Path
 import click
 
 from d2c_export.cli import _logging, backend_options, engines_option, engines_sampling, quiet_option, sampling_options
-from d2c_export.cli_support import SEED, Command, Finite
+from d2c_export.bulk.shards import MAX_IMAGES
+from d2c_export.bulk.workers import MAX_WORKERS
+from d2c_export.cli_support import SEED, Command, Finite, OutputPath
 
 log = logging.getLogger("d2c")
 
@@ -30,20 +32,21 @@ def _classes(ctx, param, text: str | None) -> list[int] | None:
                "DIR/samples.json; rerunning the same command resumes. Sampling flags left out take the engines' "
                "recommended settings for their model.")
 @engines_option
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="directory of the PNGs (DIR.npz beside it)")
-@click.option("--per-class", type=click.IntRange(min=1), help="images per class (default 50)")
-@click.option("--num-images", type=click.IntRange(min=1), help="images in all, a multiple of the classes")
+@click.option("--out", type=OutputPath(path_type=Path), required=True, help="directory of the PNGs (DIR.npz beside it)")
+@click.option("--per-class", type=click.IntRange(1, MAX_IMAGES), help="images per class (default 50)")
+@click.option("--num-images", type=click.IntRange(1, MAX_IMAGES), help="images in all, a multiple of the classes")
 @click.option("--classes", callback=_classes, help="comma-separated class labels (default: every class)")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="image i draws from a generator seeded SEED + i")
 @click.option("--batch", type=click.IntRange(min=1), help="images per shard and generation (default: the exported "
               "max batch)")
-@click.option("--workers", type=click.IntRange(min=1), help="Ray workers (default: one per GPU of the cluster, else 1)")
+@click.option("--workers", type=click.IntRange(1, MAX_WORKERS),
+              help="Ray workers (default: one per GPU of the cluster, else 1)")
 @click.option("--worker-cpus", type=Finite(min=0.0, min_open=True),
               help="CPUs Ray reserves per worker, its stage threads on a CPU (default: 1 with GPUs, else the "
               "cluster's CPUs shared by the workers)")
 @click.option("--address", default=None, help="an existing Ray cluster (auto or ray://HOST:10001); default: a local "
               "Ray instance")
-@click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray instance (default: all)")
+@click.option("--num-cpus", type=click.IntRange(1, 4096), help="CPUs of the local Ray instance (default: all)")
 @sampling_options
 @backend_options
 @quiet_option

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Callable
 
 from d2c_export.bulk.pack import pack_npz
-from d2c_export.bulk.shards import BulkPlan, Shard, ShardStore
-from d2c_export.bulk.workers import WorkerSpec, run_shards, start_workers, stop_workers
+from d2c_export.bulk.shards import MAX_IMAGES, BulkPlan, Shard, ShardStore
+from d2c_export.bulk.workers import WorkerSpec, check_placement, run_shards, start_workers, stop_workers
 from d2c_export.engines import Engines
 from d2c_export.export.manifest import MANIFEST
-from reference.files import check_output_file, directory_lock, output_directory, sha256_file, write_json_atomic
+from reference.files import (check_apart_from_inputs, check_output_dir, check_output_file, directory_lock,
+                             output_directory, sha256_file, write_json_atomic)
 from reference.pipeline import SamplingParams
 
 log = logging.getLogger("d2c")
@@ -35,6 +36,10 @@ def make_plan(engines: Engines, params: SamplingParams, backend: str, precision:
         raise BulkError(f"--classes: class {bad[0]} is out of range (this model has classes 0..{n_classes - 1})")
     if len(set(classes)) != len(classes):
         raise BulkError("--classes: a class is named twice")
+    count = num_images if num_images is not None else len(classes) * (per_class or 50)
+    if count > MAX_IMAGES:
+        raise BulkError(f"{count} images exceed the {MAX_IMAGES} of one run; generate fewer (--per-class, "
+                        "--num-images), or several runs into several directories")
     if num_images is not None:
         if num_images % len(classes):
             raise BulkError(f"--num-images {num_images} is not a multiple of the {len(classes)} classes (every class "
@@ -57,27 +62,31 @@ class ClusterRequest:
     worker_cpus: float | None = None  # default: 1 with GPUs, else the cluster's CPUs shared by the workers
 
 
-def worker_spec(engines: Engines, plan: BulkPlan, request: ClusterRequest) -> tuple[int, WorkerSpec]:
+def worker_spec(engines: Engines, plan: BulkPlan, request: ClusterRequest, shards: int) -> tuple[int, WorkerSpec]:
+    """Join the cluster and size the workers (at most one per shard); refused when the cluster cannot place them."""
     import ray
 
     from d2c_export import ray_cluster
     ray_cluster.connect(request.address, request.num_cpus)
     gpus = ray_cluster.cluster_gpus()
-    count = request.workers or (int(gpus) if gpus >= 1 else 1)
+    count = min(request.workers or (int(gpus) if gpus >= 1 else 1), shards)
     cpus = request.worker_cpus or (1.0 if gpus >= 1 else max(1.0, float(ray.cluster_resources().get("CPU", 1)) // count))
     threads = 0 if gpus >= 1 else max(1, int(cpus))
-    return count, WorkerSpec(str(engines.directory), plan.backend, plan.precision, cpus, 1.0 if gpus >= 1 else 0.0,
-                             threads)
+    spec = WorkerSpec(str(engines.directory), plan.backend, plan.precision, cpus, 1.0 if gpus >= 1 else 0.0, threads)
+    check_placement(count, spec)
+    return count, spec
 
 
 def generate_bulk(engines: Engines, plan: BulkPlan, out: Path, request: ClusterRequest, progress: bool = False,
                   on_result: Callable[[Shard, dict], None] | None = None) -> dict:
     """Complete the run of `plan` in `out` (resuming what is there); returns its samples.json record."""
-    from d2c_export.bulk.shards import BulkError
     store = ShardStore(out)
-    if out.exists() and not out.is_dir():
-        raise BulkError(f"--out {out} is not a directory; name a directory for the PNGs")
-    check_output_file(store.npz)
+    check_output_dir(out, flag="--out")
+    check_output_file(store.npz, "--out")
+    check_apart_from_inputs({"--out": [store.npz, store.samples_json]}, engines.input_files())
+    store.check_claim(plan, COMMAND)  # another run's or foreign files: refused before anything is made
+    unfinished = [s for s in plan.shards() if not store.finished(s)]  # the cluster joined and the workers sized,
+    workers = worker_spec(engines, plan, request, len(unfinished)) if unfinished else None  # before anything is made
     with output_directory(out), directory_lock(out, COMMAND):
         store.remove_leftovers()
         record = store.claim(plan, COMMAND)
@@ -87,21 +96,24 @@ def generate_bulk(engines: Engines, plan: BulkPlan, out: Path, request: ClusterR
         log.info("%s: %d images in %d shards, %d finished, %d to generate", out, plan.num_images, len(shards),
                  len(shards) - len(todo), plan.num_images - done)
         if todo:
-            record["runs"].append(_generate(engines, plan, store, todo, done, request, progress, on_result))
-        if todo or not store.npz.is_file() or not record.get("complete"):
+            count, spec = workers or worker_spec(engines, plan, request, len(todo))
+            record["runs"].append(_generate(plan, store, todo, done, min(count, len(todo)), spec, progress,
+                                            on_result))
+        packed = store.npz.is_file() and sha256_file(store.npz) == record.get("npz_sha256")
+        if todo or not packed or not record["complete"]:
+            if not todo and record["complete"]:
+                log.warning("%s is missing or does not match its recorded sha256; packing it again", store.npz)
             log.info("packing %s ...", store.npz)
-            pack_npz(store, plan)
+            record["npz_sha256"] = pack_npz(store, plan)
             record["complete"] = True
             write_json_atomic(store.samples_json, record)
     log.info("wrote %d images to %s, %s and %s", plan.num_images, out, store.npz, store.samples_json)
     return record
 
 
-def _generate(engines: Engines, plan: BulkPlan, store: ShardStore, todo: list[Shard], done: int,
-              request: ClusterRequest, progress: bool, on_result) -> dict:
+def _generate(plan: BulkPlan, store: ShardStore, todo: list[Shard], done: int, count: int, spec: WorkerSpec,
+              progress: bool, on_result) -> dict:
     from tqdm import tqdm
-    count, spec = worker_spec(engines, plan, request)
-    count = min(count, len(todo))
     log.info("starting %d worker%s (%g CPU, %g GPU each, backend %s)", count, "s" * (count > 1), spec.cpus,
              spec.gpus, plan.backend)
     started = time.perf_counter()
@@ -118,7 +130,7 @@ def _generate(engines: Engines, plan: BulkPlan, store: ShardStore, todo: list[Sh
             on_result(shard, result)
 
     try:
-        stats = run_shards(workers, todo, finished)
+        stats = run_shards(workers.actors, todo, finished)
         ended = time.perf_counter()
     finally:
         bar.close()

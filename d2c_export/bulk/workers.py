@@ -21,6 +21,8 @@ log = logging.getLogger("d2c")
 
 IN_FLIGHT = 2  # shards queued per worker: the next one is ready when a worker finishes
 RESTARTS = 4  # times Ray restarts a dead worker (and reruns its in-flight shards) before the run fails
+MAX_WORKERS = 256  # workers of one run at most
+PLACEMENT_TIMEOUT_S = 120.0  # how long the workers' resources may take to come free on a busy cluster
 
 
 @dataclass
@@ -80,11 +82,53 @@ class WorkerStats:
                 "processes": len(self.pids), "hosts": sorted(self.hosts), "backend": self.backend}
 
 
-def start_workers(count: int, spec: WorkerSpec, plan: BulkPlan) -> list:
+def _bundle(spec: WorkerSpec) -> dict[str, float]:
+    return {"CPU": spec.cpus, **({"GPU": spec.gpus} if spec.gpus else {})}
+
+
+def check_placement(count: int, spec: WorkerSpec) -> None:
+    """Refuse, before any work, workers the cluster's machines cannot hold even when idle (each worker's CPUs and
+    GPU on one machine)."""
     import ray
-    actor = ray.remote(ShardWorker).options(num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=RESTARTS,
-                                            max_task_retries=RESTARTS)
-    return [actor.remote(rank, spec, plan) for rank in range(count)]
+
+    from d2c_export.bulk.shards import BulkError
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = sum(min(int(node.get(k, 0.0) / need + 1e-9) for k, need in _bundle(spec).items()) for node in nodes)
+    if count > MAX_WORKERS or fits < count:
+        total = {k: sum(n.get(k, 0.0) for n in nodes) for k in _bundle(spec)}
+        have = " and ".join(f"{total[k]:g} {k}s" for k in total)
+        raise BulkError(f"the cluster cannot place {count} workers of {spec.cpus:g} CPU"
+                        + (f" and {spec.gpus:g} GPU" if spec.gpus else "") + f" each (it has {have}, room for "
+                        f"{min(fits, MAX_WORKERS)} workers); use fewer --workers or a smaller --worker-cpus")
+
+
+@dataclass
+class Workers:
+    """The worker actors of a run and the placement group that reserved their resources."""
+
+    actors: list
+    group: object
+
+
+def start_workers(count: int, spec: WorkerSpec, plan: BulkPlan) -> Workers:
+    """Reserve every worker's resources at once (a placement group), within `PLACEMENT_TIMEOUT_S`, then start them;
+    a cluster whose resources stay taken fails the run with one line instead of waiting forever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from d2c_export.bulk.shards import BulkError
+    group = placement_group([_bundle(spec)] * count)
+    if not group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
+        remove_placement_group(group)
+        raise BulkError(f"the cluster did not free {count} x {_bundle(spec)} for the workers within "
+                        f"{PLACEMENT_TIMEOUT_S:g} s (other work holds them); rerun the same command later, or with "
+                        "fewer --workers or a smaller --worker-cpus")
+    actor = ray.remote(ShardWorker)
+    return Workers([actor.options(num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=RESTARTS,
+                                  max_task_retries=RESTARTS,
+                                  scheduling_strategy=PlacementGroupSchedulingStrategy(group, rank))
+                    .remote(rank, spec, plan) for rank in range(count)], group)
 
 
 def run_shards(workers: list, shards: list[Shard], on_result: Callable[[Shard, dict], None]) -> list[WorkerStats]:
@@ -124,7 +168,9 @@ def run_shards(workers: list, shards: list[Shard], on_result: Callable[[Shard, d
     return stats
 
 
-def stop_workers(workers: list) -> None:
+def stop_workers(workers: Workers) -> None:
     import ray
-    for w in workers:
+    from ray.util.placement_group import remove_placement_group
+    for w in workers.actors:
         ray.kill(w, no_restart=True)
+    remove_placement_group(workers.group)

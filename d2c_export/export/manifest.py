@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from d2c_export.errors import EngineError
+from d2c_export.sources import SOURCE_SCHEMA
+from d2c_export.stages import MAX_EXPORT_BATCH
 from reference.files import write_json_atomic
-from reference.model import D2CConfig
+from reference.json_files import ANY, SCALAR, Int, JsonError, ListOf, MapOf, Maybe, Obj, OneOf, Str, read_json
+from reference.model import CONFIG_SCHEMA, D2CConfig
 
 MANIFEST = "manifest.json"
 # 2: the gpt graph reads a per-layer cache and returns only the step's keys and values
@@ -22,44 +25,28 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def _problem(data) -> str | None:
-    """What is wrong with the shape of a manifest's data (a schema check), or None."""
-    types = {"config": dict, "source": dict, "max_batch": int, "exporter": str, "stages": dict, "sampling": dict,
-             "config_sha256": str}
-    for key, kind in types.items():
-        if key not in data:
-            return f"it has no {key!r}"
-        if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
-            return f"{key!r} is a {type(data[key]).__name__}, not a {kind.__name__}"
-    if data["max_batch"] < 1:
-        return f"max_batch is {data['max_batch']}"
+HEX_DIGEST = Str(pattern=HEX64.pattern)
+MAX_AXIS = 1 << 24  # no tensor axis or profile bound of an export is larger
+TENSOR = Obj({"name": Str(max_len=256), "shape": ListOf(OneOf(Int(0, MAX_AXIS), Str(max_len=64)), max_len=8)},
+             {"dtype": Str(max_len=32)})
+STAGE_ENTRY = Obj({"files": MapOf(HEX_DIGEST, min_len=1), "precision": Str(choices=("fp32", "fp16")),
+                   "inputs": ListOf(TENSOR, max_len=1024), "outputs": ListOf(TENSOR, max_len=1024),
+                   "profile": MapOf(ListOf(Int(0, MAX_AXIS), min_len=3, max_len=3))},
+                  {"opset": Maybe(Int(1, 1000)), "tensorrt": Maybe(MapOf(OneOf(SCALAR, ListOf(SCALAR, max_len=8))))})
+# The manifest as JSON: every field typed, sizes bounded (`max_batch` by the limit an export accepts).
+MANIFEST_SCHEMA = Obj({"format_version": Int(), "config": MapOf(ANY), "config_sha256": HEX_DIGEST,
+                       "source": SOURCE_SCHEMA, "max_batch": Int(1, MAX_EXPORT_BATCH), "exporter": Str(),
+                       "stages": MapOf(MapOf(STAGE_ENTRY)), "sampling": MapOf(SCALAR)})
+
+
+def _problem(data: dict) -> str | None:
+    """What is wrong in a manifest of the right shape (MANIFEST_SCHEMA's), or None."""
     if data["config_sha256"] != config_digest(data["config"]):
         return "its config was changed after export (the config's sha256 does not match)"
     for stage, kinds in data["stages"].items():
-        if not isinstance(kinds, dict):
-            return f"stage {stage!r} is a {type(kinds).__name__}, not an object of builds"
         for kind, e in kinds.items():
-            if not isinstance(e, dict):
-                return f"{stage}:{kind} is a {type(e).__name__}, not an object"
-            files = e.get("files")
-            if not isinstance(files, dict) or not files or not all(
-                    isinstance(k, str) and isinstance(v, str) and HEX64.fullmatch(v) for k, v in files.items()):
-                return f"{stage}:{kind} has no valid files (name -> sha256)"
-            if e.get("precision") not in ("fp32", "fp16"):
-                return f"{stage}:{kind} has precision {e.get('precision')!r}"
-            for io in ("inputs", "outputs"):
-                if not isinstance(e.get(io), list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                                            and isinstance(t.get("shape"), list) for t in e[io]):
-                    return f"{stage}:{kind} has malformed {io}"
-            profile = e.get("profile")
-            if not isinstance(profile, dict) or not all(
-                    isinstance(r, list) and len(r) == 3 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                for x in r) and r[0] <= r[1] <= r[2]
-                    for r in profile.values()):
-                return f"{stage}:{kind} has a malformed profile"
-            extra = set(e) - {"files", "precision", "inputs", "outputs", "profile", "opset", "tensorrt"}
-            if extra:
-                return f"{stage}:{kind} has unknown fields {sorted(extra)}"
+            if not all(r[0] <= r[1] <= r[2] for r in e["profile"].values()):
+                return f"{stage}:{kind} has a profile whose min, opt and max are out of order"
     return None
 
 
@@ -92,6 +79,8 @@ class Manifest:
 
     @property
     def d2c_config(self) -> D2CConfig:
+        """The recorded config, checked against CONFIG_SCHEMA (JsonError, a ValueError, names the field)."""
+        CONFIG_SCHEMA.check(self.config, "config")
         return D2CConfig.from_dict(self.config)
 
     def file_names(self) -> set[str]:
@@ -114,19 +103,21 @@ class Manifest:
     def read(cls, path: Path) -> "Manifest":
         """The manifest at `path`; EngineError (without a fix, which the caller knows) when it is not one."""
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = read_json(path)
+        except (OSError, JsonError) as exc:
             raise EngineError(f"{path} is not a readable manifest ({exc})") from None
         if not isinstance(data, dict):
             raise EngineError(f"{path} is not a manifest (a JSON {type(data).__name__}, not an object)")
         if data.get("format_version") != FORMAT_VERSION:
-            raise EngineError(f"{path} has format version {data.get('format_version')}, expected {FORMAT_VERSION}")
+            raise EngineError(f"{path} has format version {data.get('format_version')!r:.64}, expected "
+                              f"{FORMAT_VERSION}")
+        try:
+            MANIFEST_SCHEMA.check(data)
+        except JsonError as exc:
+            raise EngineError(f"{path} is not a valid manifest: {exc}") from None
         problem = _problem(data)
         if problem:
             raise EngineError(f"{path} is not a valid manifest: {problem}")
-        try:
-            stages = {s: {k: StageEntry(**e) for k, e in kinds.items()} for s, kinds in data["stages"].items()}
-            return cls(config=data["config"], source=data["source"], max_batch=data["max_batch"],
-                       exporter=data["exporter"], stages=stages, sampling=data["sampling"])
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise EngineError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None
+        stages = {s: {k: StageEntry(**e) for k, e in kinds.items()} for s, kinds in data["stages"].items()}
+        return cls(config=data["config"], source=data["source"], max_batch=data["max_batch"],
+                   exporter=data["exporter"], stages=stages, sampling=data["sampling"])

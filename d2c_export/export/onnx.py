@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from d2c_export.errors import EngineError
 from d2c_export.export.manifest import MANIFEST, Manifest, StageEntry
-from d2c_export.stages import DEFAULT_MAX_BATCH, StageSpec, stages_for
+from d2c_export.stages import DEFAULT_MAX_BATCH, MAX_EXPORT_BATCH, STAGES, StageSpec, stages_for
 from reference.files import directory_lock, output_directory, publish_dir, remove_leftovers
 from reference.model import D2C
 from reference.pipeline import SamplingParams
@@ -33,6 +33,12 @@ EXTERNAL_DATA_BYTES = 1 << 30  # graphs whose weights exceed this keep them in a
 
 def graph_name(stage: str, precision: str = "fp32") -> str:
     return f"{stage}.onnx" if precision == "fp32" else f"{stage}.{precision}.onnx"
+
+
+def export_file_names(stages: str | list[str] = "all") -> list[str]:
+    """Every file an export of `stages` (and its `--fp16` graphs) may write into the engines directory."""
+    names = list(STAGES) if stages == "all" else [stages] if isinstance(stages, str) else list(stages)
+    return [MANIFEST] + [f"{graph_name(s, p)}{data}" for s in names for p in ("fp32", "fp16") for data in ("", ".data")]
 
 
 def io_specs(spec: StageSpec, config) -> tuple[list[dict], list[dict]]:
@@ -112,6 +118,9 @@ def export_model(model: D2C, out_dir: str | Path, source: dict, stages: str | li
     `SamplingParams.recommended_for(model.config)`.
     """
     out_dir = Path(out_dir)
+    if not 1 <= max_batch <= MAX_EXPORT_BATCH:
+        raise EngineError(f"max batch {max_batch} is outside 1..{MAX_EXPORT_BATCH}; export with --max-batch up to "
+                          f"{MAX_EXPORT_BATCH}")
     check_finite(model)
     specs = stages_for(model.config, stages)
     with output_directory(out_dir), directory_lock(out_dir, "an export"):  # a failed first export leaves no folder

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from reference.model import D2C, D2CConfig
 
 DEFAULT_MAX_BATCH = 16  # images per call the exported profiles admit (CFG doubles the rows)
+MAX_EXPORT_BATCH = 4096  # the largest max batch an export accepts (and a manifest may record)
 
 Sizes = dict[str, int]  # axis name -> size
 Shapes = dict[str, tuple[int, ...]]  # input name -> shape

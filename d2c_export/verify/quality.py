@@ -24,6 +24,7 @@ HELD_OUT_SEED = 20_000  # the real images of the Frechet distance; training uses
 # A backend passes when its accuracy (percentage points) and Frechet distance are this close to the reference's.
 MAX_ACCURACY_DROP = 3.0
 MAX_FD_RISE = 3.0
+MAX_PER_CLASS = 10_000  # samples (and held-out real images) per class the gate takes at most: all are held in memory
 
 
 def sqrtm_psd_trace(a: np.ndarray, b: np.ndarray) -> float:

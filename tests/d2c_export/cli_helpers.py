@@ -21,3 +21,14 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
 
 def files_in(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*")} if path.exists() else set()
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under `root` (itself too) with its type, inode, size and mtime: equal snapshots mean nothing was
+    created, replaced, changed or left behind."""
+    import stat
+    out = {}
+    for p in [root, *root.rglob("*")]:
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), st.st_ino, st.st_size, st.st_mtime_ns)
+    return out

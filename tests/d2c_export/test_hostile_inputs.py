@@ -16,7 +16,7 @@ from d2c_export.export.manifest import MANIFEST, config_digest
 from reference.checkpoint import save_checkpoint
 from reference.files import sha256_file
 from reference.model import D2C, get_config
-from tests.d2c_export.cli_helpers import assert_one_line_error
+from tests.d2c_export.cli_helpers import assert_one_line_error, snapshot
 
 TINY = ["--num-iter", "2", "--diffusion-steps", "3", "--quiet"]
 
@@ -92,7 +92,7 @@ RUN = [  # (id, argv after `d2c-run --engines WS/eng`, needles, setup)
      _edit_manifest(lambda d: d["config"]["mar"].__setitem__("wings", 2), rehash_config=True)),
     ("manifest-config-edited", ["--class", "11"], ["config was changed"],
      _edit_manifest(lambda d: d["config"]["mar"].__setitem__("class_num", 20))),
-    ("manifest-null-stage", ["--class", "1"], ["stage 'vae'"], _edit_manifest(lambda d: d["stages"].__setitem__(
+    ("manifest-null-stage", ["--class", "1"], ["stages.vae"], _edit_manifest(lambda d: d["stages"].__setitem__(
         "vae", None))),
     ("manifest-file-outside", ["--class", "1", "--backend", "ort"], ["outside the engines directory"],
      _edit_manifest(lambda d: d["stages"]["vae"]["onnx-fp32"].__setitem__("files", {"../afile": "0" * 64}))),
@@ -123,9 +123,9 @@ EXPORT = [  # (id, argv of d2c-export, needles)
     ("checkpoint-missing", ["onnx", "--checkpoint", "{ws}/none.pth", "--out", "{ws}/new"], ["--checkpoint",
                                                                                             "does not exist"]),
     ("checkpoint-text-safetensors", ["onnx", "--checkpoint", "{ws}/text.safetensors", "--out", "{ws}/new"],
-     ["text.safetensors", "not a readable"]),
+     ["text.safetensors", "not a safetensors file"]),
     ("checkpoint-empty-safetensors", ["onnx", "--checkpoint", "{ws}/empty.safetensors", "--out", "{ws}/new"],
-     ["empty.safetensors", "not a readable"]),
+     ["empty.safetensors", "not a safetensors file"]),
     ("checkpoint-text-pth", ["onnx", "--checkpoint", "{ws}/text.pth", "--out", "{ws}/new"], ["text.pth",
                                                                                              "not a readable"]),
     ("checkpoint-carries-code", ["onnx", "--checkpoint", "{ws}/evil.pth", "--out", "{ws}/new"],
@@ -201,14 +201,6 @@ def workspace(fixtures, engines_factory, tmp_path, monkeypatch) -> Path:
     (ws / "link-to-dir").symlink_to(ws / "adir")
     monkeypatch.chdir(ws)  # default outputs (out.png, bench/) would land here
     return ws
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    out = {}
-    for p in [root, *root.rglob("*")]:
-        st = p.lstat()
-        out[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), st.st_ino, st.st_size, st.st_mtime_ns)
-    return out
 
 
 def test_enough_cases_across_every_command():
