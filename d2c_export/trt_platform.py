@@ -3,6 +3,7 @@ device is found (creating a TensorRT builder or runtime without one can crash th
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from types import ModuleType
 
 from d2c_export.errors import EngineError
@@ -11,6 +12,7 @@ INSTALL_HINT = "pip install 'd2c-export[trt]' on a machine with an NVIDIA GPU"
 BUILD_HINT = f"TensorRT plans are built on the kind of GPU they run on; {INSTALL_HINT} and run `d2c-export trt` there"
 RUN_HINT = f"the trt backend runs TensorRT plans on an NVIDIA GPU ({INSTALL_HINT}); use --backend ort here"
 PLATFORM_KEYS = ("version", "gpu", "compute_capability")
+_LOGGERS: "weakref.WeakKeyDictionary[ModuleType, object]" = weakref.WeakKeyDictionary()
 
 
 def tensorrt_missing() -> str | None:
@@ -31,6 +33,15 @@ def require_tensorrt(purpose: str = BUILD_HINT) -> ModuleType:
         raise EngineError(f"{reason}: {purpose}")
     import tensorrt as trt
     return trt
+
+
+def trt_logger(trt: ModuleType):
+    """The one TensorRT logger of this process, for every builder, parser and runtime: TensorRT keeps the first
+    logger it is given and warns when a later one differs."""
+    logger = _LOGGERS.get(trt)
+    if logger is None:
+        logger = _LOGGERS[trt] = trt.Logger(trt.Logger.WARNING)
+    return logger
 
 
 def running_platform(trt: ModuleType, device=None) -> dict:

@@ -49,6 +49,10 @@ class CudaDevice:
     def record(self, t: Tensor, stream) -> None:
         t.record_stream(stream)
 
+    def synchronize(self, stream) -> None:
+        """Wait until the work issued on `stream` is done (before memory it uses is given back)."""
+        stream.synchronize()
+
     def new_graph(self):
         return torch.cuda.CUDAGraph()
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from d2c_export.backends.base import Backend
 from d2c_export.backends.graphs import CallableGraphs
 from d2c_export.engines import Engines
+from d2c_export.row_buckets import LOOP_CACHE, bucket_shapes, loop_rows, place_rows, row_bucket
 from d2c_export.stages import STAGES
 from d2c_export.targets import BackendName, Precision, Target
 from reference.diffusion import denoise_steps
@@ -73,7 +74,7 @@ class TorchBackend(Backend):
         self.modules = {spec.name: spec.wrapper(model).eval() for spec in engines.specs()}
         self._caches: dict[int, tuple[Tensor, Tensor]] = {}
         self.graphs = None if graph_device is None else {"gpt": CallableGraphs(graph_device),
-                                                         "denoise": CallableGraphs(graph_device)}
+                                                         "denoise": CallableGraphs(graph_device, LOOP_CACHE)}
         self.graphs_denoise = self.graphs is not None
         where = f"{device}, {torch.get_num_threads()} threads" if device == "cpu" else device
         self.description = (f"PyTorch eager ({precision.value}, {where}"
@@ -100,7 +101,10 @@ class TorchBackend(Backend):
     def denoise(self, feeds: dict[str, Tensor]) -> Tensor:
         if self.graphs is None:
             return denoise_steps(self.run, feeds)
-        return self.graphs["denoise"]("denoise", lambda f: denoise_steps(self._call, f), feeds)
+        rows, _ = loop_rows(feeds)
+        padded = {n: feeds[n].new_zeros(s) for n, s in bucket_shapes(feeds, row_bucket(rows)).items()}
+        place_rows(lambda dst, src: dst.copy_(src), padded, feeds)
+        return self.graphs["denoise"]("denoise", lambda f: denoise_steps(self._call, f), padded)[:rows]
 
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
         """Zeroed caches for `rows`, the same tensors on every call (a captured gpt graph reads them in place)."""

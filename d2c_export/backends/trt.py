@@ -6,12 +6,17 @@ each plan's inputs and outputs must be its stage's.
 Host copies: `TrtBackend` returns tensors on the device its first input came from. The shared loop in
 `reference/pipeline.py` keeps its state on the backend's `device`, so a stage call copies its device inputs
 into the engine's buffers (device to device) and its outputs out of them, and nothing crosses the bus but
-the draws. The gpt KV cache is bound in place: `gpt_cache` hands out device buffers bound as the engine's
-inputs (each layer on its own 256-byte boundary).
+the draws. The gpt KV cache is bound in place: `gpt_cache` hands out views of one device cache, allocated for
+the most rows asked so far (a power of two, at most the guided max batch), bound as the engine's inputs (each
+layer on its own 256-byte boundary) in the plan's dtype (FP16 in an FP16 plan: `trt_build.half_inputs`).
 
-The denoising steps of a masked step (`denoise`) replay as one CUDA graph (`trt_engine.DenoiseLoops`), whose
+The denoising steps of a masked step (`denoise`) replay as one CUDA graph (`trt_loops.DenoiseLoops`), whose
 memory `graph_memory_bytes` counts with the engines' per-call graphs. Without graphs, or once a capture has
 failed, they run one `run` per step.
+
+Device memory is bounded: each engine's contexts share one scratch allocation (`trt_memory`), the graph caches
+are keyed by row bucket and bounded, and `device_memory` reports what the backend holds by kind (the bench shows
+it); `close` gives all of it back.
 
 The GPU is reached only through a device object (`cuda_device.CudaDevice`) and `tensorrt` only through the
 module passed in, so the tests run this code on the CPU under contract fakes.
@@ -23,15 +28,17 @@ from torch import Tensor
 
 from d2c_export.backends.base import Backend, check_graph_io
 from d2c_export.backends.cuda_device import ALIGNMENT
-from d2c_export.backends.trt_engine import DenoiseLoops, Engine
+from d2c_export.backends.trt_engine import Engine
+from d2c_export.backends.trt_loops import DenoiseLoops
 from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
 from d2c_export.export.manifest import StageEntry
 from d2c_export.export.trt_build import input_profiles
 from d2c_export.targets import BackendName, Precision, Target
-from d2c_export.trt_platform import RUN_HINT, platform_mismatch, require_tensorrt, running_platform, tensorrt_missing
+from d2c_export.trt_platform import (RUN_HINT, platform_mismatch, require_tensorrt, running_platform, tensorrt_missing,
+                                     trt_logger)
 from reference.diffusion import denoise_steps
-from reference.gpt import cache_feeds
+from reference.gpt import cache_feeds, cache_input_names
 
 
 def trt_usable(engines: Engines, precision: Precision) -> bool:
@@ -53,11 +60,13 @@ def check_plan(engines: Engines, stage: str, entry: StageEntry, running: dict) -
                           f"rebuild with `{engines.rebuild_command(kind)}`")
 
 
-def aligned_cache(device, n_layer: int, rows: int, n_head: int, slots: int, head_dim: int) -> Tensor:
+def aligned_cache(device, n_layer: int, rows: int, n_head: int, slots: int, head_dim: int,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
     """A zeroed (L, rows, H, S, hd) cache whose every layer starts on an ALIGNMENT-byte boundary."""
     layer = rows * n_head * slots * head_dim
-    stride = -(-layer * 4 // ALIGNMENT) * ALIGNMENT // 4  # float32 elements per layer, rounded up
-    flat = device.empty((n_layer * stride,), torch.float32)
+    size = torch.empty((), dtype=dtype).element_size()
+    stride = -(-layer * size // ALIGNMENT) * ALIGNMENT // size  # elements per layer, rounded up
+    flat = device.empty((n_layer * stride,), dtype)
     flat.zero_()
     return flat.as_strided((n_layer, rows, n_head, slots, head_dim),
                            (stride, n_head * slots * head_dim, slots * head_dim, head_dim, 1))
@@ -79,13 +88,14 @@ class TrtBackend(Backend):
         self.max_batch = engines.max_batch
         self.running = running_platform(trt, device)
         self.stream = device.new_stream()  # non-default: execute_async_v3 and graph capture need one
+        self.runtime = trt.Runtime(trt_logger(trt))
         self.engines: dict[str, Engine] = {}
-        self._gpt_caches: dict[int, tuple[Tensor, Tensor]] = {}  # rows -> stacked k, v bound layer by layer
+        self._gpt_cache: tuple[Tensor, Tensor] | None = None  # stacked k, v for the most rows so far
         for spec in engines.specs():
             entry = engines.entry(spec.name, self.target.kind)  # files present, sha256 matches
             check_plan(engines, spec.name, entry, self.running)
-            engine = Engine(trt, device, engines.file(spec.name, self.target.kind), self.stream, input_profiles(entry),
-                            spec.cuda_graph)
+            engine = Engine(trt, self.runtime, device, engines.file(spec.name, self.target.kind), self.stream,
+                            input_profiles(entry), spec.cuda_graph)
             check_graph_io(engine.path, spec.name, self.config,
                            [(n, len(engine.engine.get_tensor_shape(n))) for n in engine.inputs],
                            [(n, len(engine.engine.get_tensor_shape(n))) for n in engine.outputs],
@@ -98,21 +108,32 @@ class TrtBackend(Backend):
 
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]:
         """Zeroed device caches for `rows` whose layers are the gpt engine's bound inputs: decode steps read them
-        in place, with no copy, and the loop writes each step's keys and values into them (KiB per step)."""
-        if rows not in self._gpt_caches:
+        in place, with no copy, and the loop writes each step's keys and values into them (KiB per step). They are
+        the first `rows` rows of one cache; a larger one replaces it (and the gpt's keys bound to it)."""
+        gpt = self._open().engines["gpt"]
+        if self._gpt_cache is None or self._gpt_cache[0].shape[1] < rows:
             g = self.config.gpt
-            k, v = (aligned_cache(self.cuda, g.n_layer, rows, g.n_head, g.max_seq_len, g.head_dim) for _ in "kv")
-            layers = cache_feeds(k, v)
-            shapes = {"ids": (rows, 1), "input_pos": (1,), **{n: tuple(t.shape) for n, t in layers.items()}}
-            self.engines["gpt"].binding(shapes, given=layers)
-            self._gpt_caches[rows] = (k, v)
-        k, v = self._gpt_caches[rows]
+            capacity = max(rows, min(2 * self.max_batch, 1 << (rows - 1).bit_length()))
+            dtype = gpt.dtypes[cache_input_names(g.n_layer)[0]]
+            self._gpt_cache = None
+            gpt.drop_bindings()  # bound to the cache that goes
+            self._gpt_cache = tuple(aligned_cache(self.cuda, g.n_layer, capacity, g.n_head, g.max_seq_len,
+                                                  g.head_dim, dtype) for _ in "kv")
+        k, v = (c[:, :rows] for c in self._gpt_cache)
+        layers = cache_feeds(k, v)
+        shapes = {"ids": (rows, 1), "input_pos": (1,), **{n: tuple(t.shape) for n, t in layers.items()}}
+        gpt.binding(shapes, given=layers)
         k.zero_()
         v.zero_()
         return k, v
 
+    def _open(self) -> "TrtBackend":
+        if not self.engines:
+            raise EngineError("this TensorRT backend was closed; open another one to run stages")
+        return self
+
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        cuda = self.cuda
+        cuda = self._open().cuda
         on_host = not cuda.is_device(next(iter(inputs.values())))  # the caller's own data, not a gpt_cache buffer
         cuda.wait(self.stream, cuda.current_stream())  # inputs made on the caller's stream
         out = self.engines[stage].run(inputs)
@@ -147,6 +168,29 @@ class TrtBackend(Backend):
         return counts
 
     def graph_memory_bytes(self) -> int:
-        """Device memory held by the graph caches (buffers and contexts of the captured keys and loops)."""
+        """Device memory held by the graph caches (the buffers of the captured keys and loops)."""
         loops = 0 if self.loops is None else self.loops.memory_bytes()
-        return sum(e.memory_bytes() for e in self.engines.values()) + loops
+        return sum(e.graph_bytes() for e in self.engines.values()) + loops
+
+    def device_memory(self) -> dict[str, int]:
+        """Device memory the backend holds, by kind: the plans (`engines`, what loading each took), the activation
+        scratch their contexts share (`contexts`), the graph caches (`graphs`), and the other buffers (`buffers`: the
+        uncaptured stages' tensors and the KV cache)."""
+        cache = 0 if self._gpt_cache is None else sum(c.stride(0) * c.shape[0] * c.element_size()
+                                                      for c in self._gpt_cache)  # the layers' padded allocation
+        return {"engines": sum(e.weight_bytes for e in self.engines.values()),
+                "contexts": sum(e.scratch.size for e in self.engines.values()),
+                "graphs": self.graph_memory_bytes(),
+                "buffers": sum(e.buffer_bytes() for e in self.engines.values()) + cache}
+
+    def close(self) -> None:
+        """Give back every context, graph, scratch allocation, buffer and plan, once the stream's work is done."""
+        if not self.engines:
+            return
+        self.cuda.synchronize(self.stream)
+        if self.loops is not None:
+            self.loops.close()
+        for engine in self.engines.values():
+            engine.close()
+        self.engines, self.loops, self._gpt_cache, self.runtime = {}, None, None, None
+        self.graphs_denoise = False

@@ -85,7 +85,7 @@ def summarize(result: BenchResult) -> dict:
         "sampling": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(result.params).items()},
         "repeat": result.repeat, "warmup": result.warmup, "interleaved": True, "load_average": result.load_average,
         "backends": result.backends, "devices": result.devices, "roofline_flops": result.roofline,
-        "cuda_graphs": result.graphs,
+        "cuda_graphs": result.graphs, "device_memory_mb": result.memory,
         "flops_per_generation": {str(b): f for b, f in result.flops.items()}, "results": cells}
 
 
@@ -121,7 +121,10 @@ def markdown(summary: dict) -> str:
         f"at the start, {summary['load_average']['end']:.1f} at the end",
         "- backends: " + "; ".join(f"`{k}` {v}" for k, v in summary["backends"].items()),
         *[f"- CUDA graphs of `{k}`: " + ", ".join(f"{n} {c} replays" for n, c in g["replays"].items())
-          + f", holding {g['memory_mb']:.1f} MB" for k, g in summary.get("cuda_graphs", {}).items()], "",
+          + f", holding {g['memory_mb']:.1f} MB" for k, g in summary.get("cuda_graphs", {}).items()],
+        *[f"- device memory of `{k}`: engines {m['engines']:.1f} MB, execution contexts {m['contexts']:.1f} MB, "
+          f"CUDA graphs {m['graphs']:.1f} MB, other buffers {m['buffers']:.1f} MB (at the end)"
+          for k, m in summary.get("device_memory_mb", {}).items()], "",
         "| batch | backend | end to end s | images/s | vs torch | overhead | GFLOP/image | peak RSS MB | GPU MB | "
         "largest stage by time | by FLOPs |",
         "|---:|---|---|---:|---:|---:|---:|---:|---|---|---|"]

@@ -170,6 +170,7 @@ class BenchResult:
     measurements: list[Measurement]
     load_average: dict[str, float]  # 1-minute load average of the machine at the start and the end
     graphs: dict[str, dict] = field(default_factory=dict)  # backend -> CUDA-graph replays per stage, memory held
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)  # backend -> device MB by kind (TensorRT)
 
 
 def graph_use(backend: Backend) -> dict | None:
@@ -178,6 +179,13 @@ def graph_use(backend: Backend) -> dict | None:
     if not any(replays.values()):
         return None
     return {"replays": replays, "memory_mb": backend.graph_memory_bytes() / MB}
+
+
+def memory_use(backend: Backend) -> dict[str, float] | None:
+    """The device memory a backend says it holds, by kind, in MB (TensorRT: engines, contexts, graphs, buffers);
+    None where it does not say."""
+    report = getattr(backend, "device_memory", None)
+    return None if report is None else {kind: nbytes / MB for kind, nbytes in report().items()}
 
 
 def _warm_up(columns: list[Column], labels: list[int], params: SamplingParams, seed: int, warmup: int,
@@ -253,10 +261,11 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
         for device, again in measure_rooflines(columns, threads).items():  # the better of before and after
             roofline[device] = {k: max(v, again[k]) for k, v in roofline[device].items()}
         graphs = {b.name: use for b in columns if (use := graph_use(b.backend)) is not None}
+        memory = {b.name: use for b in columns if (use := memory_use(b.backend)) is not None}
     return BenchResult(config=config.to_dict(), backends={b.name: b.description for b in columns}, batches=batches,
                        params=params, repeat=repeat, warmup=warmup, threads=threads, roofline=roofline,
                        devices={b.name: b.device for b in columns}, flops=flops, measurements=results,
-                       load_average=load, graphs=graphs)
+                       load_average=load, graphs=graphs, memory=memory)
 
 
 def export_for_bench(config: str, directory: Path, targets: list[Target], max_batch: int,

@@ -8,6 +8,7 @@ from d2c_export.stages.flop_math import linear
 from d2c_export.stages.spec import Shapes, Sizes, StageSpec, TensorSpec, register
 from reference.gpt import cache_input_names
 from reference.model import D2CConfig
+from reference.pipeline import SamplingParams
 from reference.stage_networks import GptStage
 
 
@@ -48,6 +49,13 @@ def _flops(config: D2CConfig, shapes: Shapes) -> int:
     return gpt_flops(config, rows, tokens)
 
 
+def _tuned(config: D2CConfig, max_batch: int) -> Sizes:
+    """A decode step (one token; the prefill of the class token is one too) of a full batch, guided where the
+    model's recommended sampling guides."""
+    guided = SamplingParams(**SamplingParams.recommended_for(config)).discrete_cfg > 1.0
+    return {"rows": (2 if guided else 1) * max_batch, "tokens": 1}
+
+
 GPT = register(StageSpec(
     name="gpt",
     label="gpt decode step",
@@ -62,6 +70,7 @@ GPT = register(StageSpec(
     axes=lambda c, b: {"rows": (1, 2, 2 * b), "tokens": (1, 2, c.gpt.max_seq_len)},
     example=_example,
     flops=_flops,
+    tuned=_tuned,
     applies=lambda c: c.gpt is not None,
     fp32_heads=("logits",),  # sampling reads the logits: the output MatMul and what follows stay FP32
     cuda_graph=True,  # the same one-token shape for every decode step

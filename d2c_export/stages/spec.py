@@ -74,7 +74,10 @@ class StageSpec:
     """One stage: its network, tensors, shape profile, examples, and what export, backends and reports need.
 
     - `wrapper` builds the stage's tensor-in, tensor-out module from the model (`reference.stage_networks`).
-    - `axes(config, max_batch)` gives each dynamic axis its (min, opt, max).
+    - `axes(config, max_batch)` gives each dynamic axis its (min, opt, max); opt is also the export example's size
+      (at least 2: the exporter would fix an axis it sees at 0 or 1).
+    - `tuned(config, max_batch)`: the sizes the runtime calls most, which TensorRT tunes its kernels for (the
+      plan's opt shapes), for the axes where they differ from the export example's.
     - `example(config, sizes, generator)` makes inputs of realistic range at `sizes`.
     - `flops(config, shapes)` counts one call from its input shapes (2 FLOPs per multiply-add).
     - `fp32_heads`: outputs computed in FP32 from their last MatMul on; `fp32_tails`: outputs whose nodes after
@@ -95,6 +98,7 @@ class StageSpec:
     axes: Callable[[D2CConfig, int], dict[str, tuple[int, int, int]]]
     example: Callable[[D2CConfig, Sizes, torch.Generator], dict[str, Tensor]]
     flops: Callable[[D2CConfig, Shapes], int]
+    tuned: Callable[[D2CConfig, int], Sizes] | None = None
     applies: Callable[[D2CConfig], bool] = lambda config: True
     fp32_heads: tuple[str, ...] = ()
     fp32_tails: tuple[str, ...] = ()
@@ -112,6 +116,13 @@ class StageSpec:
 
     def profile(self, config: D2CConfig, max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, tuple[int, int, int]]:
         return self.axes(config, max_batch)
+
+    def tuned_sizes(self, config: D2CConfig, max_batch: int = DEFAULT_MAX_BATCH) -> Sizes:
+        """The size of each dynamic axis that TensorRT tunes for (the profile's opt unless `tuned` says otherwise),
+        within the profile's [min, max]."""
+        axes = self.profile(config, max_batch)
+        tuned = {a: opt for a, (_, opt, _) in axes.items()} | (self.tuned(config, max_batch) if self.tuned else {})
+        return {a: min(max(tuned[a], lo), hi) for a, (lo, _, hi) in axes.items()}
 
     def example_inputs(self, config: D2CConfig, sizes: Sizes | None = None, seed: int = 0,
                        max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, Tensor]:

@@ -1,9 +1,14 @@
-"""The engines the PyTorch-backend tests share: d2c-tiny (random weights) and the trained demo."""
+"""The engines the backend tests share: d2c-tiny (random weights) and the trained demo; the TensorRT and CUDA fakes."""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 
 from d2c_export.engines import Engines
+from tests.d2c_export.backends.fake_cuda import FakeCudaDevice
+from tests.d2c_export.backends.fake_tensorrt import FakeTensorRT
+from tests.d2c_export.backends.trt_fakes import plans
 from tests.d2c_export.conftest import build_engines
 
 
@@ -16,3 +21,17 @@ def engines(engines_factory) -> Engines:
 def demo_engines(tmp_path_factory) -> Engines:
     """The trained demo (random weights sample latents past FP16's range), max batch 16."""
     return Engines.open(build_engines(None, tmp_path_factory.mktemp("demo"), max_batch=16))
+
+
+@pytest.fixture()
+def fake() -> tuple[FakeCudaDevice, FakeTensorRT]:
+    """A fake CUDA device and the fake `tensorrt` module over it (TensorRT 10.x names)."""
+    device = FakeCudaDevice()
+    return device, FakeTensorRT(device)
+
+
+@pytest.fixture()
+def tiny(engines_factory, tmp_path, fake) -> Engines:
+    """A private copy of the d2c-tiny engines with FP32 plans built on `fake`."""
+    shutil.copytree(engines_factory("d2c-tiny"), tmp_path / "engines")
+    return plans(tmp_path / "engines", fake)

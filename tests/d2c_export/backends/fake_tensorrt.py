@@ -3,8 +3,8 @@
 It follows TensorRT's documented contract, not the backend's code, and raises `ContractViolation` where
 real TensorRT would fail or silently compute garbage. Each engine computes its outputs by running the
 stage's ONNX graph with ONNX Runtime on the memory bound to it (through `FakeCudaDevice.view`). The rules,
-with their sources (TensorRT 10.x/11.x `include/NvInferRuntime.h`, `IExecutionContext`, and the developer
-guide):
+with their sources (TensorRT 10.x/11.x `include/NvInferRuntime.h`, `IExecutionContext` and `ICudaEngine`, the
+Python API reference of `tensorrt.ICudaEngine` / `tensorrt.IExecutionContext`, and the developer guide):
 
 - `setTensorAddress`: "An address defaults to nullptr. Pass data=nullptr to reset to the default state."
   and "The pointer must have at least 256-byte alignment." A misaligned address is refused (False) and the
@@ -16,12 +16,37 @@ guide):
   input and output tensor has an address; the memory behind each address holds the whole tensor.
 - CUDA graphs (developer guide, "CUDA Graphs"; TensorRT issue #3798, quoting it: "use one execution
   context per captured graph"): a captured graph replays the kernels with the shapes and addresses it
-  captured; once its context is changed (another shape or address set), replaying it is an error.
+  captured; once its context is changed (another shape, address or device memory set), replaying it is an error.
+  "When the stream is capturing, the enqueue call may return false if the current CUDA graph capture fails"
+  (`samples/common/sampleInference.cpp`, which then ends the capture and runs without graphs): here
+  `fail_next_enqueue_in_capture` makes one enqueue inside a capture return False, invalidating the capture or
+  leaving a graph that must not be used (`cudaStreamEndCapture`'s two outcomes, as that sample handles them).
+- Execution context memory (`ExecutionContextAllocationStrategy`): kSTATIC, the default, is "static allocation
+  with the maximum size across all profiles" (`getDeviceMemorySizeV2`), owned by the context while it lives;
+  with kUSER_MANAGED "the user supplies custom allocation": `setDeviceMemoryV2(memory, size)` (Python
+  `set_device_memory`) before `enqueueV3`, the memory "aligned with CUDA memory alignment property" and "large
+  enough for performing inference with the given network inputs", for which `getDeviceMemorySizeV2` and
+  `getDeviceMemorySizeForProfileV2` "report upper bounds"; `updateDeviceMemorySizeForShapes` "recompute[s] the
+  internal activation buffer sizes based on the current input shapes, and return[s] the total amount of memory
+  required" (all input shapes set first, "0 if error occurred"). So the memory needed is that size while the
+  shapes are the ones it was computed for, else the profile's upper bound. Using the memory "in another execution
+  context running in parallel" is undefined: contexts that share memory here must enqueue on one stream.
+  The fake sizes activation memory as `ACTIVATION_COPIES` times the bytes of the engine's tensors at the shapes.
+- Deprecations: TensorRT 10.1 deprecates `getDeviceMemorySize`, `getDeviceMemorySizeForProfile` and
+  `setDeviceMemory` for their V2 forms (Python `device_memory_size`, `get_device_memory_size_for_profile` and
+  the `device_memory` setter: a DeprecationWarning), 10.0 `createExecutionContextWithoutDeviceMemory`;
+  TensorRT 11 removes deprecated APIs (`FakeTensorRT(device, API_11)`: those names do not exist).
+- One logger per process: TensorRT warns "The logger passed into createInferRuntime differs from one already
+  provided for an existing builder, runtime, or refitter" (counted in `logger_warnings`).
+- Strongly typed networks (developer guide, "Strongly Typed Networks"): types come from the network inputs
+  and the casts; a network input may be given another type only where every layer reading it is a Cast
+  (any other layer would see a type the network was not written for: the build fails).
 """
 from __future__ import annotations
 
 import json
-from enum import IntEnum
+import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -30,164 +55,59 @@ import onnxruntime as ort
 import torch
 
 from tests.d2c_export.backends.fake_cuda import ALIGNMENT, ContractViolation, FakeCudaDevice
+from tests.d2c_export.backends.fake_trt_build import (ONNX_DTYPES, TORCH_DTYPE, TRT_DTYPE, Builder, BuilderFlag,
+                                                      DataType, ExecutionContextAllocationStrategy, FakeApi, Logger,
+                                                      MemoryPoolType, NetworkDefinitionCreationFlag, OnnxParser,
+                                                      TensorIOMode, nbytes_of)
 
-VERSION = "10.13.0.fake"
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.int64,
-                onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.INT32: torch.int32}
-
-
-class TensorIOMode(IntEnum):
-    NONE = 0
-    INPUT = 1
-    OUTPUT = 2
-
-
-class DataType(IntEnum):
-    FLOAT = 0
-    HALF = 1
-    INT32 = 3
-    BOOL = 4
-    INT64 = 8
-
-
-_TRT_DTYPE = {torch.float32: DataType.FLOAT, torch.float16: DataType.HALF, torch.int32: DataType.INT32,
-              torch.int64: DataType.INT64, torch.bool: DataType.BOOL}
-
-
-class Logger:
-    WARNING = 2
-    INFO = 3
-
-    def __init__(self, severity: int = WARNING):
-        self.severity = severity
-
-
-class NetworkDefinitionCreationFlag(IntEnum):
-    STRONGLY_TYPED = 5
-
-
-class MemoryPoolType(IntEnum):
-    WORKSPACE = 0
-
-
-class BuilderFlag(IntEnum):
-    TF32 = 7
-
-
-# -- building ---------------------------------------------------------------------------------------------
-class Network:
-    def __init__(self, flags: int):
-        self.flags = flags
-        self.onnx: Path | None = None
-
-
-class OnnxParser:
-    def __init__(self, network: Network, logger: Logger):
-        self.network = network
-        self.num_errors = 0
-
-    def parse_from_file(self, path: str) -> bool:
-        onnx.checker.check_model(path)
-        self.network.onnx = Path(path).resolve()
-        return True
-
-
-class OptimizationProfile:
-    def __init__(self):
-        self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
-
-    def set_shape(self, name: str, lo, opt, hi) -> None:
-        lo, opt, hi = tuple(lo), tuple(opt), tuple(hi)
-        if not (len(lo) == len(opt) == len(hi) and all(a <= b <= c for a, b, c in zip(lo, opt, hi))):
-            raise ContractViolation(f"profile of {name}: min <= opt <= max is required, got {lo}, {opt}, {hi}")
-        self.shapes[name] = (lo, opt, hi)
-
-
-class TimingCache:
-    def __init__(self, data: bytes):
-        self.data = data or b"fake timing cache"
-
-    def serialize(self) -> bytes:
-        return self.data
-
-
-class BuilderConfig:
-    def __init__(self):
-        self.profiles: list[OptimizationProfile] = []
-        self.cache = None
-
-    def set_memory_pool_limit(self, pool, size: int) -> None:
-        if size <= 0:
-            raise ContractViolation("memory pool limit must be positive")
-
-    def clear_flag(self, flag) -> None:
-        pass
-
-    def add_optimization_profile(self, profile: OptimizationProfile) -> int:
-        self.profiles.append(profile)
-        return len(self.profiles) - 1
-
-    def create_timing_cache(self, data: bytes) -> TimingCache:
-        return TimingCache(bytes(data))
-
-    def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
-        self.cache = cache
-        return True
-
-
-class Builder:
-    def __init__(self, logger: Logger):
-        self.logger = logger
-
-    def create_network(self, flags: int = 0) -> Network:
-        if not flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED):
-            raise ContractViolation("networks are strongly typed (TensorRT 10.12+ deprecates the FP16 builder flag)")
-        return Network(flags)
-
-    def create_builder_config(self) -> BuilderConfig:
-        return BuilderConfig()
-
-    def create_optimization_profile(self) -> OptimizationProfile:
-        return OptimizationProfile()
-
-    def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
-        model = onnx.load(str(network.onnx), load_external_data=False)
-        dynamic = [i.name for i in model.graph.input if any(d.dim_param for d in i.type.tensor_type.shape.dim)]
-        if len(config.profiles) != 1 or set(config.profiles[0].shapes) != set(dynamic):
-            return None  # TensorRT needs a profile for every dynamic input
-        return json.dumps({"onnx": str(network.onnx), "profile": config.profiles[0].shapes}).encode()
+API_10 = "10.13.0.fake"
+API_11 = "11.0.0.fake"
+VERSION = API_10
+ACTIVATION_COPIES = 2  # a context's activation memory: this many times its tensors' bytes at its shapes
+log = logging.getLogger(__name__)
 
 
 # -- running ----------------------------------------------------------------------------------------------
-class Runtime:
-    device: FakeCudaDevice  # the memory its engines run on (a subclass per `FakeTensorRT` sets it)
-    fail_enqueue_in_capture = False
-
+class Runtime(FakeApi):
     def __init__(self, logger: Logger):
-        self.logger = logger
+        self.use_logger(logger)
+
+    @property
+    def device(self) -> FakeCudaDevice:
+        return self.trt.device
 
     def deserialize_cuda_engine(self, data: bytes):
         try:
             plan = json.loads(bytes(data))
         except (ValueError, UnicodeDecodeError):
             return None
-        return CudaEngine(plan, self.device, self)
+        return CudaEngine(plan, self)
 
 
 class CudaEngine:
-    def __init__(self, plan: dict, device: FakeCudaDevice, runtime: Runtime):
-        self.device, self.runtime = device, runtime
+    def __init__(self, plan: dict, runtime: Runtime):
+        self.runtime, self.api, self.device = runtime, runtime, runtime.device
         self.onnx = Path(plan["onnx"])
         self.profile = {n: tuple(tuple(s) for s in v) for n, v in plan["profile"].items()}
         model = onnx.load(str(self.onnx), load_external_data=False)
+        retyped = {n: TORCH_DTYPE[DataType(d)] for n, d in plan.get("dtypes", {}).items()}
         self.io: dict[str, tuple[TensorIOMode, torch.dtype, tuple]] = {}
+        self.declared: dict[str, torch.dtype] = {}  # the graph's own dtypes, which ONNX Runtime is fed
         for mode, values in ((TensorIOMode.INPUT, model.graph.input), (TensorIOMode.OUTPUT, model.graph.output)):
             for v in values:
                 t = v.type.tensor_type
                 dims = tuple(d.dim_param or d.dim_value for d in t.shape.dim)
-                self.io[v.name] = (mode, _ONNX_DTYPES[t.elem_type], dims)
+                self.declared[v.name] = ONNX_DTYPES[t.elem_type]
+                self.io[v.name] = (mode, retyped.get(v.name, self.declared[v.name]), dims)
         self.names = list(self.io)
-        self.session = ort.InferenceSession(str(self.onnx), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if any(d is torch.float16 for d in self.declared.values()) or any(
+                t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every FP16 cast
+        self.session = ort.InferenceSession(str(self.onnx), options, providers=["CPUExecutionProvider"])
+        self.weight_bytes = sum(nbytes_of(tuple(w.dims), ONNX_DTYPES.get(w.data_type, torch.float32))
+                                for w in model.graph.initializer)
+        self.weights = self.device.reserve(self.weight_bytes, self)  # the plan's weights, on the device while it lives
         self.contexts = 0
 
     @property
@@ -204,24 +124,71 @@ class CudaEngine:
         return tuple(-1 if isinstance(d, str) else d for d in self.io[name][2])
 
     def get_tensor_dtype(self, name: str) -> DataType:
-        return _TRT_DTYPE[self.io[name][1]]
+        return TRT_DTYPE[self.io[name][1]]
 
-    def create_execution_context(self) -> "ExecutionContext":
+    def inputs(self) -> list[str]:
+        return [n for n, (mode, _, _) in self.io.items() if mode is TensorIOMode.INPUT]
+
+    def shapes_for(self, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape for these input shapes (dynamic dimensions named alike are equal)."""
+        sizes = {}
+        for n, shape in inputs.items():
+            sizes.update({d: s for d, s in zip(self.io[n][2], shape) if isinstance(d, str)})
+        return {n: tuple(sizes.get(d, -1) if isinstance(d, str) else d for d in dims)
+                for n, (_, _, dims) in self.io.items()}
+
+    def activation_bytes(self, inputs: dict[str, tuple[int, ...]]) -> int:
+        """The fake's activation memory for these input shapes (aligned)."""
+        total = ACTIVATION_COPIES * sum(nbytes_of(s, self.io[n][1]) for n, s in self.shapes_for(inputs).items())
+        return -(-total // ALIGNMENT) * ALIGNMENT
+
+    # -- memory sizes (V2: TensorRT 10.1+; the V1 names are deprecated in 10.1 and gone in 11) -------------------
+    @property
+    def device_memory_size_v2(self) -> int:
+        return self.get_device_memory_size_for_profile_v2(0)
+
+    def get_device_memory_size_for_profile_v2(self, profile_index: int) -> int:
+        if profile_index != 0:
+            raise ContractViolation(f"profile {profile_index} of an engine built with one profile")
+        return self.activation_bytes({n: self.profile[n][2] if n in self.profile else self.get_tensor_shape(n)
+                                      for n in self.inputs()})
+
+    @property
+    def device_memory_size(self) -> int:
+        self.api.deprecated("ICudaEngine.device_memory_size", "device_memory_size_v2")
+        return self.device_memory_size_v2
+
+    def get_device_memory_size_for_profile(self, profile_index: int) -> int:
+        self.api.deprecated("ICudaEngine.get_device_memory_size_for_profile", "get_device_memory_size_for_profile_v2")
+        return self.get_device_memory_size_for_profile_v2(profile_index)
+
+    def create_execution_context(self, strategy: ExecutionContextAllocationStrategy =
+                                 ExecutionContextAllocationStrategy.STATIC) -> "ExecutionContext":
         self.contexts += 1
-        return ExecutionContext(self)
+        context = ExecutionContext(self, ExecutionContextAllocationStrategy(strategy))
+        self.runtime.trt.live_contexts.add(context)
+        return context
+
+    def create_execution_context_without_device_memory(self) -> "ExecutionContext":
+        self.api.deprecated("ICudaEngine.create_execution_context_without_device_memory",
+                            "create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)")
+        return self.create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)
 
 
 class ExecutionContext:
-    def __init__(self, engine: CudaEngine):
+    def __init__(self, engine: CudaEngine, strategy: ExecutionContextAllocationStrategy):
         self.engine = engine
         self.device = engine.device
+        self.strategy = strategy
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
-        self.version = 0  # bumped by every change of shape or address; a captured graph remembers it
+        self.memory: tuple[int, int] | None = None  # (address, size) of its activation memory
+        self.sized_for: dict | None = None  # the input shapes `update_device_memory_size_for_shapes` sized it for
+        if strategy is not ExecutionContextAllocationStrategy.USER_MANAGED:  # its own, the profile's maximum
+            size = engine.device_memory_size_v2
+            self.memory = (self.device.reserve(size, self), size)
+        self.version = 0  # bumped by every change of shape, address or memory; a captured graph remembers it
         self.executions = 0
-
-    def _inputs(self) -> list[str]:
-        return [n for n, (mode, _, _) in self.engine.io.items() if mode is TensorIOMode.INPUT]
 
     def set_input_shape(self, name: str, shape) -> bool:
         shape = tuple(int(d) for d in shape)
@@ -240,14 +207,9 @@ class ExecutionContext:
         return True
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        mode, _, dims = self.engine.io[name]
-        if mode is TensorIOMode.INPUT:
-            return self.shapes.get(name, tuple(-1 if isinstance(d, str) else d for d in dims))
-        sizes = {}
-        for n in self._inputs():
-            if n in self.shapes:
-                sizes.update({d: s for d, s in zip(self.engine.io[n][2], self.shapes[n]) if isinstance(d, str)})
-        return tuple(sizes.get(d, -1) if isinstance(d, str) else d for d in dims)
+        if self.engine.io[name][0] is TensorIOMode.INPUT and name in self.shapes:
+            return self.shapes[name]
+        return self.engine.shapes_for(self.shapes)[name]
 
     def set_tensor_address(self, name: str, address: int) -> bool:
         if name not in self.engine.io:
@@ -259,8 +221,63 @@ class ExecutionContext:
             self.version += 1
         return True
 
-    def _check_ready(self) -> tuple[dict, dict]:
-        for n in self._inputs():
+    # -- activation memory ----------------------------------------------------------------------------------
+    def set_device_memory(self, memory: int, size: int) -> None:
+        if self.strategy is not ExecutionContextAllocationStrategy.USER_MANAGED:
+            raise ContractViolation("set_device_memory on a context that owns its memory (not USER_MANAGED)")
+        if memory % ALIGNMENT or (memory == 0 and size):
+            raise ContractViolation(f"device memory at {memory:#x} is null or not {ALIGNMENT}-byte aligned")
+        if size:
+            self.device.view(memory, (size,), torch.uint8)  # inside one live device allocation
+        if self.memory != (memory, size):
+            self.memory = (memory, size)
+            self.version += 1
+
+    @property
+    def device_memory(self):
+        raise AttributeError("device_memory is write-only")
+
+    @device_memory.setter
+    def device_memory(self, memory: int) -> None:
+        self.engine.api.deprecated("IExecutionContext.device_memory", "set_device_memory(memory, size)")
+        self.set_device_memory(memory, self.engine.device_memory_size_v2)
+
+    def update_device_memory_size_for_shapes(self) -> int:
+        if any(n not in self.shapes for n in self.engine.inputs()):
+            return 0  # "must specify all input dimensions": 0 on error
+        if self.sized_for != self.shapes:
+            self.sized_for = dict(self.shapes)
+            self.version += 1  # the activations are laid out anew
+        return self.engine.activation_bytes(self.shapes)
+
+    def _required_memory(self) -> int:
+        if self.sized_for == self.shapes:
+            return self.engine.activation_bytes(self.shapes)
+        return self.engine.device_memory_size_v2  # laid out for the profile's largest shapes
+
+    def _check_memory(self, stream_handle: int) -> None:
+        if self.memory is None:
+            raise ContractViolation("enqueueV3 of a USER_MANAGED context before set_device_memory")
+        memory, size = self.memory
+        required = self._required_memory()
+        if size < required:
+            raise ContractViolation(f"enqueueV3 with {size} bytes of device memory where these shapes need "
+                                    f"{required} (update_device_memory_size_for_shapes after setting the shapes)")
+        if self.strategy is ExecutionContextAllocationStrategy.USER_MANAGED and required:
+            region = self.device.view(memory, (required,), torch.uint8)  # live, and large enough
+            region[:ALIGNMENT].fill_(0xFF)  # the kernels overwrite their scratch
+            region[-ALIGNMENT:].fill_(0xFF)
+            backing = self.device.allocation(memory).backing
+            users = self.engine.runtime.trt.memory_streams
+            stream, owner = users.get(memory, (stream_handle, backing))
+            if stream != stream_handle and owner() is backing():
+                raise ContractViolation("two contexts share device memory on different streams, where they may run "
+                                        "in parallel")
+            users[memory] = (stream_handle, backing)
+
+    # -- running ---------------------------------------------------------------------------------------------
+    def _check_ready(self, stream_handle: int) -> tuple[dict, dict]:
+        for n in self.engine.inputs():
             if n not in self.shapes:
                 raise ContractViolation(f"enqueueV3 before the shape of input {n} was set")
         shapes = {n: self.get_tensor_shape(n) for n in self.engine.names}
@@ -268,13 +285,14 @@ class ExecutionContext:
             if not self.addresses.get(n):
                 raise ContractViolation(f"enqueueV3 with no (null) address for tensor {n!r}: every input and output "
                                         "needs a non-null, 256-byte-aligned address")
+        self._check_memory(stream_handle)
         return shapes, dict(self.addresses)
 
     def _compute(self, shapes: dict, addresses: dict) -> None:
         feeds = {}
-        for n in self._inputs():
-            dtype = self.engine.io[n][1]
-            feeds[n] = self.device.view(addresses[n], shapes[n], dtype).numpy().copy()
+        for n in self.engine.inputs():
+            bound = self.device.view(addresses[n], shapes[n], self.engine.io[n][1])
+            feeds[n] = bound.to(self.engine.declared[n]).numpy().copy()  # a retyped input: the Cast reading it
         outputs = self.engine.session.run(None, feeds)
         for o, value in zip((x.name for x in self.engine.session.get_outputs()), outputs):
             dtype = self.engine.io[o][1]
@@ -283,11 +301,14 @@ class ExecutionContext:
             self.device.view(addresses[o], shapes[o], dtype).copy_(torch.from_numpy(np.ascontiguousarray(value)))
 
     def execute_async_v3(self, stream_handle: int) -> bool:
-        shapes, addresses = self._check_ready()
+        shapes, addresses = self._check_ready(stream_handle)
         capturing = self.device.capturing
         if capturing is not None:
-            if self.engine.runtime.fail_enqueue_in_capture:
-                return False  # a kernel that fails to enqueue: the documented failure mode is the False return
+            trt = self.engine.runtime.trt
+            if trt.fail_in_capture is not None:  # a kernel that fails to enqueue while capturing: False
+                self.device.invalidate_capture(trt.fail_in_capture == "invalidate")
+                trt.fail_in_capture = None
+                return False
             graph, stream = capturing
             if stream.handle != stream_handle:
                 raise ContractViolation("enqueueV3 on another stream than the one being captured")
@@ -296,7 +317,8 @@ class ExecutionContext:
             def launch() -> None:
                 if self.version != version:
                     raise ContractViolation("a CUDA graph replayed after its execution context was given other "
-                                            "shapes or addresses: use one execution context per captured graph")
+                                            "shapes, addresses or memory: use one execution context per captured graph")
+                self._check_memory(stream_handle)
                 self._compute(shapes, addresses)
 
             graph.launches.append(launch)
@@ -307,21 +329,51 @@ class ExecutionContext:
 
 
 class FakeTensorRT:
-    """The `tensorrt` module as the backend and the builder see it, over one `FakeCudaDevice`."""
+    """The `tensorrt` module as the backend and the builder see it, over one `FakeCudaDevice`; `version` API_10 or
+    API_11 (TensorRT 11: the deprecated names are gone)."""
 
-    __version__ = VERSION
     Logger = Logger
-    Builder = Builder
-    OnnxParser = OnnxParser
     NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag
     MemoryPoolType = MemoryPoolType
     BuilderFlag = BuilderFlag
     TensorIOMode = TensorIOMode
     DataType = DataType
+    ExecutionContextAllocationStrategy = ExecutionContextAllocationStrategy
 
-    def __init__(self, device: FakeCudaDevice):
+    def __init__(self, device: FakeCudaDevice, version: str = VERSION):
         self.device = device
-        self.Runtime = type("Runtime", (Runtime,), {"device": device})
+        self.__version__ = version
+        self.major = int(version.split(".")[0])
+        self.loggers: list[Logger] = []  # every distinct logger handed to a builder, parser or runtime
+        self.logger_warnings = 0
+        self.fail_in_capture: str | None = None
+        self.memory_streams: dict[int, tuple] = {}  # user-managed memory -> (stream its contexts use, its backing)
+        self.live_contexts: weakref.WeakSet = weakref.WeakSet()
+        for cls in (Builder, OnnxParser, Runtime):
+            setattr(self, cls.__name__, type(cls.__name__, (cls,), {"trt": self}))
 
-    def fail_next_enqueue_in_capture(self, fail: bool = True) -> None:
-        self.Runtime.fail_enqueue_in_capture = fail
+    def use_logger(self, logger: Logger) -> None:
+        if not any(logger is seen for seen in self.loggers):
+            self.loggers.append(logger)
+            if len(self.loggers) > 1:
+                self.logger_warnings += 1
+                log.warning("[TRT] The logger passed into createInferRuntime differs from one already provided for an "
+                            "existing builder, runtime, or refitter.")
+
+    def activation_bytes(self) -> int:
+        """Device memory that live execution contexts hold or were given for their activations (each allocation
+        once, however many contexts share it)."""
+        held = {}
+        for context in list(self.live_contexts):
+            if context.memory is not None and context.memory[1]:
+                a = self.device._find(context.memory[0], 1)
+                if a is not None:  # memory given once and freed since is not held
+                    held[a.start] = a.nbytes
+        return sum(held.values())
+
+    def fail_next_enqueue_in_capture(self, mode: str = "invalidate") -> None:
+        """The next enqueue inside a capture returns False: the capture is invalidated ("invalidate") or ends with
+        a graph that must not be used ("report")."""
+        if mode not in ("invalidate", "report"):
+            raise ValueError(mode)
+        self.fail_in_capture = mode

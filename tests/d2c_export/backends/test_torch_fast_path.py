@@ -52,6 +52,7 @@ def test_reduced_precision_generates_what_fp32_generates(demo_engines, precision
     assert agree >= min_agree and float(diff.mean()) < max_mean, (agree, float(diff.mean()))
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # one thread: the padded rows of a loop's bucket round nothing else
 def test_graph_replays_generate_what_the_eager_calls_generate(engines):
     fake = FakeCudaDevice()
     eager = TorchBackend(engines, "cpu")
@@ -68,12 +69,32 @@ def test_graph_replays_generate_what_the_eager_calls_generate(engines):
     assert graphed.graph_memory_bytes() > 0
     use = graph_use(graphed)  # what d2c-bench reports per column
     assert use["replays"] == replays and use["memory_mb"] > 0 and graph_use(eager) is None
-    keys = len(graphed.graphs["denoise"].entries)  # one per count of tokens a masked step predicts
+    keys = len(graphed.graphs["denoise"].entries)  # one per row bucket of the masked steps
     assert 1 <= keys <= PARAMS.num_iter
     c, _ = generate_images(graphed, [2, 7, 3], PARAMS, seed=6)  # captured keys replayed with new feeds
     d, _ = generate_images(eager, [2, 7, 3], PARAMS, seed=6)
     assert torch.equal(c.images, d.images)
     assert len(graphed.graphs["denoise"].entries) == keys and graphed.graph_replays()["denoise"] == 2 * PARAMS.num_iter
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_denoising_graphs_are_captured_per_row_bucket(engines):
+    """4: a serving mix of batch sizes captures one denoising graph per row bucket, not per row count, and every
+    generation equals the eager one."""
+    from d2c_export.row_buckets import row_bucket
+    from reference.sampling import step_positions
+    graphed = TorchBackend(engines, "cpu", graph_device=FakeCudaDevice())
+    eager = TorchBackend(engines, "cpu")
+    batches = [1, 2, 3, 4, 3, 1]
+    for i, batch in enumerate(batches):
+        labels = [(2 * k + i) % 10 for k in range(batch)]
+        want, _ = generate_images(eager, labels, PARAMS, seed=i)
+        got, _ = generate_images(graphed, labels, PARAMS, seed=i)
+        assert torch.equal(got.images, want.images), batch
+    seq_len = engines.config.mar.seq_len
+    preds = [pred.shape[1] for _, pred in step_positions(torch.arange(seq_len)[None], seq_len, PARAMS.num_iter)]
+    rows = {b * p for b in set(batches) for p in preds}
+    assert len(graphed.graphs["denoise"].entries) == len({row_bucket(n) for n in rows}) < len(rows)
 
 
 def test_flops_of_a_replay_are_its_steps(engines):

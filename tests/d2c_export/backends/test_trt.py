@@ -21,6 +21,7 @@ from d2c_export.stages import STAGES, stages_for
 from d2c_export.targets import Precision, Target
 from d2c_export.trt_platform import platform_mismatch, tensorrt_missing
 from reference.files import sha256_file
+from reference.model import get_config
 from tests.d2c_export.cli_helpers import assert_one_line_error, run_cli
 
 PLATFORM = {"version": "10.12.0.36", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -207,3 +208,32 @@ def test_stale_and_changed_plans_are_refused_at_load(built, tmp_path):
     (directory / plan_name("gpt", "fp16")).write_bytes(b"not a plan")
     with pytest.raises(EngineError, match="sha256"):
         TrtBackend(Engines.open(directory), Precision.FP16)
+
+
+def test_plans_are_tuned_for_the_shapes_that_run(tiny, fake):
+    """7c: TensorRT tunes its kernels for the profile's opt shapes: a gpt decode step (one token, a full guided batch)
+    and the rows a full batch's masked step denoises under the model's recommended sampling."""
+    from d2c_export.backends.trt import TrtBackend
+    from reference.pipeline import SamplingParams
+    from reference.sampling import step_positions
+    config, max_batch = tiny.config, tiny.max_batch
+    device, trt_module = fake
+    with TrtBackend(tiny, Precision.FP32, trt=trt_module, device=device) as trt:
+        gpt, diffusion = (trt.engines[s].engine.profile for s in ("gpt", "diffusion"))
+    params = SamplingParams(**SamplingParams.recommended_for(config))
+    seq_len = config.mar.seq_len
+    steps = step_positions(torch.arange(seq_len)[None], seq_len, params.num_iter)
+    rows = sorted(max_batch * pred.shape[1] for _, pred in steps)
+    groups = 2 if params.cfg != 1.0 else 1
+    assert gpt["ids"][1] == (groups * max_batch, 1) and gpt["input_pos"][1] == (1,)
+    n = diffusion["x"][1][0]
+    assert rows[0] <= n <= 1.25 * rows[-1], (n, rows)
+    assert diffusion["z"][1][0] == groups * n
+
+
+def test_d2c_b_is_tuned_for_what_batch_16_denoises():
+    """At max batch 16 d2c-b's masked steps denoise 64 to 112 rows (64 steps over 256 tokens)."""
+    config = get_config("d2c-b")
+    tuned = STAGES["diffusion"].tuned_sizes(config, 16)
+    assert 64 <= tuned["n"] <= 112 and tuned["m"] == 2 * tuned["n"]
+    assert STAGES["gpt"].tuned_sizes(config, 16) == {"rows": 32, "tokens": 1}

@@ -242,3 +242,40 @@ def test_gpu_memory_is_the_drivers_figure_next_to_torchs(monkeypatch):
     with run.peak_memory("cpu") as mem:
         pass
     assert mem["peak_gpu_mb"] is None and mem["gpu_used_mb"] is None
+
+
+def test_bench_reports_tensorrt_memory(engines_factory, tmp_path, capsys, monkeypatch):
+    """A TensorRT column (the real backend under the contract fakes) reports the device memory of its engines, their
+    execution contexts, its CUDA graphs and its other buffers."""
+    import shutil
+
+    from d2c_export.backends.trt import TrtBackend
+    from d2c_export.bench import run
+    from d2c_export.targets import BackendName
+    from tests.d2c_export.backends.fake_cuda import FakeCudaDevice
+    from tests.d2c_export.backends.fake_tensorrt import FakeTensorRT
+    from tests.d2c_export.backends.trt_fakes import plans
+    engines = tmp_path / "engines"
+    shutil.copytree(engines_factory("d2c-tiny"), engines)
+    device = FakeCudaDevice()
+    trt = FakeTensorRT(device)
+    plans(engines, (device, trt))
+    open_backend = run.open_backend
+
+    def open_on_fakes(opened, target, threads):
+        if target.backend is BackendName.TRT:
+            return TrtBackend(opened, target.precision, trt=trt, device=device)
+        return open_backend(opened, target, threads)
+
+    monkeypatch.setattr(run, "open_backend", open_on_fakes)
+    monkeypatch.setattr("d2c_export.trt_platform.tensorrt_missing", lambda: None)
+    out = tmp_path / "report"
+    code = bench_main(["--engines", str(engines), "--backends", "torch,trt", "--batch", "1", "--out", str(out),
+                       *TINY_ARGS])
+    assert code == 0, capsys.readouterr().err
+    summary = assert_complete(out, ["torch", "trt"], [1], "d2c-tiny")
+    memory = summary["device_memory_mb"]
+    assert set(memory) == {"trt"}
+    assert set(memory["trt"]) == {"engines", "contexts", "graphs", "buffers"}
+    assert all(v > 0 for v in memory["trt"].values())
+    assert "device memory of `trt`: engines" in (out / "bench.md").read_text()
