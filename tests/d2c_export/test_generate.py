@@ -63,10 +63,9 @@ def test_seed_changes_the_image(engines_factory):
 
 
 @pytest.mark.slow
-def test_d2c_b_shaped_model_end_to_end(tmp_path_factory):
+def test_d2c_b_shaped_model_end_to_end(engines_factory):
     """A random model of the full d2c-b architecture: export all stages, then ORT against the reference."""
-    from tests.d2c_export.conftest import build_engines
-    engines = build_engines("d2c-b", tmp_path_factory.mktemp("d2c_b"), max_batch=2)
+    engines = engines_factory("d2c-b")  # the session's one d2c-b export, shared with the bench's test
     params = SamplingParams(cfg=4.0, num_iter=2, diffusion_steps=3)
     ref, _ = generate_images(backend(engines, TORCH), [88], params, seed=0)
     got, _ = generate_images(backend(engines, ORT), [88], params, seed=0)
