@@ -32,7 +32,8 @@ TENSOR = Obj({"name": Str(max_len=256), "shape": ListOf(OneOf(Int(0, MAX_AXIS), 
 STAGE_ENTRY = Obj({"files": MapOf(HEX_DIGEST, min_len=1), "precision": Str(choices=("fp32", "fp16")),
                    "inputs": ListOf(TENSOR, max_len=1024), "outputs": ListOf(TENSOR, max_len=1024),
                    "profile": MapOf(ListOf(Int(0, MAX_AXIS), min_len=3, max_len=3))},
-                  {"opset": Maybe(Int(1, 1000)), "tensorrt": Maybe(MapOf(OneOf(SCALAR, ListOf(SCALAR, max_len=8))))})
+                  {"opset": Maybe(Int(1, 1000)),
+                   "tensorrt": Maybe(MapOf(OneOf(SCALAR, ListOf(SCALAR, max_len=8), MapOf(Int(0, MAX_AXIS)))))})
 # The manifest as JSON: every field typed, sizes bounded (`max_batch` by the limit an export accepts).
 MANIFEST_SCHEMA = Obj({"format_version": Int(), "config": MapOf(ANY), "config_sha256": HEX_DIGEST,
                        "source": SOURCE_SCHEMA, "max_batch": Int(1, MAX_EXPORT_BATCH), "exporter": Str(),
