@@ -19,6 +19,13 @@ batch of one image from its own generator seeded seeds[i] (`seed + i` for an int
 image alone, in any batch, on any replica. Item 3 is asked for in one call per masked step
 (`Draws.step_noise`) and moved to the device in one copy.
 
+The loop's calls to its `Draws` follow a plan made before the generation starts (`draw_plan`: block_size
+`token_uniforms`, one `orders`, then one `step_noise` per masked step with that step's shapes from
+`masked_steps`), which `generate_with` hands to `reference.draw_producer`: on a CUDA loop a producer thread makes
+the draws in the plan's order, a few requests ahead (into pinned buffers for a CUDA loop), while the stage calls
+run, where the stages say so (`Stages.draws_ahead`); else they are made when the loop asks. The numbers are the
+same either way.
+
 Device: the loop keeps its state (KV cache, tokens, fusion features, z, x_t, noise) on `stages.device` and
 never waits for it inside a generation step; the draws come from the CPU generator, one copy per token and
 per masked step. The result comes back to the host once, at the end.
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -35,10 +42,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from reference.diffusion import TRAIN_STEPS, make_tables, step_tables
+from reference.draw_producer import DrawRequest, DrawTime, planned_draws
 from reference.gpt import cache_feeds, write_cache
 from reference.model import RECOMMENDED_SAMPLING, D2C, D2CConfig
 from reference.sampling import (CfgSchedule, Draws, ImageDraws, TorchDraws, cfg_schedule, filter_logits,
-                                guide_logits, image_seeds, mask_len_schedule, sample_gumbel, step_positions)
+                                guide_logits, image_seeds, mask_len_schedule, sample_gumbel, step_positions,
+                                tokens_per_step)
 from reference.mar import unpatchify
 from reference.stage_networks import TorchStages
 from reference.vae import LATENT_SCALE
@@ -110,14 +119,44 @@ class Stages(Protocol):
     tuple of its outputs in order, on `device` too. `gpt_cache` allocates the zeroed KV caches where `run("gpt")`
     reads them; the loop writes each step's keys and values into them. `denoise(feeds)` runs the denoising
     steps of one masked step: `denoise_steps(self.run, feeds)`, or a replay of it (a CUDA graph).
+    `draws_ahead`: whether the loop's draws are made ahead, by a producer thread, while the stage calls run (stages
+    that compute on a GPU), or when the loop asks (stages that compute on the CPU, whose cores a producer would
+    take from them).
     """
 
     config: D2CConfig
     device: str
+    draws_ahead: bool
 
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]: ...
     def gpt_cache(self, rows: int) -> tuple[Tensor, Tensor]: ...
     def denoise(self, feeds: dict[str, Tensor]) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class MaskedStep:
+    """One masked step of the plan: `pred` tokens predicted per image, denoised in `diffusion_steps` steps."""
+
+    pred: int
+    diffusion_steps: int
+
+
+def masked_steps(seq_len: int, params: SamplingParams) -> list[MaskedStep]:
+    """The loop's masked steps, in order: MAR's cosine schedule of predicted tokens, each with its denoising steps."""
+    return [MaskedStep(pred, params.diffusion_steps) for pred in tokens_per_step(seq_len, params.num_iter)]
+
+
+def draw_plan(config: D2CConfig, params: SamplingParams, bsz: int) -> list[DrawRequest]:
+    """Every call the loop makes to its `Draws` for a batch of `bsz`, in order (the module docstring's draw order)."""
+    plan = []
+    if config.gpt is not None:
+        plan += [DrawRequest("token_uniforms", (bsz, config.gpt.vocab_size))] * config.gpt.block_size
+    m = config.mar
+    plan.append(DrawRequest("orders", (bsz, m.seq_len)))
+    groups = 2 if params.cfg != 1.0 else 1
+    plan += [DrawRequest("step_noise", (bsz, step.pred, m.token_dim, groups, step.diffusion_steps))
+             for step in masked_steps(m.seq_len, params)]
+    return plan
 
 
 def to_device(t: Tensor, device: str | torch.device) -> Tensor:
@@ -175,20 +214,24 @@ def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, p
         if guided:
             ids_in = torch.cat([discrete_ids, torch.full_like(discrete_ids, m.null_token)])
         fusion, = stages.run("cond", {"discrete_ids": ids_in})
-    tables = make_tables(params.diffusion_steps)
-    per_step = {k: to_device(v, dev) for k, v in step_tables(tables).items()}
+    tables: dict[int, dict[str, Tensor]] = {}  # a generation's denoising tables, by number of steps
     mask_lens = mask_len_schedule(seq_len, params.num_iter)
     cfgs = to_device(cfg_schedule(params.cfg, params.cfg_schedule, mask_lens, seq_len), dev)  # (num_iter,)
     temperature = to_device(torch.tensor([params.temperature], dtype=torch.float32), dev)
     tokens = torch.zeros(bsz, seq_len, channels, device=dev)
-    steps = step_positions(order, seq_len, params.num_iter)
-    for s, (kept, pred) in enumerate(tqdm(steps, desc="masked steps", disable=not progress, leave=False)):
+    steps = zip(step_positions(order, seq_len, params.num_iter), masked_steps(seq_len, params))
+    for s, ((kept, pred), step) in enumerate(tqdm(steps, desc="masked steps", disable=not progress, leave=False,
+                                                   total=params.num_iter)):
         rep = (lambda t: torch.cat([t] * groups))
         feeds = {"tokens": rep(tokens), "kept": rep(kept), "pred": rep(pred), "labels": labels_in}
         z, = stages.run("mar", feeds if fusion is None else {**feeds, "fusion": fusion})  # (G*B, P, Dd)
         z = z.reshape(-1, z.shape[-1])  # (G*B*P, Dd): conditional rows first, batch-major
-        noise = to_device(draws.step_noise(bsz, pred.shape[1], channels, groups, tables.num_timesteps), dev)
-        x = stages.denoise({"noise": noise, "z": z, **per_step, "cfg": cfgs[s:s + 1], "temperature": temperature})
+        if step.diffusion_steps not in tables:
+            made = step_tables(make_tables(step.diffusion_steps))
+            tables[step.diffusion_steps] = {k: to_device(v, dev) for k, v in made.items()}
+        noise = to_device(draws.step_noise(bsz, pred.shape[1], channels, groups, step.diffusion_steps), dev)
+        x = stages.denoise({"noise": noise, "z": z, **tables[step.diffusion_steps], "cfg": cfgs[s:s + 1],
+                            "temperature": temperature})
         tokens = tokens.scatter(1, pred.unsqueeze(-1).expand(-1, -1, channels), x.reshape(bsz, -1, channels))
     return tokens
 
@@ -198,24 +241,29 @@ class Generation:
     images: Tensor  # (B, 3, H, W) in [-1, 1]
     latents: Tensor  # (B, c, h, w) VAE latents (already divided by LATENT_SCALE)
     discrete_ids: Tensor | None  # (B, N) stage-1 tokens, None for plain MAR
+    draw_time: DrawTime = field(default_factory=DrawTime)  # how long the draws took, and what the loop waited
 
 
 @torch.no_grad()
 def generate_with(stages: Stages, labels: Tensor, params: SamplingParams, draws: Draws,
                   progress: bool = False) -> Generation:
-    """Run all stages for `labels` (B,) with randomness from `draws` (order in the module docstring)."""
+    """Run all stages for `labels` (B,) with randomness from `draws` (order in the module docstring), made ahead of
+    the loop where `stages.draws_ahead` says so; the images are the same either way."""
     config = stages.config
     labels = torch.as_tensor(labels, dtype=torch.int64).view(-1).cpu()
     if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= config.num_classes:
         raise ValueError(f"class labels must be in [0, {config.num_classes - 1}], got {labels.tolist()}")
-    labels = to_device(labels, stages.device)
-    discrete = sample_discrete(stages, labels, params, draws, progress) if config.gpt is not None else None
-    tokens = sample_tokens(stages, labels, discrete, params, draws, progress)
+    device = torch.device(stages.device)
+    plan = draw_plan(config, params, labels.numel())
+    with planned_draws(draws, plan, stages.draws_ahead, pin=device.type == "cuda") as planned:
+        labels = to_device(labels, device)
+        discrete = sample_discrete(stages, labels, params, planned, progress) if config.gpt is not None else None
+        tokens = sample_tokens(stages, labels, discrete, params, planned, progress)
     m = config.mar
     latents = unpatchify(tokens, m.patch_size, m.vae_embed_dim) / LATENT_SCALE
     images = stages.run("vae", {"latents": latents})[0].clamp(-1, 1)
     return Generation(images=images.float().cpu(), latents=latents.cpu(),
-                      discrete_ids=None if discrete is None else discrete.cpu())
+                      discrete_ids=None if discrete is None else discrete.cpu(), draw_time=planned.time)
 
 
 def draws_for(seed: int | Sequence[int], count: int, batch_order: bool = False) -> Draws:

@@ -15,14 +15,28 @@ from torch import Tensor
 # Randomness. Every random number of a generation comes from one `Draws` object, in the order
 # documented in `reference/pipeline.py`. Models never draw. The loop asks for what a generation step
 # needs in one call (a token's uniforms, the orders, all the noise of a masked step) and moves it to the
-# stages' device in one copy; the numbers are the CPU generator's, the same on every device.
+# stages' device in one copy; the numbers are the CPU generator's, the same on every device. The calls
+# may be made ahead of the loop, on a producer thread (`reference.draw_producer`): `out` is then a buffer
+# of the producer's (pinned for a CUDA loop).
 # ----------------------------------------------------------------------------------------------
-class Draws(Protocol):
-    """What the loop asks for, in the documented order."""
+# torch's CPU `normal_` on a contiguous float32 tensor of n >= 16 numbers takes n uniforms in order, then turns each
+# block of 16 into normals by itself (the last block of an n that is no multiple of 16 is drawn again): calls whose
+# sizes are multiples of 16 give the numbers that one call of their total size gives, and leave the generator alike.
+NORMAL_BLOCK = 16
 
-    def token_uniforms(self, bsz: int, vocab: int) -> Tensor: ...
+
+class Draws(Protocol):
+    """What the loop asks for, in the documented order; `out` (optional): where to write the result."""
+
+    def token_uniforms(self, bsz: int, vocab: int, out: Tensor | None = None) -> Tensor: ...
     def orders(self, bsz: int, seq_len: int) -> Tensor: ...
-    def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int) -> Tensor: ...
+    def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int,
+                   out: Tensor | None = None) -> Tensor: ...
+
+
+def step_noise_buffer(bsz: int, pred: int, channels: int, steps: int, pin: bool = False) -> Tensor:
+    """An empty (steps + 1, B * pred, C) float32 buffer for `step_noise` (pinned host memory with `pin`)."""
+    return torch.empty((steps + 1, bsz * pred, channels), dtype=torch.float32, pin_memory=pin)
 
 
 class BatchDraws:
@@ -38,31 +52,38 @@ class BatchDraws:
     def permutation(self, n: int) -> Tensor:
         raise NotImplementedError
 
-    def token_uniforms(self, bsz: int, vocab: int) -> Tensor:
+    def token_uniforms(self, bsz: int, vocab: int, out: Tensor | None = None) -> Tensor:
         """(B, V) float64: one `uniform((B, V))`, the Gumbel-max draw of one discrete token of every image."""
-        return self.uniform((bsz, vocab))
+        out = torch.empty((bsz, vocab), dtype=torch.float64) if out is None else out
+        self.fill_uniform(out)
+        return out
 
     def orders(self, bsz: int, seq_len: int) -> Tensor:
         """(B, L) int64 generation orders: one `permutation(L)` per image, in batch order."""
         return torch.stack([self.permutation(seq_len) for _ in range(bsz)])
 
+    def fill_uniform(self, out: Tensor) -> None:
+        """Fill the contiguous float64 `out` with the numbers `uniform(out.shape)` returns."""
+        out.copy_(self.uniform(tuple(out.shape)))
+
     def fill_normal(self, out: Tensor) -> None:
-        """Fill the contiguous float32 `out` with the numbers `normal(out.shape)` returns (no new tensor)."""
+        """Fill the contiguous float32 `out` with the numbers `normal(out.shape)` returns."""
         out.copy_(self.normal(tuple(out.shape)))
 
-    def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int) -> Tensor:
+    def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int,
+                   out: Tensor | None = None) -> Tensor:
         """(steps + 1, N, C) float32, N = B * pred rows (batch-major): MAR's DiffLoss.sample draws of one masked step.
 
         [0] is one `normal((N, C))` (x_T, shared by the unconditional half under guidance); [k] for k >= 1 is the
         first N rows of the k-th diffusion step's `normal((G * N, C))` (G = `groups`), the rows that reach the
         conditional output; the rest is drawn only to keep MAR's shapes.
         """
-        out = torch.empty((steps + 1, bsz * pred, channels), dtype=torch.float32)
+        out = step_noise_buffer(bsz, pred, channels, steps) if out is None else out
         self.fill_step_noise(out, groups)
         return out
 
     def fill_step_noise(self, out: Tensor, groups: int) -> None:
-        """`step_noise` written into `out` (steps + 1, N, C), whose every `out[k]` is contiguous, step by step."""
+        """`step_noise` written into `out` (steps + 1, N, C), whose every `out[k]` is contiguous, call by call."""
         first, *steps = out.unbind(0)
         self.fill_normal(first)
         if groups == 1:
@@ -89,16 +110,39 @@ class TorchDraws(BatchDraws):
     def normal(self, shape: Sequence[int]) -> Tensor:
         return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
 
+    def fill_uniform(self, out: Tensor) -> None:
+        out.uniform_(generator=self.generator)  # what `rand(out.shape, dtype=float64)` draws, written in place
+
     def fill_normal(self, out: Tensor) -> None:
         out.normal_(generator=self.generator)  # what `randn(out.shape)` draws, written in place
 
     def permutation(self, n: int) -> Tensor:
         return torch.randperm(n, generator=self.generator, dtype=torch.int64)
 
+    def fill_step_noise(self, out: Tensor, groups: int) -> None:
+        """`BatchDraws.fill_step_noise`'s numbers from one `normal_` call where MAR's calls all draw multiples of
+        `NORMAL_BLOCK` numbers (N * C is one), else call by call. Without guidance a contiguous `out` is that call's
+        output as it is; with it, the unconditional rows are dropped by one copy."""
+        rows, channels = out.shape[1], out.shape[2]
+        if (rows * channels) % NORMAL_BLOCK:
+            return super().fill_step_noise(out, groups)
+        if groups == 1 and out.is_contiguous():
+            out.normal_(generator=self.generator)
+            return
+        steps = out.shape[0] - 1
+        drawn = torch.empty((rows + steps * groups * rows, channels), dtype=torch.float32).normal_(
+            generator=self.generator)  # x_T, then every step's (G * N, C)
+        out[0].copy_(drawn[:rows])
+        out[1:].copy_(drawn[rows:].view(steps, groups * rows, channels)[:, :rows])
+
 
 class ImageDraws:
     """One generator per image: image i draws exactly what `TorchDraws(seeds[i])` draws for a batch of that one
-    image, so an image depends only on its class, its seed and the settings, never on its batch-mates."""
+    image, so an image depends only on its class, its seed and the settings, never on its batch-mates.
+
+    `images` (a range of image indices, with `out`): write only those images' rows of `out`. The images'
+    generators are independent, so disjoint ranges may be drawn on different threads at once.
+    """
 
     def __init__(self, seeds: Sequence[int]):
         self.images = [TorchDraws(s) for s in seeds]
@@ -107,19 +151,23 @@ class ImageDraws:
         if bsz != len(self.images):
             raise ValueError(f"{len(self.images)} seeds for a batch of {bsz} images")
 
-    def token_uniforms(self, bsz: int, vocab: int) -> Tensor:
+    def token_uniforms(self, bsz: int, vocab: int, out: Tensor | None = None, images: range | None = None) -> Tensor:
         self._check(bsz)
-        return torch.cat([d.token_uniforms(1, vocab) for d in self.images])
+        out = torch.empty((bsz, vocab), dtype=torch.float64) if out is None else out
+        for i in range(bsz) if images is None else images:  # image i's row
+            self.images[i].fill_uniform(out[i:i + 1])
+        return out
 
     def orders(self, bsz: int, seq_len: int) -> Tensor:
         self._check(bsz)
         return torch.cat([d.orders(1, seq_len) for d in self.images])
 
-    def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int) -> Tensor:
+    def step_noise(self, bsz: int, pred: int, channels: int, groups: int, steps: int,
+                   out: Tensor | None = None, images: range | None = None) -> Tensor:
         self._check(bsz)
-        out = torch.empty((steps + 1, bsz * pred, channels), dtype=torch.float32)
-        for i, d in enumerate(self.images):  # image i's rows: a contiguous block of every step's (N, C)
-            d.fill_step_noise(out[:, i * pred:(i + 1) * pred], groups)
+        out = step_noise_buffer(bsz, pred, channels, steps) if out is None else out
+        for i in range(bsz) if images is None else images:  # image i's rows: a contiguous block of every step's (N, C)
+            self.images[i].fill_step_noise(out[:, i * pred:(i + 1) * pred], groups)
         return out
 
 
@@ -209,6 +257,15 @@ def cfg_schedule(cfg: float, schedule: CfgSchedule | str, mask_lens: Sequence[in
         return torch.full((len(mask_lens),), float(cfg), dtype=torch.float32)
     m = torch.tensor([float(n) for n in mask_lens], dtype=torch.float32)
     return 1 + (cfg - 1) * (seq_len - m) / seq_len
+
+
+def tokens_per_step(seq_len: int, num_iter: int) -> list[int]:
+    """How many tokens each step predicts, per image (sums to seq_len): what `step_positions` gives each step."""
+    lens = mask_len_schedule(seq_len, num_iter)
+    before = [seq_len] + lens[:-1]
+    counts = [b - a for b, a in zip(before, lens)]
+    counts[-1] = before[-1]
+    return counts
 
 
 def step_positions(order: Tensor, seq_len: int, num_iter: int) -> list[tuple[Tensor, Tensor]]:

@@ -63,6 +63,7 @@ class ModuleStages:
     order; `denoise` runs the steps one call each."""
 
     device = "cpu"
+    draws_ahead = False  # CPU stages: the loop makes its draws when it asks (`Backend.draws_ahead` says why)
 
     def __init__(self, config: D2CConfig, modules: dict[str, nn.Module]):
         self.config = config

@@ -32,6 +32,14 @@ class Backend:
     compute_device: str | None = None  # where the stages compute, when not `device` (ONNX Runtime's CUDA provider)
     graphs_denoise: bool = False  # `denoise` replays the steps as one CUDA graph instead of calling `run`
 
+    @property
+    def draws_ahead(self) -> bool:
+        """Whether the loop's draws are made ahead by a producer thread (`reference.draw_producer`) while the stage
+        calls run: where the stages compute on a GPU. The stages of a CPU backend already run on every core they
+        are given, and a producer thread only takes cores from them (measured in the README's section on the
+        loop's draws), so there the loop makes each draw when it asks."""
+        return (self.compute_device or self.device) == "cuda"
+
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
         """Run `stage` on `inputs` (input name -> tensor, in the stage's order); its outputs, in order, on `device`.
 
@@ -87,6 +95,7 @@ class Wrapper:
         self.device = inner.device
         self.compute_device = getattr(inner, "compute_device", None)
         self.graphs_denoise = getattr(inner, "graphs_denoise", False)
+        self.draws_ahead = inner.draws_ahead
 
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
         return self.inner.run(stage, inputs)

@@ -15,6 +15,7 @@ from d2c_export.stages import STAGES
 from reference.files import atomic_path, write_json_atomic, write_text_atomic
 
 OVERHEAD = "runtime overhead"
+DRAWS = "draws (not hidden)"
 REFERENCE_BACKEND = "torch"
 REPORT_FILES = ("bench.json", "bench.md", "bench.png")
 
@@ -46,13 +47,16 @@ def _cell(m: Measurement, flops: dict[str, int], peak: float, reference: Measure
         "backend": m.backend, "batch": m.batch,
         "end_to_end_s": wall, "images_per_s": m.batch / wall["median"],
         "overhead_s": spread(overhead), "overhead_fraction": float(np.median([o / w for o, w in zip(overhead, m.wall_s)])),
+        "stage_calls_s": spread(in_stages), "draws_ahead": m.draws_ahead,
+        "draw_s": spread(m.draw_s), "draw_not_hidden_s": spread(m.draw_wait_s),
         "flops_per_image": total_flops / m.batch, "achieved_flops": total_flops / wall["median"],
         "peak_rss_mb": max(m.peak_rss_mb), "working_rss_mb": max(p - b for p, b in zip(m.peak_rss_mb, m.base_rss_mb)),
         "peak_gpu_mb": max(m.peak_gpu_mb) if m.peak_gpu_mb else None,
         "gpu_used_mb": max(m.gpu_used_mb) if m.gpu_used_mb else None,
         "largest_stage": max(stages, key=lambda s: stages[s]["seconds_per_generation"]),
         "largest_stage_by_flops": max(stages, key=lambda s: stages[s]["flops_per_image"]),
-        "stages": stages, "raw": {"wall_s": m.wall_s, "stage_s": dict(m.stage_s)}}
+        "stages": stages, "raw": {"wall_s": m.wall_s, "stage_s": dict(m.stage_s), "draw_s": m.draw_s,
+                                  "draw_not_hidden_s": m.draw_wait_s}}
     if reference is not None:  # paired per repeat: both ran in the same round
         cell["speedup_vs_torch"] = float(np.median([r / w for r, w in zip(reference.wall_s, m.wall_s)]))
     return cell
@@ -124,15 +128,21 @@ def markdown(summary: dict) -> str:
           + f", holding {g['memory_mb']:.1f} MB" for k, g in summary.get("cuda_graphs", {}).items()],
         *[f"- device memory of `{k}`: engines {m['engines']:.1f} MB, execution contexts {m['contexts']:.1f} MB, "
           f"CUDA graphs {m['graphs']:.1f} MB, other buffers {m['buffers']:.1f} MB (at the end)"
-          for k, m in summary.get("device_memory_mb", {}).items()], "",
-        "| batch | backend | end to end s | images/s | vs torch | overhead | GFLOP/image | peak RSS MB | GPU MB | "
-        "largest stage by time | by FLOPs |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---|---|---|"]
+          for k, m in summary.get("device_memory_mb", {}).items()],
+        "- draws: the time spent making the loop's random draws (`ahead`: by a producer thread while the stage calls "
+        "run; else when the loop asks for them), and the part of it the loop waited for, not hidden by the stage calls",
+        "",
+        "| batch | backend | end to end s | images/s | vs torch | overhead | in stage calls s | draws s | "
+        "draws not hidden s | GFLOP/image | peak RSS MB | GPU MB | largest stage by time | by FLOPs |",
+        "|---:|---|---|---:|---:|---:|---|---|---|---:|---:|---|---|---|"]
     for c in summary["results"]:
         speed = f"{c['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in c else "-"
         largest = [c["stages"][c[k]] for k in ("largest_stage", "largest_stage_by_flops")]
         lines.append(f"| {c['batch']} | {c['backend']} | {_range(c['end_to_end_s'])} | {c['images_per_s']:.3g} | "
-                     f"{speed} | {100 * c['overhead_fraction']:.2f}% | {c['flops_per_image'] / 1e9:.1f} | "
+                     f"{speed} | {100 * c['overhead_fraction']:.2f}% | {_range(c['stage_calls_s'])} | "
+                     f"{_range(c['draw_s'])}{' ahead' if c['draws_ahead'] else ''} | "
+                     f"{_range(c['draw_not_hidden_s'])} | "
+                     f"{c['flops_per_image'] / 1e9:.1f} | "
                      f"{c['peak_rss_mb']:.0f} | {_gpu_memory(c)} | " + " | ".join(f"{st['label']} ({100 * st['roofline_fraction']:.0f}% "
                                                                  "of roofline)" for st in largest) + " |")
     lines += ["", "| batch | backend | stage | calls | ms per call | s per generation | share | GFLOP per call | "
@@ -146,6 +156,15 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seconds(cell: dict, part: str) -> float:
+    """Median seconds per generation of a stage, of the draws the loop waited for, or of the rest of the overhead."""
+    if part == DRAWS:
+        return cell["draw_not_hidden_s"]["median"]
+    if part == OVERHEAD:
+        return max(cell["overhead_s"]["median"] - cell["draw_not_hidden_s"]["median"], 0.0)
+    return cell["stages"].get(part, {}).get("seconds_per_generation", 0.0)
+
+
 def plot(summary: dict, path: Path) -> None:
     """Stacked time per generation by stage (left) and each stage's fraction of the roofline (right)."""
     import matplotlib
@@ -155,9 +174,9 @@ def plot(summary: dict, path: Path) -> None:
     names = [f"{c['backend']} x{c['batch']}" for c in cells]
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(13, 2.2 + 0.5 * len(cells)))
     left = np.zeros(len(cells))
-    for stage, label in [(name, spec.label) for name, spec in STAGES.items()] + [(OVERHEAD, OVERHEAD)]:
-        widths = np.array([(c["overhead_s"]["median"] if stage == OVERHEAD else
-                            c["stages"].get(stage, {}).get("seconds_per_generation", 0.0)) / c["batch"] for c in cells])
+    parts = [(name, spec.label) for name, spec in STAGES.items()] + [(DRAWS, DRAWS), (OVERHEAD, OVERHEAD)]
+    for stage, label in parts:
+        widths = np.array([_seconds(c, stage) / c["batch"] for c in cells])
         if widths.any():
             ax_t.barh(names, widths, left=left, label=label)
             left += widths

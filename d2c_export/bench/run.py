@@ -3,7 +3,9 @@
 Within each repeat every backend generates the same batch once, in an order rotated by the repeat
 index (round-robin), so a slow spell of a shared machine hits all backends alike and their ratios
 hold. Stage calls are timed by `backends.hooks` (CUDA events when the backend runs on a GPU);
-the runtime overhead is the end-to-end wall time minus the time inside stage calls.
+the runtime overhead is the end-to-end wall time minus the time inside stage calls. The draws
+(`reference.draw_producer`) are timed twice: the time spent making them, and the part of it the loop
+waited for (all of it when drawn inline; what the stage calls did not hide when drawn ahead).
 """
 from __future__ import annotations
 
@@ -69,6 +71,9 @@ class Measurement:
     stage_s: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     call_s: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # every call of every repeat
     calls: dict[str, int] = field(default_factory=dict)  # per generation
+    draw_s: list[float] = field(default_factory=list)  # making the draws
+    draw_wait_s: list[float] = field(default_factory=list)  # the part of it the loop waited for (not hidden)
+    draws_ahead: bool = False  # made by a producer thread ahead of the loop, or inline
     base_rss_mb: list[float] = field(default_factory=list)
     peak_rss_mb: list[float] = field(default_factory=list)
     peak_gpu_mb: list[float] = field(default_factory=list)  # PyTorch's caching allocator only
@@ -117,7 +122,7 @@ def measure_once(column: Column, labels: list[int], params: SamplingParams, seed
     timer = CudaEventTimer() if column.device == "cuda" else StageTimer()
     with peak_memory(column.device) as mem, torch.inference_mode():
         start = time.perf_counter()
-        generate_images(column.backend, labels, params, seed, timer=timer)
+        result, _ = generate_images(column.backend, labels, params, seed, timer=timer)
         if column.device == "cuda":
             torch.cuda.synchronize()
         into.wall_s.append(time.perf_counter() - start)
@@ -125,6 +130,9 @@ def measure_once(column: Column, labels: list[int], params: SamplingParams, seed
         into.stage_s[name].append(sum(durations))
         into.call_s[name].extend(durations)
         into.calls[name] = len(durations)
+    into.draw_s.append(result.draw_time.drawing_s)
+    into.draw_wait_s.append(result.draw_time.waiting_s)
+    into.draws_ahead = result.draw_time.ahead
     into.base_rss_mb.append(mem["base_rss_mb"] or 0.0)
     into.peak_rss_mb.append(mem["peak_rss_mb"] or 0.0)
     if mem["peak_gpu_mb"] is not None:
@@ -214,8 +222,9 @@ def _measure_batch(columns: list[Column], labels: list[int], params: SamplingPar
             bar.set_postfix_str(f"round {r + 1} {b.name} x{len(labels)}")
             m = cells[b.name]
             measure_once(b, labels, params, seed, m)
-            log.info("round %d %s x%d: %.2f s, %.2f s in stage calls", r + 1, b.name, len(labels), m.wall_s[-1],
-                     sum(v[-1] for v in m.stage_s.values()))
+            log.info("round %d %s x%d: %.2f s, %.2f s in stage calls, %.3f s drawing (%.3f s not hidden)", r + 1,
+                     b.name, len(labels), m.wall_s[-1], sum(v[-1] for v in m.stage_s.values()), m.draw_s[-1],
+                     m.draw_wait_s[-1])
             bar.update()
     return list(cells.values())
 

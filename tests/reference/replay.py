@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.sampling import BatchDraws, filter_logits, mask_len_schedule
+from reference.sampling import BatchDraws, filter_logits
 
 
 class ReplayDraws(BatchDraws):
@@ -54,12 +54,3 @@ def uniforms_for_outcome(scores: Tensor, index: Tensor) -> Tensor:
     """
     u = torch.full(scores.shape, 1e-16, dtype=torch.float64)
     return u.scatter(-1, index.view(-1, 1), 1.0 - 2.0 ** -52)
-
-
-def tokens_per_step(seq_len: int, num_iter: int) -> list[int]:
-    """How many tokens each step predicts, per image (sums to seq_len)."""
-    lens = mask_len_schedule(seq_len, num_iter)
-    before = [seq_len] + lens[:-1]
-    counts = [b - a for b, a in zip(before, lens)]
-    counts[-1] = before[-1]
-    return counts

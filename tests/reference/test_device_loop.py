@@ -6,24 +6,30 @@ import torch
 
 from reference.model import PRESETS, D2C
 from reference.pipeline import SamplingParams, generate_with
-from reference.sampling import ImageDraws, TorchDraws
+from reference.sampling import BatchDraws, ImageDraws, TorchDraws
 from reference.stage_networks import TorchStages
 from tests.reference.syncs import SyncCounter
 
-class CountingDraws(TorchDraws):
-    """TorchDraws that records each call the loop makes and each primitive draw behind it."""
+class CountingDraws(BatchDraws):
+    """A generator's draws, MAR's calls one by one, recording each call the loop makes and each `normal` behind it."""
 
     def __init__(self, seed: int):
-        super().__init__(seed)
+        self.source = TorchDraws(seed)
         self.log: list[str] = []
+
+    def uniform(self, shape):
+        return self.source.uniform(shape)
+
+    def permutation(self, n):
+        return self.source.permutation(n)
 
     def fill_normal(self, out):
         self.log.append("normal")
-        super().fill_normal(out)
+        self.source.fill_normal(out)
 
-    def step_noise(self, *args):
+    def step_noise(self, *args, **kwargs):
         self.log.append("step_noise")
-        return super().step_noise(*args)
+        return super().step_noise(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from reference.sampling import ImageDraws, TorchDraws, cfg_schedule, filter_logits, mask_len_schedule, sample_gumbel, step_positions
-from tests.reference.replay import ReplayDraws, logits_to_probs, tokens_per_step, uniforms_for_outcome
+from reference.sampling import (ImageDraws, TorchDraws, cfg_schedule, filter_logits, mask_len_schedule, sample_gumbel,
+                                step_positions, tokens_per_step)
+from tests.reference.replay import ReplayDraws, logits_to_probs, uniforms_for_outcome
 
 
 @pytest.mark.parametrize("num_iter", ["16", "32", "64", "256"])
@@ -75,16 +76,20 @@ def test_draws_are_seeded_and_replay_checks_shapes():
         replay.normal((3, 2))
 
 
-@pytest.mark.parametrize("bsz, pred, channels, groups", [(1, 1, 16, 1), (3, 5, 7, 2), (2, 4, 16, 2), (4, 1, 3, 1)])
+@pytest.mark.parametrize("bsz, pred, channels, groups", [(1, 1, 16, 1), (3, 5, 7, 2), (2, 4, 16, 2), (4, 1, 3, 1),
+                                                      (2, 1, 8, 2), (3, 2, 16, 1)])
 def test_step_noise_is_the_generator_sequence_of_mars_calls(bsz, pred, channels, groups):
-    """`step_noise` fills its buffer in place, yet draws exactly MAR's `randn` calls in MAR's order and shapes:
-    x_T as (N, C), then (G*N, C) per step keeping the first N rows; per image, each image's own sequence."""
+    """`step_noise` fills its buffer in place, in one `normal_` where the sizes allow, yet draws exactly MAR's `randn`
+    calls in MAR's order and shapes: x_T as (N, C), then (G*N, C) per step keeping the first N rows; per image, each
+    image's own sequence; and leaves the generator where those calls leave it."""
     steps = 6
 
-    def mars_calls(seed: int, n: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
+    def mars_calls_from(g: torch.Generator, n: int) -> torch.Tensor:
         first = torch.randn((n, channels), generator=g)
         return torch.stack([first] + [torch.randn((groups * n, channels), generator=g)[:n] for _ in range(steps)])
+
+    def mars_calls(seed: int, n: int) -> torch.Tensor:
+        return mars_calls_from(torch.Generator().manual_seed(seed), n)
 
     draws = TorchDraws(9)
     draws.orders(bsz, 8)  # what the generator produced before must carry over, too
@@ -94,7 +99,30 @@ def test_step_noise_is_the_generator_sequence_of_mars_calls(bsz, pred, channels,
     want = torch.stack([first] + [torch.randn((groups * bsz * pred, channels), generator=g)[:bsz * pred]
                                   for _ in range(steps)])
     assert torch.equal(draws.step_noise(bsz, pred, channels, groups, steps), want)
-    per_image = ImageDraws([20 + i for i in range(bsz)]).step_noise(bsz, pred, channels, groups, steps)
-    assert per_image.shape == (steps + 1, bsz * pred, channels)
+    assert torch.equal(draws.uniform((5,)), torch.rand((5,), generator=g, dtype=torch.float64))
+    image_draws = ImageDraws([20 + i for i in range(bsz)])
+    out = torch.full((steps + 1, bsz * pred, channels), float("nan"))
+    per_image = image_draws.step_noise(bsz, pred, channels, groups, steps, out=out)
+    assert per_image is out
     for i in range(bsz):
         assert torch.equal(per_image[:, i * pred:(i + 1) * pred], mars_calls(20 + i, pred)), i
+        g = torch.Generator().manual_seed(20 + i)
+        mars_calls_from(g, pred)
+        assert torch.equal(image_draws.images[i].normal((3,)), torch.randn((3,), generator=g)), i
+
+
+def test_token_uniforms_are_the_generators_rand_calls():
+    """A token's (B, V) float64 uniforms, written in place: one `rand((B, V))` in batch order, one `rand((1, V))` per
+    image from its own generator."""
+    g = torch.Generator().manual_seed(4)
+    want = torch.stack([torch.rand((3, 50), generator=g, dtype=torch.float64) for _ in range(2)])
+    draws = TorchDraws(4)
+    out = torch.empty((3, 50), dtype=torch.float64)
+    assert draws.token_uniforms(3, 50, out=out) is out and torch.equal(out, want[0])
+    assert torch.equal(draws.token_uniforms(3, 50), want[1])
+    per_image = ImageDraws([7, 8, 9])
+    got = torch.stack([per_image.token_uniforms(3, 50) for _ in range(2)])
+    for i, seed in enumerate((7, 8, 9)):
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(got[:, i], torch.cat([torch.rand((1, 50), generator=g, dtype=torch.float64)
+                                                 for _ in range(2)])), i
