@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+import sys
 import threading
 
 
@@ -12,10 +14,13 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 
     `ray.init` replaces the SIGTERM handler with one that exits from wherever the main thread is; the caller's is
     put back, so that SIGTERM unwinds as the command intends (as Ctrl-C does). A cluster that cannot be joined is a
-    ConnectionError naming --address."""
+    ConnectionError naming --address. Where stderr is not a terminal, the worker log lines that Ray prints here
+    carry no colour codes."""
     import ray
     if ray.is_initialized():
         return
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by the driver's printer of worker logs
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:

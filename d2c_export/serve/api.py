@@ -123,13 +123,15 @@ def validation_message(exc: ValidationError | list) -> str:
     return one_line(f"{loc + ': ' if loc else ''}{first.get('msg', 'invalid')}{more}")
 
 
-def resolve(request: ImageRequest, engines: Engines, max_batch: int) -> Job:
-    """The request as a job for the generator (labels, per-image seeds, full settings), or an `ApiError` (422)."""
+def resolve(request: ImageRequest, engines: Engines, max_images: int) -> Job:
+    """The request as a job for the generator (labels, per-image seeds, full settings), or an `ApiError` (422);
+    `max_images`: the most images a request may ask for (split across generations of at most the max batch)."""
     config = engines.config
     labels = [c for c in request.classes for _ in range(request.num_images)]
-    if len(labels) > max_batch:
+    if len(labels) > max_images:
         raise ApiError(422, f"{len(labels)} images ({len(request.classes)} classes x num_images "
-                            f"{request.num_images}) exceeds this server's max batch of {max_batch}; ask for fewer")
+                            f"{request.num_images}) exceeds this server's limit of {max_images} images per request; "
+                            f"ask for fewer")
     bad = [c for c in labels if not 0 <= c < config.num_classes]
     if bad:
         raise ApiError(422, f"class {bad[0]} is out of range: this model has classes 0..{config.num_classes - 1}")

@@ -17,12 +17,13 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -36,6 +37,9 @@ from d2c_export.serve.api import (ApiError, ErrorBody, Health, ImageOut, ImageRe
                                   Timings, resolve, validation_message)
 from d2c_export.serve.batching import Job, JobResult, batch_images, run_batch
 from d2c_export.serve.guard import BODY_TIMEOUT_S, GuardLimits, RequestGuard
+from d2c_export.serve.progress import Progress
+from d2c_export.serve.streaming import (MAX_PARTS, NDJSON, error_line, images_line, joined, progress_line,
+                                        split_job, wants_stream)
 from reference.files import sha256_file
 
 log = logging.getLogger("d2c")
@@ -44,6 +48,7 @@ GENERATOR = "Generator"
 INGRESS = "Ingress"
 
 
+PROGRESS_POLL_S = 0.1  # how often a streaming request's replica looks at its progress
 INGRESS_HEADROOM = 8  # the ingress admits this many times what the generators hold and queue (plus 64)
 BODY_READERS = 4  # ... of which at most this many times what the generators hold and queue may be reading bodies
 
@@ -105,6 +110,9 @@ class Generator:
         self.generate_batch.set_batch_wait_timeout_s(options.batch_wait_s)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2c-generate")
         self._idle: asyncio.Event | None = None
+        self.running: set[str] = set()  # the keys of the jobs whose batch runs now
+        self.cancelled: set[str] = set()  # ... of those, the jobs whose client left (read by the worker thread)
+        self.progress: dict[str, Progress] = {}  # the latest progress of each running job (written by the worker)
         self.replica = serve.get_replica_context().replica_id.unique_id
         target = self.stages.target
         self.info = ModelInfo(config_name=engines.config.name, config=engines.manifest.config,
@@ -124,18 +132,50 @@ class Generator:
     async def generate(self, job: Job) -> JobResult:
         # Ray's batch loop forms the next batch as soon as the previous one starts; held here while a generation
         # runs, the jobs that arrive meanwhile reach the batch queue together when it ends, and merge.
-        await self._idle_event().wait()
-        result = await self.generate_batch(job)
+        try:
+            await self._idle_event().wait()
+            result = await self.generate_batch(job)
+        except asyncio.CancelledError:  # the client left: a waiting job leaves its batch, a running one is marked
+            if job.key in self.running:
+                self.cancelled.add(job.key)
+            raise
+        finally:
+            self.progress.pop(job.key, None)
         result.replica = self.replica
         return result
+
+    async def generate_stream(self, job: Job):
+        """`generate`, yielding the generation's `Progress` as it changes (polled), then the `JobResult`."""
+        task = asyncio.ensure_future(self.generate(job))
+        said = None
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=PROGRESS_POLL_S)
+                now = self.progress.get(job.key)
+                if now is not None and now != said and not task.done():
+                    said = now
+                    yield now
+            yield task.result()
+        finally:
+            task.cancel()
+
+    def _report(self, job: Job, progress: Progress) -> None:  # on the worker thread; one dict write
+        self.progress[job.key] = progress
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=batch_images)
     async def generate_batch(self, jobs: list[Job]) -> list[JobResult]:
         idle = self._idle_event()
         idle.clear()
+        keys = {job.key for job in jobs}
+        self.running |= keys
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.worker, run_batch, self.stages, jobs)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.worker, run_batch, self.stages, jobs, lambda job: job.key in self.cancelled, self._report)
         finally:
+            self.running -= keys
+            self.cancelled -= keys
+            for key in keys:
+                self.progress.pop(key, None)
             idle.set()
 
     def describe(self) -> ModelInfo:
@@ -203,20 +243,43 @@ class Ingress:
                                       body_readers=BODY_READERS * generator_capacity(options, self.max_batch),
                                       retry_after_s=options.retry_after_s)
 
-    async def _call(self, method: str, *args):
-        """A generator call, bounded in time; failures of the generators become 503 / 504 `ApiError`s."""
+    @contextmanager
+    def _failures(self):
+        """The generators' failures as 503 / 504 `ApiError`s."""
         retry = {"Retry-After": str(self.options.retry_after_s)}
-        response = getattr(self.generator, method).remote(*args)
         try:
-            return await asyncio.wait_for(_awaited(response), self.options.timeout_s)
+            yield
         except BackPressureError:
             raise ApiError(503, "the generators' queue is full; retry later", retry) from None
         except asyncio.TimeoutError:
-            response.cancel()
             raise ApiError(504, f"no answer within {self.options.timeout_s:g} s") from None
         except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
             raise ApiError(503, f"the replica failed during the request ({type(exc).__name__}); retry",
                            retry) from None
+
+    async def _call(self, method: str, *args):
+        """A generator call, bounded in time, cancelled when the client leaves."""
+        response = getattr(self.generator, method).remote(*args)
+        try:
+            with self._failures():
+                return await asyncio.wait_for(_awaited(response), self.options.timeout_s)
+        except BaseException:  # the timeout, or this request cancelled (its client left): so is the generator's
+            response.cancel()
+            raise
+
+    async def _streamed(self, job: Job):
+        """The generator's `generate_stream` of one job: its progress, then its result; bounded in time."""
+        response = self.generator.options(stream=True).generate_stream.remote(job)
+        deadline = time.monotonic() + self.options.timeout_s
+        try:
+            with self._failures():
+                while True:
+                    try:
+                        yield await asyncio.wait_for(response.__anext__(), max(0.0, deadline - time.monotonic()))
+                    except StopAsyncIteration:
+                        return
+        finally:  # the client left, or a failure: the generator's call ends too
+            response.cancel()
 
     async def _model(self) -> ModelInfo:
         if self.info is None:
@@ -240,13 +303,40 @@ class Ingress:
         return await self._model()
 
     @app.post("/v1/images", response_model=ImagesResponse,
-              responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or one PNG (a grid "
-                                         "for several images) with format png"}})
-    async def images(self, body: ImageRequest):
+              responses={**ERRORS, 200: {"content": {"image/png": {}, NDJSON: {}},
+                                         "description": "JSON; or one PNG (a grid for several images) with format "
+                                                        "png; or, with `Accept: application/x-ndjson`, progress "
+                                                        "events, one JSON object a line, ending with the JSON answer"}})
+    async def images(self, body: ImageRequest, request: Request):
         start = time.monotonic()
-        job = resolve(body, self.engines, self.max_batch)
+        job = resolve(body, self.engines, self.max_batch * MAX_PARTS)
         info = await self._model()
-        result: JobResult = await self._call("generate", job)
+        parts = split_job(job, self.max_batch)
+        if wants_stream(request.headers.get("accept")):
+            if body.format == "png":
+                raise ApiError(422, f"format: png does not stream; ask for json with Accept: {NDJSON}, or for png "
+                                    "without it")
+            return StreamingResponse(self._stream(body, job, parts, info, start), media_type=NDJSON)
+        results = [await self._call("generate", part) for part in parts]
+        return self._answer(body, job, joined(results), info, start)
+
+    async def _stream(self, body: ImageRequest, job: Job, parts: list[Job], info: ModelInfo, start: float):
+        """The streaming answer: each part's progress as it runs, then the JSON answer (or the error)."""
+        results = []
+        try:
+            for n, part in enumerate(parts):
+                async for item in self._streamed(part):
+                    if isinstance(item, Progress):
+                        yield progress_line(item, n, len(parts))
+                    else:
+                        results.append(item)
+            answer = self._answer(body, job, joined(results), info, start)
+            yield images_line(answer.model_dump(mode="json", by_alias=True))
+        except ApiError as exc:
+            yield error_line(exc.status, exc.message)
+
+    @staticmethod
+    def _answer(body: ImageRequest, job: Job, result: JobResult, info: ModelInfo, start: float):
         if result.error is not None:
             raise ApiError(500 if "non-finite" in result.error else 422, result.error)
         seeds = ",".join(str(s) for s in job.seeds)

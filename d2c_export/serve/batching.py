@@ -5,17 +5,25 @@ counted in images (`batch_images`); `run_batch` then groups them by their settin
 schedule, cfg, temperatures, top-k/top-p), and each group is one generation over the concatenated labels
 with every image's own seed, so an image does not depend on what it was merged with. Groups of one batch
 run one after another, in order of arrival.
+
+Cancellation (`cancelled`, asked of each job): a group leaves out the jobs cancelled before it starts, and a
+generation whose jobs are all cancelled stops at its next token or masked step (`progress.Watched`); a job
+cancelled while others share its generation is computed to the end with them and its images are dropped, so
+no other job's image changes.
 """
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from d2c_export.cli_support import USER_ERRORS, one_line
 from d2c_export.generate import generate_images
 from d2c_export.images import to_uint8
+from d2c_export.serve.progress import Cancelled, Progress, Watched
 from reference.pipeline import SamplingParams
 
 
@@ -27,6 +35,7 @@ class Job:
     seeds: tuple[int, ...]
     params: SamplingParams
     arrived: float = field(default_factory=time.monotonic)
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)  # names the job to its replica (progress, cancel)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -45,6 +54,7 @@ class JobResult:
     stages_s: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     replica: str = ""
+    cancelled: bool = False
 
 
 def settings_key(params: SamplingParams) -> tuple:
@@ -65,12 +75,28 @@ def group_by_settings(jobs: list[Job]) -> list[list[int]]:
     return list(groups.values())
 
 
-def run_group(stages, jobs: list[Job]) -> list[JobResult]:
-    """One generation for jobs of equal settings: their labels concatenated, each image with its own seed."""
+def _never(job: Job) -> bool:
+    return False
+
+
+def _nowhere(job: Job, progress: Progress) -> None:
+    return None
+
+
+def run_group(stages, jobs: list[Job], cancelled: Callable[[Job], bool] = _never,
+              report: Callable[[Job, Progress], None] = _nowhere) -> list[JobResult]:
+    """One generation for jobs of equal settings: their labels concatenated, each image with its own seed; its
+    progress reported for each job, and `Cancelled` raised once every job is cancelled."""
     labels = [c for j in jobs for c in j.labels]
     seeds = [s for j in jobs for s in j.seeds]
     start = time.monotonic()
-    result, timer = generate_images(stages, labels, jobs[0].params, seeds)
+
+    def report_all(progress: Progress) -> None:
+        for job in jobs:
+            report(job, progress)
+
+    watched = Watched(stages, jobs[0].params, report_all, lambda: all(cancelled(j) for j in jobs))
+    result, timer = generate_images(watched, labels, jobs[0].params, seeds)
     seconds = time.monotonic() - start
     images = to_uint8(result.images)
     tokens = None if result.discrete_ids is None else result.discrete_ids.tolist()
@@ -84,13 +110,19 @@ def run_group(stages, jobs: list[Job]) -> list[JobResult]:
     return out
 
 
-def run_batch(stages, jobs: list[Job]) -> list[JobResult]:
-    """Every job of a batch, one generation per settings group; a group that fails answers its jobs with the error
-    (the replica carries on)."""
-    results: list[JobResult | None] = [None] * len(jobs)
+def run_batch(stages, jobs: list[Job], cancelled: Callable[[Job], bool] = _never,
+              report: Callable[[Job, Progress], None] = _nowhere) -> list[JobResult]:
+    """Every job of a batch, one generation per settings group, without the jobs cancelled before their group
+    starts; a group that fails answers its jobs with the error (the replica carries on)."""
+    results: list[JobResult] = [JobResult(error="cancelled", cancelled=True) for _ in jobs]
     for group in group_by_settings(jobs):
+        group = [i for i in group if not cancelled(jobs[i])]
+        if not group:
+            continue
         try:
-            done = run_group(stages, [jobs[i] for i in group])
+            done = run_group(stages, [jobs[i] for i in group], cancelled, report)
+        except Cancelled:
+            continue
         except USER_ERRORS as exc:
             done = [JobResult(error=one_line(exc))] * len(group)
         for i, result in zip(group, done):

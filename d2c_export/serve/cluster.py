@@ -7,6 +7,7 @@ import logging
 import socket
 import time
 import urllib.request
+from contextlib import contextmanager
 from typing import Callable
 
 from d2c_export import ray_cluster
@@ -15,6 +16,20 @@ from d2c_export.serve.app import APP_NAME, GENERATOR, ServeOptions, build_app
 
 log = logging.getLogger("d2c")
 KEEP_ALIVE_S = 5  # an idle connection is closed this long after its last answer (Ray Serve's default: 90 s)
+EXISTING_SERVE = "Connecting to existing Serve app"  # what serve._run logs after serve.start, misleading here
+
+
+@contextmanager
+def _quiet(logger: logging.Logger, words: str):
+    """`logger` drops the records whose message contains `words` for the duration."""
+    def keep(record: logging.LogRecord) -> bool:
+        return words not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def deploy(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, request_timeout_s: float = 300,
@@ -30,8 +45,10 @@ def deploy(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, req
     except RayTaskError as exc:  # the proxy could not listen (on a cluster: the port is checked on the head node)
         raise EngineError(f"Ray Serve's HTTP proxy did not start on {host}:{port} ({exc.cause}); if the port is in "
                           f"use, pick another with --port") from None
-    # not serve.run: it waits, unbounded, for the application to run (forever for a replica that cannot be placed)
-    serve._run(app, _blocking=False, name=APP_NAME, route_prefix="/")
+    # not serve.run: it waits, unbounded, for the application to run (forever for a replica that cannot be placed);
+    # it finds the Serve that serve.start just started, and would log that it connects to an existing one
+    with _quiet(logging.getLogger("ray.serve"), EXISTING_SERVE):
+        serve._run(app, _blocking=False, name=APP_NAME, route_prefix="/")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     wait_healthy(url, ready_timeout_s, _application_state)
     return url

@@ -61,7 +61,7 @@ def test_requests_resolve_to_per_image_seeds_and_full_settings(tiny):
                   engines, 4)
     assert job.labels == (2, 2, 4, 4) and job.seeds == (10, 11, 12, 13)
     assert job.params.num_iter == 3 and job.params.diffusion_steps == engines.sampling.diffusion_steps
-    with pytest.raises(ApiError, match="max batch of 3"):
+    with pytest.raises(ApiError, match="limit of 3 images per request"):
         resolve(ImageRequest.model_validate({"class": [2, 4], "num_images": 2}), engines, 3)
     with pytest.raises(ApiError, match="top_k must be in"):
         resolve(ImageRequest.model_validate({"class": 1, "top_k": 10 ** 6}), engines, 4)

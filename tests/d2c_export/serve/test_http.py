@@ -103,7 +103,7 @@ def test_the_same_image_alone_batched_and_from_d2c_run(served, tmp_path, capsys)
 BAD = [  # (name, raw body or dict, status, words of the one-line error)
     ("unknown class", {"class": 10}, 422, "out of range"),
     ("negative class", {"class": [1, -1]}, 422, "out of range"),
-    ("too many images", {"class": [1, 2], "num_images": 3}, 422, "max batch"),
+    ("too many images", {"class": [1, 2], "num_images": 33}, 422, "limit of 64 images per request"),
     ("cfg NaN", b'{"class": 1, "cfg": NaN}', 422, "finite"),
     ("temperature inf", b'{"class": 1, "temperature": Infinity}', 422, "finite"),
     ("diffusion steps 0", {"class": 1, "diffusion_steps": 0}, 422, "diffusion_steps"),

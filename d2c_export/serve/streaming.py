@@ -1,0 +1,71 @@
+"""A request's images across several generations, and the streaming form of POST /v1/images.
+
+A request for more images than the max batch is split into parts of at most the max batch (`split_job`), which
+run one after another, each merged with whatever else reaches the replica meanwhile; their results are joined
+in order (`joined`). Every image keeps its own seed, so the split changes no image. At most `MAX_PARTS` parts.
+
+Streaming: a request with `Accept: application/x-ndjson` gets newline-delimited JSON, one object a line
+(`progress_line`, `images_line`, `error_line`): `{"event": "progress", ...}` as the generation advances, then
+`{"event": "images", ...}` with the JSON answer, or `{"event": "error", "status": ..., "error": ...}`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+
+from d2c_export.serve.batching import Job, JobResult
+from d2c_export.serve.progress import Progress
+
+MAX_PARTS = 16  # a request may ask for up to this many times the max batch; more is refused (422)
+NDJSON = "application/x-ndjson"
+
+
+def wants_stream(accept: str | None) -> bool:
+    """Whether the Accept header asks for the streaming form (newline-delimited JSON)."""
+    return NDJSON in (accept or "").lower()
+
+
+def split_job(job: Job, max_batch: int) -> list[Job]:
+    """The job as parts of at most `max_batch` images, in order, each image with its own label and seed."""
+    return [replace(job, labels=job.labels[i:i + max_batch], seeds=job.seeds[i:i + max_batch], key=f"{job.key}.{n}")
+            for n, i in enumerate(range(0, len(job), max_batch))]
+
+
+def joined(results: list[JobResult]) -> JobResult:
+    """The parts' results as one: images and tokens in order; the first error; the largest generation; the time
+    of all the generations and the wait for the first."""
+    failed = next((r for r in results if r.error is not None), None)
+    if failed is not None or len(results) == 1:
+        return failed or results[0]
+    tokens = None if results[0].tokens is None else [t for r in results for t in r.tokens]
+    stages: dict[str, float] = {}
+    for r in results:
+        for name, seconds in r.stages_s.items():
+            stages[name] = stages.get(name, 0.0) + seconds
+    return JobResult(images=np.concatenate([r.images for r in results]), tokens=tokens,
+                     batch_size=max(r.batch_size for r in results),
+                     batch_requests=max(r.batch_requests for r in results),
+                     queue_s=results[0].queue_s, generation_s=sum(r.generation_s for r in results), stages_s=stages,
+                     replica=",".join(dict.fromkeys(r.replica for r in results)))
+
+
+def _line(event: str, body: dict) -> bytes:
+    return (json.dumps({"event": event, **body}) + "\n").encode()
+
+
+def progress_line(progress: Progress, part: int, parts: int) -> bytes:
+    """A progress event of part `part` (0-based) of `parts`; its fraction is of the whole request."""
+    return _line("progress", {**progress.as_dict(), "part": part + 1, "parts": parts,
+                              "fraction": round((part + progress.fraction) / parts, 4)})
+
+
+def images_line(answer: dict) -> bytes:
+    """The last event: the JSON answer of the non-streaming form."""
+    return _line("images", answer)
+
+
+def error_line(status: int, message: str) -> bytes:
+    """The last event of a request that failed: the status and the one-line error the plain form would answer."""
+    return _line("error", {"status": status, "error": message})
