@@ -93,6 +93,8 @@ class ModelInfo(BaseModel):
     config_name: str
     config: dict
     classes: int
+    class_names: list[str] = Field(description="a name per class: the shape and colour for the demo model, else the "
+                                               "class number")
     image_size: int
     max_batch: int = Field(description="images per generation (and per request) this server admits")
     exported_max_batch: int
@@ -106,10 +108,24 @@ class Health(BaseModel):
     status: Literal["ok"]
     replica: str
     actor: str = Field(description="the replica's Ray actor name")
+    dropped_jobs: int = Field(0, description="requests (or parts) whose client left and whose work this replica "
+                                             "dropped: left out of their generation, or their generation stopped")
 
 
 class ErrorBody(BaseModel):
     error: str = Field(description="one line naming the problem")
+
+
+DEMO_CONFIG = "d2c-demo"  # trained on the synthetic shapes, whose classes have names (training.data.CLASSES)
+
+
+def class_names(config_name: str, classes: int) -> list[str]:
+    """A name per class, as the page shows them: "red circle" for the demo model's classes, else "0", "1", ..."""
+    if config_name == DEMO_CONFIG:
+        from training.data import CLASSES
+        if len(CLASSES) == classes:
+            return [f"{colour} {shape}" for shape, colour in CLASSES]
+    return [str(c) for c in range(classes)]
 
 
 def validation_message(exc: ValidationError | list) -> str:

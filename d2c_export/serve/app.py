@@ -34,7 +34,7 @@ from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
 from d2c_export.export.manifest import MANIFEST
 from d2c_export.serve.api import (ApiError, ErrorBody, Health, ImageOut, ImageRequest, ImagesResponse, ModelInfo,
-                                  Timings, resolve, validation_message)
+                                  Timings, class_names, resolve, validation_message)
 from d2c_export.serve.batching import Job, JobResult, batch_images, run_batch
 from d2c_export.serve.guard import BODY_TIMEOUT_S, GuardLimits, RequestGuard
 from d2c_export.serve.progress import Progress
@@ -113,10 +113,12 @@ class Generator:
         self.running: set[str] = set()  # the keys of the jobs whose batch runs now
         self.cancelled: set[str] = set()  # ... of those, the jobs whose client left (read by the worker thread)
         self.progress: dict[str, Progress] = {}  # the latest progress of each running job (written by the worker)
+        self.dropped = 0  # jobs whose work was dropped because their client left
         self.replica = serve.get_replica_context().replica_id.unique_id
         target = self.stages.target
         self.info = ModelInfo(config_name=engines.config.name, config=engines.manifest.config,
                               classes=engines.config.num_classes, image_size=engines.config.image_size,
+                              class_names=class_names(engines.config.name, engines.config.num_classes),
                               max_batch=self.max_batch, exported_max_batch=engines.max_batch,
                               backend=self.stages.description, precision=target.precision.value,
                               sampling=engines.sampling.as_dict(),
@@ -169,8 +171,10 @@ class Generator:
         keys = {job.key for job in jobs}
         self.running |= keys
         try:
-            return await asyncio.get_running_loop().run_in_executor(
+            results = await asyncio.get_running_loop().run_in_executor(
                 self.worker, run_batch, self.stages, jobs, lambda job: job.key in self.cancelled, self._report)
+            self.dropped += sum(r.cancelled for r in results)
+            return results
         finally:
             self.running -= keys
             self.cancelled -= keys
@@ -183,7 +187,8 @@ class Generator:
 
     def health(self) -> Health:
         import ray
-        return Health(status="ok", replica=self.replica, actor=ray.get_runtime_context().get_actor_name())
+        return Health(status="ok", replica=self.replica, actor=ray.get_runtime_context().get_actor_name(),
+                      dropped_jobs=self.dropped)
 
 
 app = FastAPI(title="D2C image generation", version="1",
@@ -289,6 +294,11 @@ class Ingress:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self):
         return HTMLResponse(resources.files("d2c_export.serve").joinpath("page.html").read_text())
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon(self):
+        return Response(resources.files("d2c_export.serve").joinpath("favicon.svg").read_bytes(),
+                        media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/v1/health", response_model=Health, responses=ERRORS)
     async def health(self):

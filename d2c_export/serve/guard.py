@@ -10,8 +10,8 @@ as it likes. `RequestGuard` (ASGI middleware of the ingress) therefore, for ever
    `body_timeout_s` (408) and the size limit however it is sent, chunked or not (413);
 4. hands the application the body it read.
 
-Each refusal is one line of JSON and closes the connection. The public paths (health, the page, the docs) read no
-body and pass through.
+Each refusal is one line of JSON and closes the connection. The public paths (health, the page and its icon, the
+docs) read no body and pass through.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from d2c_export.cli_support import one_line
 from d2c_export.serve.api import MAX_BODY_BYTES, authorized
 
-PUBLIC_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 BODY_TIMEOUT_S = 10.0  # a request's body (at most MAX_BODY_BYTES) must have arrived this long after its headers
 
 
