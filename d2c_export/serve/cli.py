@@ -156,11 +156,13 @@ def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_m
 
 
 @click.command(cls=Command, help="Load the HTTP API with concurrent clients on loopback, once per --max-batch (side "
-               "by side: batching on and off), optionally killing a replica mid-run. Sampling flags are sent with "
-               "every request.")
+               "by side: batching on and off), optionally killing a replica mid-run; or, with --url, a server already "
+               "running, once. Sampling flags are sent with every request.")
 @engines_option
 @backend_options
 @replica_options
+@click.option("--url", default=None, help="load the server already running at this address (http://HOST:PORT) "
+              "instead of starting one: one run at its own max batch; D2C_SERVE_TOKEN is sent as the bearer token")
 @click.option("--max-batches", "max_batches", default="16,1", show_default=True, callback=_int_list,
               help="one run per value of the server's max batch")
 @click.option("--clients", type=click.IntRange(1, 256), default=16, show_default=True)
@@ -176,48 +178,73 @@ def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_m
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write every run as JSON here")
 @quiet_option
 def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue, replica_cpus,
-             gpus_per_replica, threads, port, address, num_cpus, max_batches, clients, requests, duration,
+             gpus_per_replica, threads, port, address, num_cpus, url, max_batches, clients, requests, duration,
              kill_replica_at, slow_clients, json_path, quiet, **flags):
     from d2c_export.serve import cluster
-    from d2c_export.serve.load import default_body, markdown, post_json, run_load
-    from d2c_export.serve.slow_clients import stall_markdown, stall_report
     _logging(quiet)
     _checked_out(json_path)
     if max_batch is not None:
         raise click.UsageError("--max-batch: give the runs' max batches with --max-batches")
     settings = {k: (v.value if hasattr(v, "value") else v) for k, v in flags.items()
                 if k in SAMPLING_FIELDS and v is not None}
-    runs = [(f"max batch {b}", b, None) for b in max_batches]
-    if kill_replica_at is not None:
-        runs.append((f"max batch {max_batches[0]}, replica killed", max_batches[0], kill_replica_at))
     token = serve_token()
-    checked = [_serve_options(engines_dir, backend, precision, replicas, b, batch_wait_ms, max_queue, replica_cpus,
-                              threads, token) for _, b, _ in runs]
-    _refuse_before_ray(checked[0], gpus_per_replica, address, num_cpus, "127.0.0.1", port)
-    log_auth(token, "127.0.0.1", port)
+    load = dict(clients=clients, requests=requests, duration=duration, slow_clients=slow_clients, token=token,
+                settings=settings)
     reports, stalls = [], []
-    try:
-        for (label, _, kill_at), options in zip(runs, checked):
-            url = _start(options, gpus_per_replica, address, num_cpus, "127.0.0.1", port)
-            classes = json.loads(_get(url, "/v1/model", token))["classes"]
-            body = lambda i: default_body(i, classes, settings)  # noqa: E731
-            run_load(url, min(clients, replicas * 2), 2 * replicas, duration, body, timeout_s=120, token=token)
-            if slow_clients and not reports:
-                log.info("%d stalled connections of each kind ...", slow_clients)
-                stalls = stall_report(url, slow_clients, token, json.dumps(body(0)).encode())
-            log.info("run %r: %d clients, %d requests ...", label, clients, requests)
-            report = run_load(url, clients, requests, duration, body, label, token=token, fault_at_s=kill_at,
-                              fault=None if kill_at is None else (lambda: f"killed {cluster.kill_replica()}"))
-            if kill_at is not None:
-                back = cluster.wait_replicas(replicas, 120, after_kill=True)
-                probes = [post_json(url, "/v1/images", body(10_000 + i), 120, token)[0] for i in range(4)]
-                report.fault += f"; {replicas} replica(s) running again {back:.1f} s after the check began; " \
-                                f"probes after: {probes}"
-                if any(p != 200 for p in probes):
-                    raise EngineError(f"serving did not recover after the replica kill (probe statuses {probes})")
-            reports.append(report)
-    finally:
-        cluster.shutdown()
+    if url is not None:
+        if kill_replica_at is not None:
+            raise click.UsageError("--kill-replica-at kills a replica of the server this command starts; leave out "
+                                   "--url to start one")
+        url = url.rstrip("/")
+        cluster.wait_healthy(url, 30)
+        reports.append(_load_run(url, url, 1, None, stalls, **load))
+    else:
+        runs = [(f"max batch {b}", b, None) for b in max_batches]
+        if kill_replica_at is not None:
+            runs.append((f"max batch {max_batches[0]}, replica killed", max_batches[0], kill_replica_at))
+        checked = [_serve_options(engines_dir, backend, precision, replicas, b, batch_wait_ms, max_queue,
+                                  replica_cpus, threads, token) for _, b, _ in runs]
+        _refuse_before_ray(checked[0], gpus_per_replica, address, num_cpus, "127.0.0.1", port)
+        log_auth(token, "127.0.0.1", port)
+        try:
+            for (label, _, kill_at), options in zip(runs, checked):
+                started = _start(options, gpus_per_replica, address, num_cpus, "127.0.0.1", port)
+                reports.append(_load_run(started, label, replicas, kill_at, stalls, **load))
+        finally:
+            cluster.shutdown()
+    _print_reports(reports, stalls, settings, json_path)
+    return 0
+
+
+def _load_run(url: str, label: str, replicas: int, kill_at: float | None, stalls: list, *, clients: int,
+              requests: int, duration: float, slow_clients: int, token: str | None, settings: dict):
+    """One run of `d2c-serve-load` against the server at `url`: a warm-up, the stalled connections (first run
+    only), the run itself and, with `kill_at`, the replica kill and the check that serving recovers."""
+    from d2c_export.serve import cluster
+    from d2c_export.serve.load import default_body, post_json, run_load
+    from d2c_export.serve.slow_clients import stall_report
+    classes = json.loads(_get(url, "/v1/model", token))["classes"]
+    body = lambda i: default_body(i, classes, settings)  # noqa: E731
+    run_load(url, min(clients, replicas * 2), 2 * replicas, duration, body, timeout_s=120, token=token)
+    if slow_clients and not stalls:
+        log.info("%d stalled connections of each kind ...", slow_clients)
+        stalls.extend(stall_report(url, slow_clients, token, json.dumps(body(0)).encode()))
+    log.info("run %r: %d clients, %d requests ...", label, clients, requests)
+    report = run_load(url, clients, requests, duration, body, label, token=token, fault_at_s=kill_at,
+                      fault=None if kill_at is None else (lambda: f"killed {cluster.kill_replica()}"))
+    if kill_at is not None:
+        back = cluster.wait_replicas(replicas, 120, after_kill=True)
+        probes = [post_json(url, "/v1/images", body(10_000 + i), 120, token)[0] for i in range(4)]
+        report.fault += f"; {replicas} replica(s) running again {back:.1f} s after the check began; " \
+                        f"probes after: {probes}"
+        if any(p != 200 for p in probes):
+            raise EngineError(f"serving did not recover after the replica kill (probe statuses {probes})")
+    return report
+
+
+def _print_reports(reports: list, stalls: list, settings: dict, json_path: str | None) -> None:
+    from d2c_export.serve.load import markdown
+    from d2c_export.serve.slow_clients import stall_markdown
     summaries = [r.summary() for r in reports]
     print(markdown(summaries))
     if stalls:
@@ -228,7 +255,6 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
     if json_path:
         from reference.files import write_json_atomic
         write_json_atomic(json_path, {"settings": settings, "runs": [r.to_dict() for r in reports], "stalls": stalls})
-    return 0
 
 
 def _get(url: str, path: str, token: str | None) -> str:

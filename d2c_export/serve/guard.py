@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse
 from d2c_export.cli_support import one_line
 from d2c_export.serve.api import MAX_BODY_BYTES, authorized
 
-PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json",
+                          "/redoc"})
 BODY_TIMEOUT_S = 10.0  # a request's body (at most MAX_BODY_BYTES) must have arrived this long after its headers
 
 
