@@ -122,3 +122,11 @@ def test_the_page_before_any_image_names_the_classes_and_shows_no_image(served):
     assert all(f'<option value="{c}">{c}</option>' in dom for c in range(10))  # d2c-tiny's classes: numbers
     image = dom[dom.index('<img id="image"'):]
     assert " hidden" in image[:image.index(">")]  # no empty (broken-image) frame before the first image
+
+
+def test_the_demo_classes_are_named_by_shape_and_colour_and_others_by_number():
+    from d2c_export.serve.api import class_names
+    from training.data import CLASSES
+    demo = class_names("d2c-demo", len(CLASSES))
+    assert demo[0] == "red circle" and len(set(demo)) == len(CLASSES)
+    assert class_names("d2c-tiny", 3) == ["0", "1", "2"]
