@@ -265,26 +265,27 @@ class Ingress:
     async def _call(self, method: str, *args):
         """A generator call, bounded in time, cancelled when the client leaves."""
         response = getattr(self.generator, method).remote(*args)
-        try:
-            with self._failures():
+        with self._failures():
+            try:
                 return await asyncio.wait_for(_awaited(response), self.options.timeout_s)
-        except BaseException:  # the timeout, or this request cancelled (its client left): so is the generator's
-            response.cancel()
-            raise
+            except (asyncio.TimeoutError, asyncio.CancelledError):  # the client left: the generator's call ends too
+                response.cancel()
+                raise
 
     async def _streamed(self, job: Job):
         """The generator's `generate_stream` of one job: its progress, then its result; bounded in time."""
         response = self.generator.options(stream=True).generate_stream.remote(job)
         deadline = time.monotonic() + self.options.timeout_s
-        try:
-            with self._failures():
+        with self._failures():
+            try:
                 while True:
                     try:
                         yield await asyncio.wait_for(response.__anext__(), max(0.0, deadline - time.monotonic()))
                     except StopAsyncIteration:
                         return
-        finally:  # the client left, or a failure: the generator's call ends too
-            response.cancel()
+            except (asyncio.TimeoutError, asyncio.CancelledError, GeneratorExit):  # the client left: so does the call
+                response.cancel()
+                raise
 
     async def _model(self) -> ModelInfo:
         if self.info is None:
