@@ -6,10 +6,9 @@ schedule, cfg, temperatures, top-k/top-p), and each group is one generation over
 with every image's own seed, so an image does not depend on what it was merged with. Groups of one batch
 run one after another, in order of arrival.
 
-Cancellation (`cancelled`, asked of each job): a group leaves out the jobs cancelled before it starts, and a
-generation whose jobs are all cancelled stops at its next token or masked step (`progress.Watched`); a job
-cancelled while others share its generation is computed to the end with them and its images are dropped, so
-no other job's image changes.
+Cancellation (`cancelled`, asked of each job): a group leaves out the jobs cancelled before it starts; in a
+running generation, the rows of a cancelled job leave at the next masked step, and a generation whose jobs are all
+cancelled stops at its next token or masked step (`progress.Watched`); no other job's image changes.
 """
 from __future__ import annotations
 
@@ -95,18 +94,21 @@ def run_group(stages, jobs: list[Job], cancelled: Callable[[Job], bool] = _never
         for job in jobs:
             report(job, progress)
 
-    watched = Watched(stages, jobs[0].params, report_all, lambda: all(cancelled(j) for j in jobs))
+    watched = Watched(stages, jobs[0].params, [len(j) for j in jobs], report_all, lambda j: cancelled(jobs[j]))
     result, timer = generate_images(watched, labels, jobs[0].params, seeds)
     seconds = time.monotonic() - start
     images = to_uint8(result.images)
     tokens = None if result.discrete_ids is None else result.discrete_ids.tolist()
     out, offset = [], 0
-    for job in jobs:
+    for j, job in enumerate(jobs):
         part = slice(offset, offset + len(job))
+        offset += len(job)
+        if j in watched.gone:  # its rows left the generation: nothing of it is kept
+            out.append(JobResult(error="cancelled", cancelled=True, batch_size=len(labels), batch_requests=len(jobs)))
+            continue
         out.append(JobResult(images=images[part], tokens=None if tokens is None else tokens[part],
                              batch_size=len(labels), batch_requests=len(jobs), queue_s=start - job.arrived,
                              generation_s=seconds, stages_s=dict(timer.seconds)))
-        offset += len(job)
     return out
 
 

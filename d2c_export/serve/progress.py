@@ -1,15 +1,22 @@
 """A generation's progress and its cancellation, seen from its stage calls (the loop itself stays as it is).
 
-`Watched` wraps a replica's stages for one generation: before each stage call it asks whether every job of the
-generation was cancelled (then it raises `Cancelled` and the generation's work is dropped), and after it records
-where the generation is: the stage (`discrete` tokens, `masked` steps, `decode`), the step within it and the
-fraction of all the generation's stage calls done, which the replica streams to the clients that asked for it.
+`Watched` wraps a replica's stages for one generation of several jobs (requests), their images in job order:
+
+- before each discrete token, masked step and the decoder it asks which jobs were cancelled: when all were, it
+  raises `Cancelled` and the generation's work is dropped; at a masked step, the rows of the jobs cancelled since
+  leave the generation: from then on the masked steps, their denoising and the decoder run on the other rows
+  only, and the left rows' outputs are zeros that no one reads. The stages compute row by row (each image's rows
+  read only themselves, and ONNX Runtime's CPU GEMM sums each output row in one fixed order whatever the row
+  count), so the rows that stay come out as they would have: tested bit for bit on ONNX Runtime;
+- after each call it records where the generation is: the stage (`discrete` tokens, `masked` steps, `decode`),
+  the step within it and the fraction of all its stage calls done, which the replica streams to its clients.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from d2c_export.backends.base import Wrapper
@@ -49,16 +56,21 @@ def stage_calls(stages, params: SamplingParams) -> dict[str, int]:
 
 
 class Watched(Wrapper):
-    """Stages that report each call's progress to `report` and stop with `Cancelled` once `stopped()` says so."""
+    """Stages that report each call's progress to `report`; `sizes`: the images of each job, in row order;
+    `cancelled(j)`: whether job j's client left (its rows leave at the next masked step, `Cancelled` once all did)."""
 
-    def __init__(self, inner, params: SamplingParams, report: Callable[[Progress], None],
-                 stopped: Callable[[], bool]):
+    def __init__(self, inner, params: SamplingParams, sizes: list[int], report: Callable[[Progress], None],
+                 cancelled: Callable[[int], bool]):
         super().__init__(inner)
         self.expected = stage_calls(inner, params)
         self.total = sum(self.expected.values())
         self.done = {name: 0 for name in self.expected}
         self.report = report
-        self.stopped = stopped
+        self.cancelled = cancelled
+        self.sizes = sizes
+        self.images = sum(sizes)
+        self.gone: set[int] = set()  # the jobs whose rows left the generation
+        self.live: Tensor | None = None  # the image rows still generated; None: all
 
     def _count(self, stage: str, calls: int = 1) -> None:
         self.done[stage] = self.done.get(stage, 0) + calls
@@ -71,12 +83,60 @@ class Watched(Wrapper):
             step, steps = 1, 1
         self.report(Progress(phase, step, steps, min(1.0, sum(self.done.values()) / self.total)))
 
-    def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        if stage in STOP_BEFORE and self.stopped():
+    def _check(self, stage: str) -> None:
+        gone = self.gone | {j for j in range(len(self.sizes)) if self.cancelled(j)}
+        if len(gone) == len(self.sizes):
             raise Cancelled
-        out = self.inner.run(stage, inputs)
+        if stage == "mar" and gone != self.gone:  # a masked-step boundary: the cancelled jobs' rows leave
+            self.gone = gone
+            starts = [sum(self.sizes[:j]) for j in range(len(self.sizes))]
+            self.live = torch.tensor([starts[j] + i for j, size in enumerate(self.sizes) if j not in gone
+                                      for i in range(size)])
+
+    def _grouped(self, rows: Tensor, count: int, per_group: int) -> Tensor:
+        """`rows` of each of the `count // per_group` groups (guided and unguided halves) of a batch-first input."""
+        return torch.cat([rows + g * per_group for g in range(count // per_group)])
+
+    def _on_live_rows(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """A batch-first stage call (every input has groups x images rows) on the live rows; the others' outputs
+        are zeros."""
+        first = next(iter(inputs.values()))
+        rows = self._grouped(self.live.to(first.device), first.shape[0], self.images)
+        outs = self.inner.run(stage, {name: t[rows] for name, t in inputs.items()})
+        full = []
+        for out in outs:
+            whole = out.new_zeros((first.shape[0], *out.shape[1:]))
+            whole[rows.to(out.device)] = out
+            full.append(whole)
+        return tuple(full)
+
+    def _batch_first(self, inputs: dict[str, Tensor]) -> bool:
+        counts = {t.shape[0] if t.dim() else 0 for t in inputs.values()}
+        return len(counts) == 1 and counts.pop() % self.images == 0
+
+    def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        if stage in STOP_BEFORE:
+            self._check(stage)
+        if self.live is not None and stage not in ("gpt", "cond", "diffusion") and self._batch_first(inputs):
+            out = self._on_live_rows(stage, inputs)
+        else:
+            out = self.inner.run(stage, inputs)
         self._count(stage)
         return out
+
+    def denoise(self, feeds: dict[str, Tensor]) -> Tensor:
+        """A masked step's denoising on the live rows: noise (T + 1, N, C), z (G * N, Dz), N = images x tokens."""
+        if self.live is None:
+            return super().denoise(feeds)
+        count = feeds["noise"].shape[1]
+        per_image = count // self.images
+        live = self.live.to(feeds["noise"].device)
+        rows = (live[:, None] * per_image + torch.arange(per_image, device=live.device)).reshape(-1)
+        x = super().denoise({**feeds, "noise": feeds["noise"][:, rows],
+                             "z": feeds["z"][self._grouped(rows.to(feeds["z"].device), feeds["z"].shape[0], count)]})
+        whole = x.new_zeros((count, *x.shape[1:]))
+        whole[rows.to(x.device)] = x
+        return whole
 
     def replay_denoise(self, feeds: dict[str, Tensor]) -> Tensor:
         out = self.inner.denoise(feeds)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from d2c_export.backends import open_backend
+from d2c_export.backends.base import Wrapper
 from d2c_export.engines import Engines
 from d2c_export.serve.batching import Job, run_batch
 from d2c_export.serve.progress import stage_calls
@@ -67,16 +68,40 @@ def test_a_generation_whose_jobs_are_all_cancelled_stops_at_its_next_step(backen
     assert len(seen) < sum(stage_calls(backend, FAST).values()) and seen[-1].fraction < 1.0
 
 
-def test_a_neighbour_cancelled_mid_generation_changes_no_other_image(backend):
+class RowsSeen(Wrapper):
+    """The first dimension of each stage call's first input, by stage."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.seen: dict[str, set[int]] = {}
+
+    def run(self, stage, inputs):
+        self.seen.setdefault(stage, set()).add(next(iter(inputs.values())).shape[0])
+        return self.inner.run(stage, inputs)
+
+
+LEAVES = {  # when the neighbour's client leaves, and the rows the masked steps saw (guided: 2 row groups)
+    "during the discrete tokens": (lambda seen: len(seen) > 5, {2 * 1}),
+    "after the first masked step": (lambda seen: any(p.stage == "masked" and p.step >= 1 for p in seen), {6, 2}),
+}
+
+
+@pytest.mark.parametrize("when", list(LEAVES))
+def test_a_neighbour_cancelled_mid_generation_changes_no_other_image(backend, when):
     def both():
         return _job([4], 21), _job([6, 2], 300)
 
     mine, neighbour = both()
+    left, masked_rows = LEAVES[when]
     seen = []
-    cancelled_results = run_batch(backend, [mine, neighbour], cancelled=lambda j: j is neighbour and len(seen) > 5,
+    rows = RowsSeen(backend)
+    cancelled_results = run_batch(rows, [mine, neighbour], cancelled=lambda j: j is neighbour and left(seen),
                                   report=lambda j, p: seen.append(p))
     plain = run_batch(backend, list(both()))
+    # 3 images' rows for the discrete tokens, then the masked steps and the decoder on mine from the next step on
+    assert rows.seen["gpt"] == {2 * 3} and rows.seen["mar"] == masked_rows and rows.seen["vae"] == {1}
     assert cancelled_results[0].batch_size == 3  # it shared the generation with the cancelled neighbour
+    assert cancelled_results[1].cancelled and cancelled_results[1].images is None  # whose rows left it
     assert np.array_equal(cancelled_results[0].images, plain[0].images)  # bit for bit
     assert cancelled_results[0].tokens == plain[0].tokens
 
