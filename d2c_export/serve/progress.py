@@ -117,21 +117,40 @@ class Watched(Wrapper):
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
         if stage in STOP_BEFORE:
             self._check(stage)
-        if self.live is not None and stage not in ("gpt", "cond", "diffusion") and self._batch_first(inputs):
+        if self.live is not None and stage == "diffusion":
+            out = self._denoising_step(inputs)
+        elif self.live is not None and stage not in ("gpt", "cond") and self._batch_first(inputs):
             out = self._on_live_rows(stage, inputs)
         else:
             out = self.inner.run(stage, inputs)
         self._count(stage)
         return out
 
+    def _token_rows(self, count: int, device) -> Tensor:
+        """The live images' rows of a masked step's N = images x tokens rows (batch-major)."""
+        per_image = count // self.images
+        live = self.live.to(device)
+        return (live[:, None] * per_image + torch.arange(per_image, device=device)).reshape(-1)
+
+    def _denoising_step(self, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """One denoising step (`reference.diffusion.denoise_steps`' feeds: x and noise (N, C), z (G * N, Dz)) on the
+        live rows; the others' x are zeros."""
+        x = inputs["x"]
+        rows = self._token_rows(x.shape[0], x.device)
+        z = inputs["z"]
+        out, = self.inner.run("diffusion", {**inputs, "x": x[rows], "noise": inputs["noise"][rows],
+                                            "z": z[self._grouped(rows.to(z.device), z.shape[0], x.shape[0])]})
+        whole = out.new_zeros((x.shape[0], *out.shape[1:]))
+        whole[rows.to(out.device)] = out
+        return (whole,)
+
     def denoise(self, feeds: dict[str, Tensor]) -> Tensor:
-        """A masked step's denoising on the live rows: noise (T + 1, N, C), z (G * N, Dz), N = images x tokens."""
-        if self.live is None:
+        """A masked step's denoising replayed as one graph (`replay_denoise`), on the live rows: noise (T + 1, N, C),
+        z (G * N, Dz). Uncaptured, its steps pass `run` one by one."""
+        if self.live is None or not self.graphs_denoise:
             return super().denoise(feeds)
         count = feeds["noise"].shape[1]
-        per_image = count // self.images
-        live = self.live.to(feeds["noise"].device)
-        rows = (live[:, None] * per_image + torch.arange(per_image, device=live.device)).reshape(-1)
+        rows = self._token_rows(count, feeds["noise"].device)
         x = super().denoise({**feeds, "noise": feeds["noise"][:, rows],
                              "z": feeds["z"][self._grouped(rows.to(feeds["z"].device), feeds["z"].shape[0], count)]})
         whole = x.new_zeros((count, *x.shape[1:]))

@@ -69,20 +69,20 @@ def test_a_generation_whose_jobs_are_all_cancelled_stops_at_its_next_step(backen
 
 
 class RowsSeen(Wrapper):
-    """The first dimension of each stage call's first input, by stage."""
+    """The first dimension of each stage call's first input, by stage, in call order."""
 
     def __init__(self, inner):
         super().__init__(inner)
-        self.seen: dict[str, set[int]] = {}
+        self.seen: dict[str, list[int]] = {}
 
     def run(self, stage, inputs):
-        self.seen.setdefault(stage, set()).add(next(iter(inputs.values())).shape[0])
+        self.seen.setdefault(stage, []).append(next(iter(inputs.values())).shape[0])
         return self.inner.run(stage, inputs)
 
 
-LEAVES = {  # when the neighbour's client leaves, and the rows the masked steps saw (guided: 2 row groups)
-    "during the discrete tokens": (lambda seen: len(seen) > 5, {2 * 1}),
-    "after the first masked step": (lambda seen: any(p.stage == "masked" and p.step >= 1 for p in seen), {6, 2}),
+LEAVES = {  # when the neighbour's client leaves, and the masked steps run before its rows leave
+    "during the discrete tokens": (lambda seen: len(seen) > 5, 0),
+    "after the first masked step": (lambda seen: any(p.stage == "masked" and p.step >= 1 for p in seen), 1),
 }
 
 
@@ -92,14 +92,21 @@ def test_a_neighbour_cancelled_mid_generation_changes_no_other_image(backend, wh
         return _job([4], 21), _job([6, 2], 300)
 
     mine, neighbour = both()
-    left, masked_rows = LEAVES[when]
+    left, before = LEAVES[when]
     seen = []
     rows = RowsSeen(backend)
     cancelled_results = run_batch(rows, [mine, neighbour], cancelled=lambda j: j is neighbour and left(seen),
                                   report=lambda j, p: seen.append(p))
-    plain = run_batch(backend, list(both()))
-    # 3 images' rows for the discrete tokens, then the masked steps and the decoder on mine from the next step on
-    assert rows.seen["gpt"] == {2 * 3} and rows.seen["mar"] == masked_rows and rows.seen["vae"] == {1}
+    all_rows = RowsSeen(backend)
+    plain = run_batch(all_rows, list(both()))
+    # 3 images' rows (2 groups under guidance) for the discrete tokens and the masked steps before it leaves, then
+    # mine alone for the masked steps, their denoising and the decoder
+    assert rows.seen["gpt"] == all_rows.seen["gpt"] == [2 * 3] * backend.config.gpt.block_size
+    assert rows.seen["mar"] == [2 * 3] * before + [2 * 1] * (FAST.num_iter - before)
+    steps = before * FAST.diffusion_steps
+    denoised = all_rows.seen["diffusion"]
+    assert rows.seen["diffusion"] == denoised[:steps] + [n // 3 for n in denoised[steps:]]
+    assert rows.seen["vae"] == [1] and all_rows.seen["vae"] == [3]
     assert cancelled_results[0].batch_size == 3  # it shared the generation with the cancelled neighbour
     assert cancelled_results[1].cancelled and cancelled_results[1].images is None  # whose rows left it
     assert np.array_equal(cancelled_results[0].images, plain[0].images)  # bit for bit
