@@ -112,7 +112,10 @@ def _pair(served, leave: bool) -> dict:
 
 
 def test_a_neighbour_that_leaves_changes_no_other_image(served):
-    with_leaver, with_stayer = _pair(served, leave=True), _pair(served, leave=False)
+    before = _health(served)["dropped_jobs"]
+    with_leaver = _pair(served, leave=True)
+    assert _health(served)["dropped_jobs"] == before + 1  # its rows left the generation (or it was left out)
+    with_stayer = _pair(served, leave=False)
     assert with_leaver["batch_size"] == with_stayer["batch_size"] == 2  # merged with the neighbour both times
     mine, again = with_leaver["images"][0], with_stayer["images"][0]
     assert base64.b64decode(mine["png_base64"]) == base64.b64decode(again["png_base64"])  # bit for bit
