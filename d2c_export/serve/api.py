@@ -108,6 +108,7 @@ class Health(BaseModel):
     status: Literal["ok"]
     replica: str
     actor: str = Field(description="the replica's Ray actor name")
+    running_jobs: int = Field(0, description="requests (or parts) in the generation this replica runs now")
     dropped_jobs: int = Field(0, description="requests (or parts) whose client left and whose work this replica "
                                              "dropped: left out of their generation, or their generation stopped")
 

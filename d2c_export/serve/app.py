@@ -188,7 +188,7 @@ class Generator:
     def health(self) -> Health:
         import ray
         return Health(status="ok", replica=self.replica, actor=ray.get_runtime_context().get_actor_name(),
-                      dropped_jobs=self.dropped)
+                      running_jobs=len(self.running), dropped_jobs=self.dropped)
 
 
 app = FastAPI(title="D2C image generation", version="1",

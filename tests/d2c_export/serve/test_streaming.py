@@ -37,7 +37,7 @@ class Stream:
                 yield json.loads(line)
 
     def close(self) -> None:
-        self.connection.sock.close()  # as a client that leaves: the socket closes under the answer
+        self.reply.close()  # as a client that leaves: the socket closes under the answer
         self.connection.close()
 
 
@@ -73,16 +73,29 @@ def test_the_streaming_form_answers_a_bad_request_as_the_plain_form_does(served)
     assert status == 422 and "does not stream" in json.loads(raw)["error"]
 
 
-def test_a_client_that_leaves_has_its_generation_dropped(served):
+def _wait_for(served, what: str, value: int, timeout_s: float = 60) -> int:
+    """Poll the replica's health (bounded) until `what` reaches `value`; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while (now := _health(served)[what]) != value and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return now
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "plain"])
+def test_a_client_that_leaves_has_its_generation_dropped(served, stream):
     before = _health(served)["dropped_jobs"]
-    stream = Stream(served, {"class": 2, "seed": 5, **LONG})
-    first = next(stream.events())
-    assert first["event"] == "progress"
-    stream.close()
-    deadline = time.monotonic() + 60  # bounded wait for the replica to stop the generation at its next step
-    while _health(served)["dropped_jobs"] == before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _health(served)["dropped_jobs"] == before + 1
+    if stream:
+        client = Stream(served, {"class": 2, "seed": 5, **LONG})
+        assert next(client.events())["event"] == "progress"
+    else:  # no event to wait for: the replica's health says when its generation runs
+        parts = urlsplit(served.url)
+        client = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        client.request("POST", "/v1/images", body=json.dumps({"class": 2, "seed": 5, **LONG}),
+                       headers={"Content-Type": "application/json", "Authorization": f"Bearer {served.token}"})
+        assert _wait_for(served, "running_jobs", 1) == 1
+    client.close()  # the client leaves: the replica stops the generation at its next step
+    assert _wait_for(served, "dropped_jobs", before + 1) == before + 1
+    assert _wait_for(served, "running_jobs", 0) == 0
     assert served.images({"class": 2, "seed": 5, **FAST})["batch_size"] == 1  # the replica serves on
 
 
