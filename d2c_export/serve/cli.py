@@ -192,9 +192,7 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
                 settings=settings)
     reports, stalls = [], []
     if url is not None:
-        if kill_replica_at is not None:
-            raise click.UsageError("--kill-replica-at kills a replica of the server this command starts; leave out "
-                                   "--url to start one")
+        _refuse_server_flags_with_url()
         url = url.rstrip("/")
         cluster.wait_healthy(url, 30)
         reports.append(_load_run(url, url, 1, None, stalls, **load))
@@ -214,6 +212,22 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
             cluster.shutdown()
     _print_reports(reports, stalls, settings, json_path)
     return 0
+
+
+LOAD_CLIENT_FLAGS = {"url", "clients", "requests", "duration", "slow_clients", "json_path", "quiet", *SAMPLING_FIELDS}
+
+
+def _refuse_server_flags_with_url() -> None:
+    """With --url the server is already running: the flags that shape the server this command would start (or
+    kill its replica) cannot apply to it, so giving one is an error rather than ignored."""
+    from click.core import ParameterSource
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if p.name not in LOAD_CLIENT_FLAGS
+             and ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+    if given:
+        flags = ", ".join(p.opts[0] for p in given)
+        raise click.UsageError(f"{flags}: for the server this command starts, but --url loads one already "
+                               f"running; leave {'it' if len(given) == 1 else 'them'} out, or leave out --url")
 
 
 def _load_run(url: str, label: str, replicas: int, kill_at: float | None, stalls: list, *, clients: int,

@@ -15,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from d2c_export.serve.api import TOKEN_ENV
 from d2c_export.serve.cli import load_main
 from d2c_export.serve.cluster import wait_healthy
@@ -80,6 +82,10 @@ def test_sigterm_stops_everything_d2c_serve_started(engines_factory, tmp_path, c
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_load_refuses_a_fault_run_against_a_server_it_did_not_start(capsys):
-    code, err = run_cli(load_main, ["--url", "http://127.0.0.1:9", "--kill-replica-at", "1"], capsys)
-    assert_one_line_error(code, err, "--kill-replica-at", "--url")
+@pytest.mark.parametrize("flags,words", [
+    (["--kill-replica-at", "1"], ("--kill-replica-at: for the server this command starts", "leave it out")),
+    (["--max-batches", "4", "--replicas", "2"], ("--replicas, --max-batches: for the server", "leave them out")),
+])
+def test_load_refuses_server_flags_against_a_server_it_did_not_start(capsys, flags, words):
+    code, err = run_cli(load_main, ["--url", "http://127.0.0.1:9", "--clients", "2", *flags], capsys)
+    assert_one_line_error(code, err, *words, "--url")
