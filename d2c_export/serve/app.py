@@ -345,6 +345,9 @@ class Ingress:
             yield images_line(answer.model_dump(mode="json", by_alias=True))
         except ApiError as exc:
             yield error_line(exc.status, exc.message)
+        except Exception as exc:  # the status line is sent: the error is the stream's last line
+            log.exception("unexpected error while streaming")
+            yield error_line(500, f"internal error: {type(exc).__name__}: {exc}")
 
     @staticmethod
     def _answer(body: ImageRequest, job: Job, result: JobResult, info: ModelInfo, start: float):
