@@ -11,8 +11,6 @@ it answers 503 with Retry-After at once. A replica that dies under a request ans
 """
 # no `from __future__ import annotations`: FastAPI reads the route annotations of the pickled ingress class
 import asyncio
-import base64
-import io
 import logging
 import math
 import time
@@ -33,13 +31,13 @@ from d2c_export.cli_support import one_line
 from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
 from d2c_export.export.manifest import MANIFEST
-from d2c_export.serve.api import (ApiError, ErrorBody, Health, ImageOut, ImageRequest, ImagesResponse, ModelInfo,
-                                  Timings, class_names, resolve, validation_message)
+from d2c_export.serve.api import (ApiError, ErrorBody, Health, ImageRequest, ImagesResponse, ModelInfo,
+                                  class_names, resolve, validation_message)
 from d2c_export.serve.batching import Job, JobResult, batch_images, run_batch
 from d2c_export.serve.guard import BODY_TIMEOUT_S, GuardLimits, RequestGuard
 from d2c_export.serve.progress import Progress
-from d2c_export.serve.streaming import (MAX_PARTS, NDJSON, error_line, images_line, joined, progress_line,
-                                        split_job, wants_stream)
+from d2c_export.serve.streaming import (MAX_PARTS, NDJSON, error_line, images_line, joined,
+                                        plain_answer, progress_line, split_job, wants_stream)
 from reference.files import sha256_file
 
 log = logging.getLogger("d2c")
@@ -77,20 +75,6 @@ class ServeOptions:
 def generator_capacity(options: ServeOptions, max_batch: int) -> int:
     """The requests the generators hold and queue together; past that they refuse at once (503)."""
     return options.max_queue + options.replicas * 2 * max_batch
-
-
-def _png(images) -> bytes:
-    from PIL import Image
-
-    from d2c_export.images import grid
-    import torch
-    buf = io.BytesIO()
-    if len(images) == 1:
-        Image.fromarray(images[0]).save(buf, format="PNG")
-    else:  # the grid of images.grid, from uint8 back to its [-1, 1] input
-        tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        Image.fromarray(grid(tensor)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @serve.deployment(name=GENERATOR)
@@ -329,7 +313,7 @@ class Ingress:
                                     "without it")
             return StreamingResponse(self._stream(body, job, parts, info, start), media_type=NDJSON)
         results = [await self._call("generate", part) for part in parts]
-        return self._answer(body, job, joined(results), info, start)
+        return plain_answer(body, job, joined(results), info, start)
 
     async def _stream(self, body: ImageRequest, job: Job, parts: list[Job], info: ModelInfo, start: float):
         """The streaming answer: each part's progress as it runs, then the JSON answer (or the error)."""
@@ -341,33 +325,13 @@ class Ingress:
                         yield progress_line(item, n, len(parts))
                     else:
                         results.append(item)
-            answer = self._answer(body, job, joined(results), info, start)
+            answer = plain_answer(body, job, joined(results), info, start)
             yield images_line(answer.model_dump(mode="json", by_alias=True))
         except ApiError as exc:
             yield error_line(exc.status, exc.message)
         except Exception as exc:  # the status line is sent: the error is the stream's last line
             log.exception("unexpected error while streaming")
             yield error_line(500, f"internal error: {type(exc).__name__}: {exc}")
-
-    @staticmethod
-    def _answer(body: ImageRequest, job: Job, result: JobResult, info: ModelInfo, start: float):
-        if result.error is not None:
-            raise ApiError(500 if "non-finite" in result.error else 422, result.error)
-        seeds = ",".join(str(s) for s in job.seeds)
-        common = {"X-Seeds": seeds, "X-Backend": info.backend, "X-Manifest-Sha256": info.manifest_sha256,
-                  "X-Batch-Size": str(result.batch_size)}
-        if body.format == "png":
-            return Response(_png(result.images), media_type="image/png", headers=common)
-        images = [ImageOut(class_label=c, seed=s, tokens=None if result.tokens is None else result.tokens[i],
-                           png_base64=base64.b64encode(_png(result.images[i:i + 1])).decode())
-                  for i, (c, s) in enumerate(zip(job.labels, job.seeds))]
-        return ImagesResponse(images=images, settings=job.params.as_dict(), backend=info.backend,
-                              precision=info.precision, manifest_sha256=info.manifest_sha256,
-                              batch_size=result.batch_size, batch_requests=result.batch_requests,
-                              replica=result.replica,
-                              timings=Timings(queue_s=result.queue_s, generation_s=result.generation_s,
-                                              total_s=time.monotonic() - start, stages_s=result.stages_s))
-
 
 def check_options(options: ServeOptions) -> ServeOptions:
     """Refuse, before anything starts, what the replicas could not run: missing engines, a max batch above the

@@ -1,4 +1,4 @@
-"""A request's images across several generations, and the streaming form of POST /v1/images.
+"""A request's images across several generations, its answer, and the streaming form of POST /v1/images.
 
 A request for more images than the max batch is split into parts of at most the max batch (`split_job`), which
 run one after another, each merged with whatever else reaches the replica meanwhile; their results are joined
@@ -10,11 +10,16 @@ Streaming: a request with `Accept: application/x-ndjson` gets newline-delimited 
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
+import time
 from dataclasses import replace
 
 import numpy as np
+from fastapi.responses import Response
 
+from d2c_export.serve.api import ApiError, ImageOut, ImageRequest, ImagesResponse, ModelInfo, Timings
 from d2c_export.serve.batching import Job, JobResult
 from d2c_export.serve.progress import Progress
 
@@ -69,3 +74,39 @@ def images_line(answer: dict) -> bytes:
 def error_line(status: int, message: str) -> bytes:
     """The last event of a request that failed: the status and the one-line error the plain form would answer."""
     return _line("error", {"status": status, "error": message})
+
+
+def png_of(images) -> bytes:
+    """One PNG: the image, or the grid of several ((n, H, W, 3) uint8)."""
+    from PIL import Image
+
+    from d2c_export.images import grid
+    import torch
+    buf = io.BytesIO()
+    if len(images) == 1:
+        Image.fromarray(images[0]).save(buf, format="PNG")
+    else:  # the grid of images.grid, from uint8 back to its [-1, 1] input
+        tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        Image.fromarray(grid(tensor)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def plain_answer(body: ImageRequest, job: Job, result: JobResult, info: ModelInfo, start: float):
+    """The answer of the plain form: one PNG (a grid for several images) with format png, else the JSON answer; an
+    `ApiError` for a result that failed."""
+    if result.error is not None:
+        raise ApiError(500 if "non-finite" in result.error else 422, result.error)
+    seeds = ",".join(str(s) for s in job.seeds)
+    common = {"X-Seeds": seeds, "X-Backend": info.backend, "X-Manifest-Sha256": info.manifest_sha256,
+              "X-Batch-Size": str(result.batch_size)}
+    if body.format == "png":
+        return Response(png_of(result.images), media_type="image/png", headers=common)
+    images = [ImageOut(class_label=c, seed=s, tokens=None if result.tokens is None else result.tokens[i],
+                       png_base64=base64.b64encode(png_of(result.images[i:i + 1])).decode())
+              for i, (c, s) in enumerate(zip(job.labels, job.seeds))]
+    return ImagesResponse(images=images, settings=job.params.as_dict(), backend=info.backend,
+                          precision=info.precision, manifest_sha256=info.manifest_sha256,
+                          batch_size=result.batch_size, batch_requests=result.batch_requests,
+                          replica=result.replica,
+                          timings=Timings(queue_s=result.queue_s, generation_s=result.generation_s,
+                                          total_s=time.monotonic() - start, stages_s=result.stages_s))
