@@ -53,7 +53,7 @@ class JobResult:
     stages_s: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     replica: str = ""
-    cancelled: bool = False
+    cancelled: bool = False  # its client left: no images, no error
 
 
 def settings_key(params: SamplingParams) -> tuple:
@@ -104,7 +104,7 @@ def run_group(stages, jobs: list[Job], cancelled: Callable[[Job], bool] = _never
         part = slice(offset, offset + len(job))
         offset += len(job)
         if j in watched.gone:  # its rows left the generation: nothing of it is kept
-            out.append(JobResult(error="cancelled", cancelled=True, batch_size=len(labels), batch_requests=len(jobs)))
+            out.append(JobResult(cancelled=True, batch_size=len(labels), batch_requests=len(jobs)))
             continue
         out.append(JobResult(images=images[part], tokens=None if tokens is None else tokens[part],
                              batch_size=len(labels), batch_requests=len(jobs), queue_s=start - job.arrived,
@@ -116,7 +116,7 @@ def run_batch(stages, jobs: list[Job], cancelled: Callable[[Job], bool] = _never
               report: Callable[[Job, Progress], None] = _nowhere) -> list[JobResult]:
     """Every job of a batch, one generation per settings group, without the jobs cancelled before their group
     starts; a group that fails answers its jobs with the error (the replica carries on)."""
-    results: list[JobResult] = [JobResult(error="cancelled", cancelled=True) for _ in jobs]
+    results: list[JobResult] = [JobResult(cancelled=True) for _ in jobs]
     for group in group_by_settings(jobs):
         group = [i for i in group if not cancelled(jobs[i])]
         if not group:

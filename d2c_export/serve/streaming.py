@@ -39,9 +39,9 @@ def split_job(job: Job, max_batch: int) -> list[Job]:
 
 
 def joined(results: list[JobResult]) -> JobResult:
-    """The parts' results as one: images and tokens in order; the first error; the largest generation; the time
-    of all the generations and the wait for the first."""
-    failed = next((r for r in results if r.error is not None), None)
+    """The parts' results as one: images and tokens in order; the first error (or cancellation); the largest
+    generation; the time of all the generations and the wait for the first."""
+    failed = next((r for r in results if r.error is not None or r.cancelled), None)
     if failed is not None or len(results) == 1:
         return failed or results[0]
     tokens = None if results[0].tokens is None else [t for r in results for t in r.tokens]
@@ -94,6 +94,8 @@ def png_of(images) -> bytes:
 def plain_answer(body: ImageRequest, job: Job, result: JobResult, info: ModelInfo, start: float):
     """The answer of the plain form: one PNG (a grid for several images) with format png, else the JSON answer; an
     `ApiError` for a result that failed."""
+    if result.cancelled:  # the client left; no one reads this (nginx's status for it)
+        raise ApiError(499, "the request was cancelled")
     if result.error is not None:
         raise ApiError(500 if "non-finite" in result.error else 422, result.error)
     seeds = ",".join(str(s) for s in job.seeds)
