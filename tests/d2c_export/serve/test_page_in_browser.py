@@ -130,3 +130,10 @@ def test_the_demo_classes_are_named_by_shape_and_colour_and_others_by_number():
     demo = class_names("d2c-demo", len(CLASSES))
     assert demo[0] == "red circle" and len(set(demo)) == len(CLASSES)
     assert class_names("d2c-tiny", 3) == ["0", "1", "2"]
+
+
+def test_the_page_has_an_icon_without_a_token(served):
+    status, raw, headers = served.request("GET", "/favicon.ico", token=None)
+    assert status == 200 and headers["content-type"].startswith("image/svg+xml") and raw.startswith(b"<svg")
+    status, page, _ = served.request("GET", "/", token=None)
+    assert b'rel="icon" href="/favicon.ico"' in page
