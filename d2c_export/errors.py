@@ -6,14 +6,15 @@ answers a 4xx or 503 naming the field. Its kinds:
 - `EngineError`: a problem with the engines directory or with running it; `StaleEngines` (files missing,
   changed or built from something older: the fix rebuilds them) and `BackendUnavailable` (a backend that cannot
   run here or on these engines) are the kinds callers act on.
+- `ClusterUnreachable`: a Ray cluster that cannot be joined (or a local instance that cannot start).
 - `NonFiniteOutput`: a generation whose images or latents are not finite, under the settings it names.
 """
 from __future__ import annotations
 
 from reference.errors import BadInput, Setting, UserError
 
-__all__ = ["BadInput", "BackendUnavailable", "EngineError", "NonFiniteOutput", "Setting", "StaleEngines",
-           "UserError", "one_line"]
+__all__ = ["BadInput", "BackendUnavailable", "ClusterUnreachable", "EngineError", "NonFiniteOutput", "Setting",
+           "StaleEngines", "UserError", "one_line"]
 
 
 class EngineError(UserError):
@@ -26,6 +27,10 @@ class StaleEngines(EngineError):
 
 class BackendUnavailable(EngineError):
     """A backend that cannot run here (no TensorRT, no GPU) or on these engines (its files were not built)."""
+
+
+class ClusterUnreachable(UserError):
+    """A Ray cluster that cannot be joined, or a local Ray instance that cannot start."""
 
 
 class NonFiniteOutput(UserError):
