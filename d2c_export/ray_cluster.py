@@ -8,14 +8,16 @@ import signal
 import sys
 import threading
 
+from d2c_export.errors import ClusterUnreachable, Setting
+
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
     """Join the Ray cluster at `address`, or start a local Ray instance (`num_cpus`: its CPUs, default all).
 
     `ray.init` replaces the SIGTERM handler with one that exits from wherever the main thread is; the caller's is
     put back, so that SIGTERM unwinds as the command intends (as Ctrl-C does). A cluster that cannot be joined is a
-    ConnectionError naming --address. Where stderr is not a terminal, the worker log lines that Ray prints here
-    carry no colour codes."""
+    `ClusterUnreachable` naming the address setting. Where stderr is not a terminal, the worker log lines that Ray
+    prints here carry no colour codes."""
     import ray
     if ray.is_initialized():
         return
@@ -29,10 +31,10 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, TimeoutError, RuntimeError) as exc:
-        where = f"the Ray cluster at --address {address}" if address else "a local Ray instance"
+        where = ("the Ray cluster at ", Setting("address", address)) if address else ("a local Ray instance",)
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ConnectionError(f"cannot connect to {where} ({why}); check that it runs and is reachable, or leave out "
-                              "--address for a local one") from None
+        raise ClusterUnreachable("cannot connect to ", *where, f" ({why}); check that it runs and is reachable, or "
+                                 "leave out ", Setting("address"), " for a local one") from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

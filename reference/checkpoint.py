@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from reference.errors import BadInput
 from reference.files import atomic_path, not_a_readable_file, sha256_file
 from reference.json_files import Int, JsonError, ListOf, MapOf, Maybe, Obj, Str, parse_json
 from reference.model import CONFIG_SCHEMA, D2C, D2CConfig
@@ -30,7 +31,7 @@ MAX_LISTED = 10  # keys listed per kind of mismatch in an error message
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint file that cannot be read, or whose weights do not fit the model."""
 
 

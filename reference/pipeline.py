@@ -4,7 +4,7 @@ The loop is written once against a small `Stages` interface (`run(stage, inputs)
 PyTorch modules (`reference.stage_networks.TorchStages`) and the toolchain its backends, so every backend
 runs the same sampling math.
 
-Draw order (DESIGN.md section 4). One `Draws` object supplies, in this order:
+Draw order: every random number comes from one `Draws` object, in this order:
   1. Discrete stage (absent for plain MAR): for each of the `block_size` tokens, one
      `uniform((B, V))` that picks the token by Gumbel-max over the vocabulary.
   2. Generation orders: one `permutation(L)` per image, in batch order.
@@ -32,7 +32,6 @@ per masked step. The result comes back to the host once, at the end.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -43,47 +42,40 @@ from tqdm import tqdm
 
 from reference.diffusion import TRAIN_STEPS, make_tables, step_tables
 from reference.draw_producer import DrawRequest, DrawTime, planned_draws
+from reference.errors import BadInput
 from reference.gpt import cache_feeds, write_cache
 from reference.model import RECOMMENDED_SAMPLING, D2C, D2CConfig
 from reference.sampling import (CfgSchedule, Draws, ImageDraws, TorchDraws, cfg_schedule, filter_logits,
                                 guide_logits, image_seeds, mask_len_schedule, sample_gumbel, step_positions,
                                 tokens_per_step)
 from reference.mar import unpatchify
+from reference.settings import check_request, check_settings, setting
 from reference.stage_networks import TorchStages
 from reference.vae import LATENT_SCALE
 
 
+MAX_CFG = 100.0  # guidance scales above this are refused (MAR and LlamaGen sample at 1 to 4)
+MAX_TEMPERATURE = 100.0
+
+
 @dataclass
 class SamplingParams:
-    """How to sample. `gpt_cfg` None: stage 1 uses `cfg` too. The defaults are ImageNet's (MAR's and LlamaGen's)."""
+    """How to sample: each field is a setting (`reference.settings`), the one definition of its flag, request field,
+    recorded value and check. The defaults are ImageNet's (MAR's and LlamaGen's)."""
 
-    cfg: float = 4.0
-    cfg_schedule: CfgSchedule = CfgSchedule.LINEAR
-    num_iter: int = 64
-    diffusion_steps: int = 100
-    temperature: float = 1.0  # diffusion-head temperature (MAR)
-    gpt_cfg: float | None = None
-    gpt_temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    cfg: float = setting(4.0, "guidance scale (1: none)", 0.0, MAX_CFG)
+    cfg_schedule: CfgSchedule = setting(CfgSchedule.LINEAR, "MAR's guidance schedule over the masked steps")
+    num_iter: int = setting(64, "masked autoregressive steps (at most the model's latent tokens)", 1)
+    diffusion_steps: int = setting(100, "denoising steps per masked step (a respacing of 1000)", 1, TRAIN_STEPS)
+    temperature: float = setting(1.0, "diffusion-head temperature", 0.0, MAX_TEMPERATURE, min_exclusive=True)
+    gpt_cfg: float | None = setting(None, "guidance scale of the discrete stage (unset: cfg)", 0.0, MAX_CFG)
+    gpt_temperature: float = setting(1.0, "discrete sampling: temperature of the logits", 0.0, MAX_TEMPERATURE,
+                                     min_exclusive=True)
+    top_k: int = setting(0, "discrete sampling: keep the k most likely tokens (0: all)", 0)
+    top_p: float = setting(1.0, "discrete sampling: nucleus mass (1: all)", 0.0, 1.0, min_exclusive=True)
 
     def __post_init__(self) -> None:
-        self.cfg_schedule = CfgSchedule(self.cfg_schedule)
-        for name in ("cfg", "temperature", "gpt_temperature", "top_p") + (("gpt_cfg",) if self.gpt_cfg is not None
-                                                                          else ()):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.cfg < 0 or (self.gpt_cfg is not None and self.gpt_cfg < 0):
-            raise ValueError(f"cfg must be >= 0 (1: no guidance), got {self.cfg}")
-        if self.temperature <= 0 or self.gpt_temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature} (gpt {self.gpt_temperature})")
-        if not 1 <= self.diffusion_steps <= TRAIN_STEPS:
-            raise ValueError(f"diffusion_steps must be in [1, {TRAIN_STEPS}], got {self.diffusion_steps}")
-        if self.num_iter < 1:
-            raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
-        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
-            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p}, {self.top_k}")
+        check_settings(self)
 
     @property
     def discrete_cfg(self) -> float:
@@ -94,16 +86,17 @@ class SamplingParams:
         """The settings recorded with a model's engines (as keyword arguments): the preset's own
         (`reference.model.RECOMMENDED_SAMPLING`), and never more masked steps than the model has latent tokens."""
         settings = dict(RECOMMENDED_SAMPLING.get(config.name, {}))
-        settings.setdefault("num_iter", min(cls.num_iter, config.mar.seq_len))
+        settings.setdefault("num_iter", min(SamplingParams.num_iter, config.mar.seq_len))
         return settings
 
     def check_for(self, config: D2CConfig) -> None:
         """Refuse settings the model cannot run (more masked steps than tokens, top-k above the vocabulary)."""
         if self.num_iter > config.mar.seq_len:
-            raise ValueError(f"num_iter must be in [1, {config.mar.seq_len}] for this model ({config.mar.seq_len} "
-                             f"latent tokens), got {self.num_iter}")
+            raise BadInput(f"must be in [1, {config.mar.seq_len}] for this model ({config.mar.seq_len} latent "
+                           f"tokens), got {self.num_iter}", setting="num_iter")
         if config.gpt is not None and self.top_k > config.gpt.vocab_size:
-            raise ValueError(f"top_k must be in [0, {config.gpt.vocab_size}] (the vocabulary), got {self.top_k}")
+            raise BadInput(f"must be in [0, {config.gpt.vocab_size}] (the vocabulary), got {self.top_k}",
+                           setting="top_k")
 
     def as_dict(self) -> dict:
         return {k: (v.value if isinstance(v, CfgSchedule) else v) for k, v in vars(self).items()}
@@ -113,7 +106,7 @@ class SamplingParams:
 
 
 class Stages(Protocol):
-    """What the loop runs on: `run(stage, inputs) -> outputs` over the stages of DESIGN.md section 3.
+    """What the loop runs on: `run(stage, inputs) -> outputs` over the stages gpt, cond, mar, diffusion and vae.
 
     `inputs` maps the stage's input names to tensors on `device`, in the stage's input order; the result is the
     tuple of its outputs in order, on `device` too. `gpt_cache` allocates the zeroed KV caches where `run("gpt")`
@@ -251,8 +244,7 @@ def generate_with(stages: Stages, labels: Tensor, params: SamplingParams, draws:
     the loop where `stages.draws_ahead` says so; the images are the same either way."""
     config = stages.config
     labels = torch.as_tensor(labels, dtype=torch.int64).view(-1).cpu()
-    if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= config.num_classes:
-        raise ValueError(f"class labels must be in [0, {config.num_classes - 1}], got {labels.tolist()}")
+    check_request(config, labels.tolist())
     device = torch.device(stages.device)
     plan = draw_plan(config, params, labels.numel())
     with planned_draws(draws, plan, stages.draws_ahead, pin=device.type == "cuda") as planned:

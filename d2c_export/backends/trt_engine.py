@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from d2c_export.backends.cuda_device import ALIGNMENT
 from d2c_export.backends.trt_memory import (Scratch, give_memory, memory_needed, profile_memory_bytes,
                                             user_managed_context)
+from d2c_export.cuda_device import ALIGNMENT
 from d2c_export.errors import EngineError
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from d2c_export.stages import MAX_EXPORT_BATCH
+from reference.errors import BadInput
 from reference.files import (leftover_temporaries, not_a_readable_file, remove_leftovers, sha256_file,
                              write_json_atomic)
 from reference.json_files import ANY, SCALAR, Bool, Int, JsonError, ListOf, MapOf, Obj, Str, read_json
@@ -40,7 +41,7 @@ RECORD_SCHEMA = Obj({"shard": Int(0, MAX_IMAGES), "start": Int(0, MAX_IMAGES), "
                      "worker": MapOf(SCALAR), "sha256": MapOf(HEX_DIGEST, key=PNG_NAME.pattern.strip("^$"))})
 
 
-class BulkError(ValueError):
+class BulkError(BadInput):
     """A bulk output directory that this command may not write, or a run that cannot complete."""
 
 

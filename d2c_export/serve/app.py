@@ -14,8 +14,9 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -27,12 +28,11 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from d2c_export.cli_support import one_line
 from d2c_export.engines import Engines
-from d2c_export.errors import EngineError
-from d2c_export.export.manifest import MANIFEST
-from d2c_export.serve.api import (ApiError, ErrorBody, Health, ImageRequest, ImagesResponse, ModelInfo,
-                                  class_names, resolve, validation_message)
+from d2c_export.errors import BackendUnavailable, BadInput, Setting, UserError, one_line
+from d2c_export.manifest import MANIFEST
+from d2c_export.serve.api import (ApiError, ErrorBody, Health, ImageRequest, ImagesResponse, ModelInfo, class_names,
+                                  error_answer, resolve, validation_message)
 from d2c_export.serve.batching import Job, JobResult, batch_images, run_batch
 from d2c_export.serve.guard import BODY_TIMEOUT_S, GuardLimits, RequestGuard
 from d2c_export.serve.progress import Progress
@@ -88,7 +88,8 @@ class Generator:
         engines = Engines.open(options.engines_dir)
         threads = options.threads or max(1, math.floor(options.replica_cpus))
         torch.set_num_threads(threads)
-        self.stages = open_named(engines, options.backend, options.precision, threads)
+        self.held = ExitStack()  # the stages, given back when Ray Serve shuts the replica down (`__del__`)
+        self.stages = self.held.enter_context(open_named(engines, options.backend, options.precision, threads))
         self.max_batch = options.max_batch or engines.max_batch
         self.generate_batch.set_max_batch_size(self.max_batch)
         self.generate_batch.set_batch_wait_timeout_s(options.batch_wait_s)
@@ -169,6 +170,10 @@ class Generator:
     def describe(self) -> ModelInfo:
         return self.info
 
+    def __del__(self):  # Ray Serve's graceful shutdown of the replica
+        if hasattr(self, "held"):
+            self.held.close()
+
     def health(self) -> Health:
         import ray
         return Health(status="ok", replica=self.replica, actor=ray.get_runtime_context().get_actor_name(),
@@ -185,9 +190,10 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
 
 
-@app.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError):
-    return _error(exc.status, exc.message, exc.headers)
+@app.exception_handler(UserError)
+async def _user_error(request: Request, exc: UserError):
+    status, message, headers = error_answer(exc)
+    return _error(status, message, headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -205,8 +211,10 @@ async def _http(request: Request, exc: StarletteHTTPException):
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception):
-    log.exception("unexpected error")
-    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    """A bug: its traceback goes to the server log under an id, and the client gets the id."""
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s on %s %s", incident, request.method, request.url.path, exc_info=exc)
+    return _error(500, f"internal error {incident} (its traceback is in the server log)")
 
 
 app.add_middleware(RequestGuard)
@@ -327,26 +335,29 @@ class Ingress:
                         results.append(item)
             answer = plain_answer(body, job, joined(results), info, start)
             yield images_line(answer.model_dump(mode="json", by_alias=True))
-        except ApiError as exc:
-            yield error_line(exc.status, exc.message)
-        except Exception as exc:  # the status line is sent: the error is the stream's last line
-            log.exception("unexpected error while streaming")
-            yield error_line(500, f"internal error: {type(exc).__name__}: {exc}")
+        except UserError as exc:
+            yield error_line(*error_answer(exc)[:2])
+        except Exception as exc:  # a bug; the status line is sent, so the error is the stream's last line
+            incident = uuid.uuid4().hex[:12]
+            log.error("internal error %s while streaming", incident, exc_info=exc)
+            yield error_line(500, f"internal error {incident} (its traceback is in the server log)")
 
 def check_options(options: ServeOptions) -> ServeOptions:
     """Refuse, before anything starts, what the replicas could not run: missing engines, a max batch above the
-    exported profile, a target whose files are not there. Fills in the max batch."""
-    from d2c_export.targets import AUTO, BackendName, Target
+    exported profile, a target whose files are not there (`auto`: no candidate's). Fills in the max batch. Whether
+    the replicas' machines have what a backend needs (TensorRT, a GPU) is theirs to say when they open it."""
+    from d2c_export.backends import AUTO, Precision, Target, auto_candidates, unbuilt
     engines = Engines.open(options.engines_dir)
     max_batch = options.max_batch or engines.max_batch
     if max_batch > engines.max_batch:
-        raise EngineError(f"--max-batch {max_batch} exceeds the exported profile (max batch {engines.max_batch}); "
-                          f"re-export with `{engines.rebuild_command('onnx-fp32', max_batch=max_batch)}`")
-    names = [BackendName.ORT.value, BackendName.TRT.value] if options.backend == AUTO else [options.backend]
-    targets = [Target.of(name, options.precision) for name in names]
-    if not any(t.kind is None or engines.has(t.kind) for t in targets):
-        raise EngineError(f"{engines.directory} has no {targets[0].kind} build of every stage, so the replicas "
-                          f"cannot run {targets[0].name!r}; build it with `{engines.rebuild_command(targets[0].kind)}`")
+        raise BadInput(Setting("max_batch", max_batch), " exceeds the exported profile (max batch "
+                       f"{engines.max_batch}); re-export with "
+                       f"`{engines.rebuild_command('onnx-fp32', max_batch=max_batch)}`")
+    targets = auto_candidates(Precision(options.precision)) if options.backend == AUTO else \
+        [Target.of(options.backend, options.precision)]
+    reasons = [unbuilt(engines, t) for t in targets]
+    if all(reasons):
+        raise BackendUnavailable(reasons[-1])
     options.max_batch = max_batch
     return options
 

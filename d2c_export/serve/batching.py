@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from d2c_export.cli_support import USER_ERRORS, one_line
+from d2c_export.errors import UserError
 from d2c_export.generate import generate_images
 from d2c_export.images import to_uint8
 from d2c_export.serve.progress import Cancelled, Progress, Watched
@@ -42,7 +42,7 @@ class Job:
 
 @dataclass
 class JobResult:
-    """A job's images ((n, H, W, 3) uint8), tokens and what it was merged into; or the one-line error."""
+    """A job's images ((n, H, W, 3) uint8), tokens and what it was merged into; or the error that is the user's."""
 
     images: np.ndarray | None = None
     tokens: list[list[int]] | None = None
@@ -51,7 +51,7 @@ class JobResult:
     queue_s: float = 0.0
     generation_s: float = 0.0
     stages_s: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
+    error: UserError | None = None
     replica: str = ""
     cancelled: bool = False  # its client left: no images, no error
 
@@ -115,7 +115,8 @@ def run_group(stages, jobs: list[Job], cancelled: Callable[[Job], bool] = _never
 def run_batch(stages, jobs: list[Job], cancelled: Callable[[Job], bool] = _never,
               report: Callable[[Job, Progress], None] = _nowhere) -> list[JobResult]:
     """Every job of a batch, one generation per settings group, without the jobs cancelled before their group
-    starts; a group that fails answers its jobs with the error (the replica carries on)."""
+    starts; a group refused for its input (a `UserError`) answers its jobs with the error and the others still run.
+    Any other exception is a bug and fails the batch."""
     results: list[JobResult] = [JobResult(cancelled=True) for _ in jobs]
     for group in group_by_settings(jobs):
         group = [i for i in group if not cancelled(jobs[i])]
@@ -125,8 +126,8 @@ def run_batch(stages, jobs: list[Job], cancelled: Callable[[Job], bool] = _never
             done = run_group(stages, [jobs[i] for i in group], cancelled, report)
         except Cancelled:
             continue
-        except USER_ERRORS as exc:
-            done = [JobResult(error=one_line(exc))] * len(group)
+        except UserError as exc:
+            done = [JobResult(error=exc)] * len(group)
         for i, result in zip(group, done):
             results[i] = result
     return results

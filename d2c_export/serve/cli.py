@@ -1,5 +1,5 @@
 """`d2c-serve` (the HTTP API on Ray Serve) and `d2c-serve-load` (the load generator, batching on and off side by
-side, with an optional replica kill), on the shared flags of `d2c_export.cli`."""
+side, with an optional replica kill), on the shared flags of `d2c_export.cli_options`."""
 from __future__ import annotations
 
 import ipaddress
@@ -11,16 +11,18 @@ import time
 
 import click
 
-from d2c_export.cli import (SAMPLING_FIELDS, _checked_out, _int_list, _logging, _options, backend_options,
-                            engines_option, quiet_option, sampling_options)
+from d2c_export.cli_options import (backend_options, checked_out, engines_option, given_settings, int_list, options,
+                                    quiet_option, sampling_options, setup_logging)
 from d2c_export.cli_support import Command, Finite
 from d2c_export.errors import EngineError
+from reference.pipeline import SamplingParams
+from reference.settings import settings_of
 
 log = logging.getLogger("d2c")
 TOKEN_CHARACTER = re.compile(r"[!-~]")  # printable ASCII but the space: what a client can send in a header, as is
 NEW_TOKEN = "export D2C_SERVE_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
 
-replica_options = _options(
+replica_options = options(
     click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
                  help="generator replicas, each with its own set of stages (one GPU each where the cluster has GPUs)"),
     click.option("--max-batch", type=click.IntRange(min=1), default=None,
@@ -137,7 +139,7 @@ def _start(options, gpus_per_replica, address, num_cpus, host, port) -> str:
 def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue, replica_cpus,
               gpus_per_replica, threads, port, address, num_cpus, host, quiet):
     from d2c_export.serve import cluster
-    _logging(quiet)
+    setup_logging(quiet)
     token = serve_token()
     options = _serve_options(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue,
                              replica_cpus, threads, token)
@@ -163,7 +165,7 @@ def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_m
 @replica_options
 @click.option("--url", default=None, help="load the server already running at this address (http://HOST:PORT) "
               "instead of starting one: one run at its own max batch; D2C_SERVE_TOKEN is sent as the bearer token")
-@click.option("--max-batches", "max_batches", default="16,1", show_default=True, callback=_int_list,
+@click.option("--max-batches", "max_batches", default="16,1", show_default=True, callback=int_list,
               help="one run per value of the server's max batch")
 @click.option("--clients", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--requests", type=click.IntRange(min=1), default=96, show_default=True, help="requests per run")
@@ -181,12 +183,11 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
              gpus_per_replica, threads, port, address, num_cpus, url, max_batches, clients, requests, duration,
              kill_replica_at, slow_clients, json_path, quiet, **flags):
     from d2c_export.serve import cluster
-    _logging(quiet)
-    _checked_out(json_path)
+    setup_logging(quiet)
+    checked_out(json_path, "--json")
     if max_batch is not None:
         raise click.UsageError("--max-batch: give the runs' max batches with --max-batches")
-    settings = {k: (v.value if hasattr(v, "value") else v) for k, v in flags.items()
-                if k in SAMPLING_FIELDS and v is not None}
+    settings = given_settings(flags)
     token = serve_token()
     load = dict(clients=clients, requests=requests, duration=duration, slow_clients=slow_clients, token=token,
                 settings=settings)
@@ -205,8 +206,8 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
         _refuse_before_ray(checked[0], gpus_per_replica, address, num_cpus, "127.0.0.1", port)
         log_auth(token, "127.0.0.1", port)
         try:
-            for (label, _, kill_at), options in zip(runs, checked):
-                started = _start(options, gpus_per_replica, address, num_cpus, "127.0.0.1", port)
+            for (label, _, kill_at), server in zip(runs, checked):
+                started = _start(server, gpus_per_replica, address, num_cpus, "127.0.0.1", port)
                 reports.append(_load_run(started, label, replicas, kill_at, stalls, **load))
         finally:
             cluster.shutdown()
@@ -214,7 +215,8 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
     return 0
 
 
-LOAD_CLIENT_FLAGS = {"url", "clients", "requests", "duration", "slow_clients", "json_path", "quiet", *SAMPLING_FIELDS}
+LOAD_CLIENT_FLAGS = {"url", "clients", "requests", "duration", "slow_clients", "json_path", "quiet",
+                     *(s.name for s in settings_of(SamplingParams))}
 
 
 def _refuse_server_flags_with_url() -> None:

@@ -97,7 +97,7 @@ def plain_answer(body: ImageRequest, job: Job, result: JobResult, info: ModelInf
     if result.cancelled:  # the client left; no one reads this (nginx's status for it)
         raise ApiError(499, "the request was cancelled")
     if result.error is not None:
-        raise ApiError(500 if "non-finite" in result.error else 422, result.error)
+        raise result.error
     seeds = ",".join(str(s) for s in job.seeds)
     common = {"X-Seeds": seeds, "X-Backend": info.backend, "X-Manifest-Sha256": info.manifest_sha256,
               "X-Batch-Size": str(result.batch_size)}

@@ -1,4 +1,4 @@
-"""A CPU stand-in for the CUDA seam of the TensorRT backend (`d2c_export.backends.cuda_device.CudaDevice`).
+"""A CPU stand-in for the CUDA seam of the TensorRT backend (`d2c_export.cuda_device.CudaDevice`).
 
 Device memory is CPU memory that the fake tracks by address, so the fake TensorRT can read and write a
 tensor from nothing but the address bound to it, as TensorRT does. The rules it keeps are CUDA's:

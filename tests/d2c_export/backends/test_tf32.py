@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from d2c_export.backends import open_backend, pytorch
-from d2c_export.targets import Target
+from d2c_export.backends import Target
 from d2c_export.verify.parity import check_stage, compare
 from reference.stage_networks import as_outputs
 

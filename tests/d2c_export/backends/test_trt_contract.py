@@ -15,7 +15,7 @@ from d2c_export.backends.ort import OrtBackend
 from d2c_export.errors import EngineError
 from d2c_export.generate import generate_images
 from d2c_export.stages import STAGES
-from d2c_export.targets import Precision
+from d2c_export.backends import Precision
 from reference.gpt import cache_feeds
 from reference.pipeline import SamplingParams
 from tests.d2c_export.backends.fake_cuda import FakeCudaDevice

@@ -20,10 +20,9 @@ import pytest
 import torch
 
 from d2c_export.backends.ort import OrtBackend
-from d2c_export.errors import EngineError
 from d2c_export.generate import generate_images
 from d2c_export.stages import STAGES
-from d2c_export.targets import Precision
+from d2c_export.backends import Precision
 from reference.gpt import cache_feeds
 from reference.pipeline import SamplingParams
 from reference.sampling import step_positions
@@ -125,7 +124,7 @@ def test_close_gives_back_all_device_memory(tiny, fake):
         closed.append(trt)
         gc.collect()
         assert device.memory_used() == start, round_
-    with pytest.raises(EngineError, match="closed"):
+    with pytest.raises(RuntimeError, match="closed"):
         generate_images(closed[0], [1], PARAMS, seed=0)
 
 

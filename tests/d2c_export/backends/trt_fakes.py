@@ -7,7 +7,7 @@ import torch
 from d2c_export.backends.trt import TrtBackend
 from d2c_export.engines import Engines
 from d2c_export.export.trt_build import build_engines
-from d2c_export.targets import Precision
+from d2c_export.backends import Precision
 from reference.model import get_config
 
 

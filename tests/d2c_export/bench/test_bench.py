@@ -8,14 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from d2c_export.bench.report import REPORT_FILES
 from d2c_export.bench.roofline import matmul_roofline
-from d2c_export.bench.run import peak_memory
 from d2c_export.cli import bench_main
 from d2c_export.engines import Engines
 from d2c_export.sources import random_model
@@ -272,8 +270,9 @@ def test_bench_reports_tensorrt_memory(engines_factory, tmp_path, capsys, monkey
     import shutil
 
     from d2c_export.backends.trt import TrtBackend
-    from d2c_export.bench import run
-    from d2c_export.targets import BackendName
+    import dataclasses
+
+    from d2c_export.backends import registry
     from tests.d2c_export.backends.fake_cuda import FakeCudaDevice
     from tests.d2c_export.backends.fake_tensorrt import FakeTensorRT
     from tests.d2c_export.backends.trt_fakes import plans
@@ -282,15 +281,10 @@ def test_bench_reports_tensorrt_memory(engines_factory, tmp_path, capsys, monkey
     device = FakeCudaDevice()
     trt = FakeTensorRT(device)
     plans(engines, (device, trt))
-    open_backend = run.open_backend
-
-    def open_on_fakes(opened, target, threads):
-        if target.backend is BackendName.TRT:
-            return TrtBackend(opened, target.precision, trt=trt, device=device)
-        return open_backend(opened, target, threads)
-
-    monkeypatch.setattr(run, "open_backend", open_on_fakes)
-    monkeypatch.setattr("d2c_export.trt_platform.tensorrt_missing", lambda: None)
+    on_fakes = dataclasses.replace(registry.BACKENDS["trt"], missing=lambda: None,
+                                   open=lambda opened, precision, options: TrtBackend(opened, precision, trt=trt,
+                                                                                      device=device))
+    monkeypatch.setitem(registry.BACKENDS, "trt", on_fakes)
     out = tmp_path / "report"
     code = bench_main(["--engines", str(engines), "--backends", "torch,trt", "--batch", "1", "--out", str(out),
                        *TINY_ARGS])

@@ -228,15 +228,32 @@ def test_a_damaged_run_is_repaired_by_the_same_command(engines, finished_run, wo
 
 def test_an_unreachable_cluster_creates_nothing(engines, tmp_path, capsys, monkeypatch):
     from d2c_export import ray_cluster
+    from d2c_export.errors import ClusterUnreachable, Setting
 
     def unreachable(address, num_cpus=None):
-        raise ConnectionError(f"cannot connect to the Ray cluster at --address {address} (timed out)")
+        raise ClusterUnreachable("cannot connect to the Ray cluster at ", Setting("address", address), " (timed out)")
     monkeypatch.setattr(ray_cluster, "connect", unreachable)
     out = tmp_path / "samples"
     code, err = generate_main(argv(engines, out, *WORKERS, "--address", "ray://192.0.2.1:10001")), \
         capsys.readouterr().err
     assert_one_line_error(code, err, "--address")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resources_that_stay_taken_fail_in_bounded_time(engines, tmp_path, capsys, monkeypatch):
+    """Another job holds every CPU of the cluster: the run fails with one line after the placement timeout."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    monkeypatch.setattr(bulk_workers, "PLACEMENT_TIMEOUT_S", 2.0)
+    holder = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])  # all of them, once they are free
+    assert holder.wait(timeout_seconds=60)
+    try:
+        out = tmp_path / "samples"
+        code, err = generate_main(argv(engines, out, *WORKERS)), capsys.readouterr().err
+    finally:
+        remove_placement_group(holder)
+    assert_one_line_error(code, err, "did not free", "2 s")
+    assert sorted(p.name for p in out.iterdir()) == ["samples.json"]  # a claimed, resumable, empty run
 
 
 def test_sigterm_to_the_driver_ends_as_an_interrupt_does(engines, finished_run, tmp_path):

@@ -12,7 +12,7 @@ from d2c_export.engines import Engines
 from d2c_export.serve.batching import Job, run_batch
 from d2c_export.serve.progress import stage_calls
 from d2c_export.serve.streaming import joined, split_job, wants_stream
-from d2c_export.targets import Target
+from d2c_export.backends import Target
 from reference.pipeline import SamplingParams
 
 FAST = SamplingParams(cfg=2.0, num_iter=3, diffusion_steps=2)

@@ -10,7 +10,7 @@ from d2c_export.cli import quality_main
 from d2c_export.engines import Engines
 from d2c_export.export.fp16 import convert_engines
 from d2c_export.sources import DEMO_CHECKPOINT
-from d2c_export.targets import parse_list
+from d2c_export.backends import parse_list
 from d2c_export.verify.quality import (DEFAULT_CLASSIFIER, MAX_ACCURACY_DROP, MAX_FD_RISE, QualityReport,
                                        evaluate_backends, frechet_distance, gate_failures)
 from reference.pipeline import SamplingParams

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2c_export.errors import EngineError
+from d2c_export.errors import StaleEngines
 from d2c_export.sources import SOURCE_SCHEMA
 from d2c_export.stages import MAX_EXPORT_BATCH
 from reference.files import write_json_atomic
@@ -102,23 +102,23 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":
-        """The manifest at `path`; EngineError (without a fix, which the caller knows) when it is not one."""
+        """The manifest at `path`; StaleEngines (without a fix, which the caller knows) when it is not one."""
         try:
             data = read_json(path)
         except (OSError, JsonError) as exc:
-            raise EngineError(f"{path} is not a readable manifest ({exc})") from None
+            raise StaleEngines(f"{path} is not a readable manifest ({exc})") from None
         if not isinstance(data, dict):
-            raise EngineError(f"{path} is not a manifest (a JSON {type(data).__name__}, not an object)")
+            raise StaleEngines(f"{path} is not a manifest (a JSON {type(data).__name__}, not an object)")
         if data.get("format_version") != FORMAT_VERSION:
-            raise EngineError(f"{path} has format version {data.get('format_version')!r:.64}, expected "
-                              f"{FORMAT_VERSION}")
+            raise StaleEngines(f"{path} has format version {data.get('format_version')!r:.64}, expected "
+                               f"{FORMAT_VERSION}")
         try:
             MANIFEST_SCHEMA.check(data)
         except JsonError as exc:
-            raise EngineError(f"{path} is not a valid manifest: {exc}") from None
+            raise StaleEngines(f"{path} is not a valid manifest: {exc}") from None
         problem = _problem(data)
         if problem:
-            raise EngineError(f"{path} is not a valid manifest: {problem}")
+            raise StaleEngines(f"{path} is not a valid manifest: {problem}")
         stages = {s: {k: StageEntry(**e) for k, e in kinds.items()} for s, kinds in data["stages"].items()}
         return cls(config=data["config"], source=data["source"], max_batch=data["max_batch"],
                    exporter=data["exporter"], stages=stages, sampling=data["sampling"])
