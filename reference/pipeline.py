@@ -10,9 +10,12 @@ Draw order (DESIGN.md section 4). One `Draws` object supplies, in this order:
   2. Generation orders: one `permutation(L)` per image, in batch order.
   3. For each masked step, MAR's `DiffLoss.sample` sequence: one `normal((N, C))` starting
      noise for the N = B * P predicted tokens (with guidance it is shared by the unconditional
-     half, as MAR duplicates it), then, for each diffusion step from the last respaced index down
-     to 0, one `normal((G * N, C))` with G = 2 under guidance, else 1. Only the first N rows reach
-     the conditional output; the rest keeps MAR's draw shapes so recorded draws replay.
+     half, as MAR duplicates it), then, for each of the masked step's T_s denoising steps from the last
+     respaced index down to 0, one `normal((G * N, C))` with G = 2 under guidance, else 1. Only the first
+     N rows reach the conditional output; the rest keeps MAR's draw shapes so recorded draws replay.
+     T_s is `diffusion_steps` for every masked step, or with diffusion-step annealing its own count
+     (`SamplingParams.denoising_counts`, fixed by the settings before the generation starts). Lazy MAR
+     steps draw exactly what full ones draw.
 This is batch order (`TorchDraws(seed)`: one generator for the batch, as the official code draws). Per-image
 seeds (`ImageDraws(seeds)`, the default of `d2c_export.generate`): image i draws the sequence above for a
 batch of one image from its own generator seeded seeds[i] (`seed + i` for an int seed), so it is the same
@@ -27,19 +30,20 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from reference.diffusion import TRAIN_STEPS, make_tables, step_tables
+from reference.diffusion import TRAIN_STEPS, AnnealSchedule, annealed_counts, annealed_tables
 from reference.gpt import cache_feeds, write_cache
 from reference.model import RECOMMENDED_SAMPLING, D2C, D2CConfig
 from reference.sampling import (CfgSchedule, Draws, ImageDraws, TorchDraws, cfg_schedule, filter_logits,
                                 guide_logits, image_seeds, mask_len_schedule, sample_gumbel, step_positions)
 from reference.mar import unpatchify
+from reference.samplers import ConditionCache, Sampler, expand_preset, full_mar_steps
 from reference.stage_networks import TorchStages
 from reference.vae import LATENT_SCALE
 
@@ -57,6 +61,21 @@ class SamplingParams:
     gpt_temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # Fast samplers (`reference.samplers`); the defaults are the exact sampler.
+    sampler: str = field(default=Sampler.EXACT.value, metadata={
+        "help": "exact: MAR's sampler; fast: the speed preset (linear diffusion-step annealing to the floor, lazy "
+                "MAR steps when guided), recorded as the settings it stands for",
+        "choices": [s.value for s in Sampler], "min": None, "max": None})
+    diffusion_anneal: str = field(default=AnnealSchedule.OFF.value, metadata={
+        "help": "anneal the denoising steps over the masked steps, from the diffusion steps down to the floor (DiSA)",
+        "choices": [s.value for s in AnnealSchedule], "min": None, "max": None})
+    diffusion_floor: int = field(default=5, metadata={
+        "help": "denoising steps of the last masked step when annealing", "min": 1, "max": TRAIN_STEPS})
+    lazy_mar: int = field(default=0, metadata={
+        "help": "lazy MAR steps (guided only): a full mar step every this many masked steps, the conditional half "
+                "alone in between with the guidance difference kept (LazyMAR); 0: off", "min": 0, "max": None})
+    lazy_mar_warmup: int = field(default=5, metadata={
+        "help": "masked steps that run in full first with lazy MAR steps", "min": 0, "max": None})
 
     def __post_init__(self) -> None:
         self.cfg_schedule = CfgSchedule(self.cfg_schedule)
@@ -75,6 +94,38 @@ class SamplingParams:
             raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p}, {self.top_k}")
+        self._check_fast_samplers()
+
+    def _check_fast_samplers(self) -> None:
+        """Validate the fast samplers' settings, after expanding the preset that `sampler` names."""
+        named = {"sampler": Sampler, "diffusion_anneal": AnnealSchedule}
+        for name, kind in named.items():
+            try:
+                setattr(self, name, kind(getattr(self, name)).value)
+            except ValueError:
+                raise ValueError(f"{name} must be one of {', '.join(k.value for k in kind)}, got "
+                                 f"{getattr(self, name)!r}") from None
+        for name in ("diffusion_floor", "lazy_mar", "lazy_mar_warmup"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in expand_preset(Sampler(self.sampler), vars(self), defaults, self.cfg != 1.0).items():
+            setattr(self, name, value)
+        if not 1 <= self.diffusion_floor <= TRAIN_STEPS:
+            raise ValueError(f"diffusion_floor must be in [1, {TRAIN_STEPS}], got {self.diffusion_floor}")
+        if self.diffusion_anneal != AnnealSchedule.OFF.value and self.diffusion_floor > self.diffusion_steps:
+            raise ValueError(f"diffusion_floor {self.diffusion_floor} is above diffusion_steps {self.diffusion_steps}: "
+                             "annealing goes down from the diffusion steps; lower --diffusion-floor")
+        if self.lazy_mar < 0 or self.lazy_mar_warmup < 0:
+            raise ValueError(f"lazy_mar and lazy_mar_warmup must be >= 0, got {self.lazy_mar}, {self.lazy_mar_warmup}")
+        if self.lazy_mar and self.cfg == 1.0:
+            raise ValueError("lazy_mar needs guidance (cfg != 1): it reuses the difference of the guided halves; "
+                             "set --cfg, or --lazy-mar 0")
+
+    def denoising_counts(self) -> list[int]:
+        """The denoising steps of every masked step, known before the generation starts (a static schedule)."""
+        return annealed_counts(self.diffusion_steps, min(self.diffusion_floor, self.diffusion_steps), self.num_iter,
+                               self.diffusion_anneal)
 
     @property
     def discrete_cfg(self) -> float:
@@ -175,20 +226,33 @@ def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, p
         if guided:
             ids_in = torch.cat([discrete_ids, torch.full_like(discrete_ids, m.null_token)])
         fusion, = stages.run("cond", {"discrete_ids": ids_in})
-    tables = make_tables(params.diffusion_steps)
-    per_step = {k: to_device(v, dev) for k, v in step_tables(tables).items()}
+    counts = params.denoising_counts()  # (num_iter,) denoising steps of each masked step, a static schedule
+    per_count = {c: {k: to_device(v, dev) for k, v in t.items()} for c, t in annealed_tables(counts).items()}
+    full = full_mar_steps(params.num_iter, params.lazy_mar, params.lazy_mar_warmup)
+    cache = ConditionCache(bsz, seq_len, dev) if not all(full) else None  # lazy MAR steps (guided only)
     mask_lens = mask_len_schedule(seq_len, params.num_iter)
     cfgs = to_device(cfg_schedule(params.cfg, params.cfg_schedule, mask_lens, seq_len), dev)  # (num_iter,)
     temperature = to_device(torch.tensor([params.temperature], dtype=torch.float32), dev)
     tokens = torch.zeros(bsz, seq_len, channels, device=dev)
     steps = step_positions(order, seq_len, params.num_iter)
     for s, (kept, pred) in enumerate(tqdm(steps, desc="masked steps", disable=not progress, leave=False)):
-        rep = (lambda t: torch.cat([t] * groups))
-        feeds = {"tokens": rep(tokens), "kept": rep(kept), "pred": rep(pred), "labels": labels_in}
-        z, = stages.run("mar", feeds if fusion is None else {**feeds, "fusion": fusion})  # (G*B, P, Dd)
+        if full[s]:
+            rep = (lambda t: torch.cat([t] * groups))
+            feeds = {"tokens": rep(tokens), "kept": rep(kept), "pred": rep(pred), "labels": labels_in}
+        else:  # lazy: the conditional half alone
+            feeds = {"tokens": tokens, "kept": kept, "pred": pred, "labels": labels}
+        if fusion is not None:
+            feeds["fusion"] = fusion if full[s] else fusion[:bsz]
+        if cache is None:
+            z, = stages.run("mar", feeds)  # (G*B, P, Dd)
+        elif full[s]:  # every position of both halves, their difference kept
+            z = cache.full(stages.run("mar", {**feeds, "pred": cache.all_positions})[0], feeds["pred"])
+        else:  # the unconditional half rebuilt from the kept difference
+            z = cache.lazy(stages.run("mar", feeds)[0], pred)
         z = z.reshape(-1, z.shape[-1])  # (G*B*P, Dd): conditional rows first, batch-major
-        noise = to_device(draws.step_noise(bsz, pred.shape[1], channels, groups, tables.num_timesteps), dev)
-        x = stages.denoise({"noise": noise, "z": z, **per_step, "cfg": cfgs[s:s + 1], "temperature": temperature})
+        tables = per_count[counts[s]]
+        noise = to_device(draws.step_noise(bsz, pred.shape[1], channels, groups, tables["timesteps"].shape[0]), dev)
+        x = stages.denoise({"noise": noise, "z": z, **tables, "cfg": cfgs[s:s + 1], "temperature": temperature})
         tokens = tokens.scatter(1, pred.unsqueeze(-1).expand(-1, -1, channels), x.reshape(bsz, -1, channels))
     return tokens
 
