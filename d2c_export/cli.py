@@ -22,6 +22,7 @@ from reference.diffusion import TRAIN_STEPS
 from reference.files import check_output_file
 from reference.model import PRESETS, get_config
 from reference.pipeline import SamplingParams
+from reference.samplers import SAMPLER_SETS
 from reference.sampling import CfgSchedule
 
 log = logging.getLogger("d2c")
@@ -252,6 +253,22 @@ def _int_list(ctx, param, text: str) -> list[int]:
     return values
 
 
+def _sampler_sets(ctx, param, text: str | None) -> list[str] | None:
+    """Names of `reference.samplers.SAMPLER_SETS`, comma-separated, the first the reference of the ratios."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SAMPLER_SETS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise click.BadParameter(f"expected distinct names from {', '.join(SAMPLER_SETS)}, got {text!r}")
+    return names
+
+
+samplers_option = click.option(
+    "--samplers", callback=_sampler_sets, help="compare named sets of sampler settings over the others, in one run "
+    f"(from {', '.join(SAMPLER_SETS)}; the first is the reference, e.g. exact,anneal,lazy,fast)")
+
+
 def _targets(ctx, param, text: str):
     try:
         return parse_list(text)
@@ -268,6 +285,7 @@ def _targets(ctx, param, text: str):
               help=f"comma-separated columns from {', '.join(choices())}")
 @click.option("--batch", default="1,4", show_default=True, callback=_int_list, help="comma-separated batch sizes")
 @sampling_options
+@samplers_option
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
               help="measured generations per backend and batch")
 @click.option("--warmup", type=click.IntRange(min=1), default=1, show_default=True,
@@ -278,7 +296,8 @@ def _targets(ctx, param, text: str):
               help="directory of bench.json, bench.md, bench.png")
 @click.option("--no-plot", is_flag=True, help="skip bench.png")
 @quiet_option
-def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, seed, out, no_plot, quiet, **flags):
+def bench_cli(config, engines_dir, backends, batch, samplers, repeat, warmup, threads, seed, out, no_plot, quiet,
+              **flags):
     import importlib.util
 
     from d2c_export.bench.report import markdown, summarize, write_report
@@ -286,7 +305,8 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
     _logging(quiet)
     if not no_plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("bench.png needs matplotlib: pip install -e '.[plot]', or pass --no-plot")
-    options = dict(repeat=repeat, warmup=warmup, threads=threads or None, seed=seed, progress=not quiet)
+    options = dict(repeat=repeat, warmup=warmup, threads=threads or None, seed=seed, progress=not quiet,
+                   samplers=samplers)
     if config:  # the preset's recorded settings, as its exported engines would hold them, checked before the export
         preset = get_config(config)
         params = sampling_from(SamplingParams.recommended_for(preset), preset, flags)

@@ -43,7 +43,7 @@ from reference.model import RECOMMENDED_SAMPLING, D2C, D2CConfig
 from reference.sampling import (CfgSchedule, Draws, ImageDraws, TorchDraws, cfg_schedule, filter_logits,
                                 guide_logits, image_seeds, mask_len_schedule, sample_gumbel, step_positions)
 from reference.mar import unpatchify
-from reference.samplers import ConditionCache, Sampler, expand_preset, full_mar_steps
+from reference.samplers import SAMPLER_FIELDS, SAMPLER_SETS, ConditionCache, Sampler, expand_preset, full_mar_steps
 from reference.stage_networks import TorchStages
 from reference.vae import LATENT_SCALE
 
@@ -126,6 +126,13 @@ class SamplingParams:
         """The denoising steps of every masked step, known before the generation starts (a static schedule)."""
         return annealed_counts(self.diffusion_steps, min(self.diffusion_floor, self.diffusion_steps), self.num_iter,
                                self.diffusion_anneal)
+
+    def with_sampler_set(self, name: str) -> "SamplingParams":
+        """These settings with the fast samplers' ones replaced by the named set `SAMPLER_SETS[name]`."""
+        if name not in SAMPLER_SETS:
+            raise ValueError(f"unknown sampler set {name!r}; choose from {', '.join(SAMPLER_SETS)}")
+        exact = {f.name: f.default for f in fields(self) if f.name in SAMPLER_FIELDS}
+        return SamplingParams(**{**self.as_dict(), **exact, **SAMPLER_SETS[name]})
 
     @property
     def discrete_cfg(self) -> float:

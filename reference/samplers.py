@@ -29,6 +29,8 @@ class Sampler(str, Enum):
 FAST_PRESET: dict[str, object] = {"diffusion_anneal": "linear", "lazy_mar": 9, "lazy_mar_warmup": 5}
 UNGUIDED_OFF = ("lazy_mar",)  # preset settings that an unguided generation leaves at their defaults
 
+# The settings of the fast samplers that a named set replaces (the annealing floor is the model's, kept).
+SAMPLER_FIELDS = ("sampler", "diffusion_anneal", "lazy_mar", "lazy_mar_warmup")
 # Named setting sets over a model's settings, to measure each option against the exact sampler in one run
 # (`d2c-bench --samplers`, `d2c-quality --samplers`).
 SAMPLER_SETS: dict[str, dict[str, object]] = {

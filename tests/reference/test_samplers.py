@@ -223,3 +223,14 @@ def test_settings_that_cannot_run_are_refused_in_one_line(settings, words):
 
 def test_an_annealing_floor_above_the_steps_is_fine_while_annealing_is_off():
     assert SamplingParams(diffusion_steps=3).denoising_counts() == [3] * 64
+
+
+def test_named_sets_replace_only_the_fast_samplers_settings():
+    base = SamplingParams(cfg=2.0, num_iter=8, diffusion_steps=40, diffusion_floor=10, diffusion_anneal="cosine")
+    exact = base.with_sampler_set("exact")
+    assert exact.diffusion_anneal == "off" and (exact.cfg, exact.num_iter, exact.diffusion_floor) == (2.0, 8, 10)
+    fast = base.with_sampler_set("fast")
+    assert (fast.sampler, fast.diffusion_anneal, fast.lazy_mar) == ("fast", "linear", 9)
+    assert fast.denoising_counts()[-1] == 10
+    with pytest.raises(ValueError, match="exact, anneal, lazy, fast"):
+        base.with_sampler_set("quick")
