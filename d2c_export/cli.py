@@ -334,6 +334,7 @@ def bench_cli(config, engines_dir, backends, batch, samplers, repeat, warmup, th
               help="held-out real images per class for the FD")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @sampling_options
+@samplers_option
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads (0: its default)")
 @click.option("--grid", type=click.Path(dir_okay=False, path_type=Path),
               help="also write the first backend's first 16 samples as a 4x4 PNG grid here (8x zoom)")
@@ -342,8 +343,8 @@ def bench_cli(config, engines_dir, backends, batch, samplers, repeat, warmup, th
 @click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="score this d2c-generate directory (its PNGs and samples.json labels) instead of sampling")
 @quiet_option
-def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, threads, grid, json_path, samples,
-                quiet, **flags):
+def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, samplers, threads, grid, json_path,
+                samples, quiet, **flags):
     from dataclasses import asdict
 
     from d2c_export.images import GRID_ZOOM, save_images
@@ -363,13 +364,14 @@ def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, se
         return 0
     engines = Engines.open(engines_dir)
     params = engines_sampling(engines, flags)
+    variants = {name: params.with_sampler_set(name).as_dict() for name in samplers or ()}  # refused before sampling
     model = load_classifier(classifier or DEFAULT_CLASSIFIER)
     reports, images = evaluate_backends(engines, backends, per_class, params, seed, model, real_per_class, threads,
-                                        progress=not quiet)
+                                        progress=not quiet, samplers=samplers)
     print(markdown(reports))
     failures = gate_failures(reports)
     if json_path:
-        write_json_atomic(json_path, {"params": {**params.as_dict(), "seed": seed},
+        write_json_atomic(json_path, {"params": {**params.as_dict(), "seed": seed}, "samplers": variants or None,
                                       "reports": [asdict(r) for r in reports], "failures": failures})
     if grid:
         log.info("wrote %s", save_images(images[:16], grid, zoom=GRID_ZOOM))
