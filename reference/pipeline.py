@@ -63,12 +63,16 @@ class SamplingParams:
     top_p: float = 1.0
     # Fast samplers (`reference.samplers`); the defaults are the exact sampler.
     sampler: str = field(default=Sampler.EXACT.value, metadata={
-        "help": "exact: MAR's sampler; fast: the speed preset (linear diffusion-step annealing to the floor, lazy "
-                "MAR steps when guided), recorded as the settings it stands for",
+        "help": "exact: MAR's sampler; fast: the speed preset (linear diffusion-step annealing from half the diffusion "
+                "steps to the floor, lazy MAR steps when guided), recorded as the settings it stands for",
         "choices": [s.value for s in Sampler], "min": None, "max": None})
     diffusion_anneal: str = field(default=AnnealSchedule.OFF.value, metadata={
-        "help": "anneal the denoising steps over the masked steps, from the diffusion steps down to the floor (DiSA)",
+        "help": "anneal the denoising steps over the masked steps, from the diffusion steps (or the annealing start) "
+                "down to the floor (DiSA)",
         "choices": [s.value for s in AnnealSchedule], "min": None, "max": None})
+    diffusion_anneal_start: int = field(default=0, metadata={
+        "help": "denoising steps of the first masked step when annealing (at most the diffusion steps); 0: the "
+                "diffusion steps", "min": 0, "max": TRAIN_STEPS})
     diffusion_floor: int = field(default=5, metadata={
         "help": "denoising steps of the last masked step when annealing", "min": 1, "max": TRAIN_STEPS})
     lazy_mar: int = field(default=0, metadata={
@@ -105,34 +109,42 @@ class SamplingParams:
             except ValueError:
                 raise ValueError(f"{name} must be one of {', '.join(k.value for k in kind)}, got "
                                  f"{getattr(self, name)!r}") from None
-        for name in ("diffusion_floor", "lazy_mar", "lazy_mar_warmup"):
+        for name in ("diffusion_anneal_start", "diffusion_floor", "lazy_mar", "lazy_mar_warmup"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         defaults = {f.name: f.default for f in fields(self)}
-        for name, value in expand_preset(Sampler(self.sampler), vars(self), defaults, self.cfg != 1.0).items():
-            setattr(self, name, value)
         if not 1 <= self.diffusion_floor <= TRAIN_STEPS:
             raise ValueError(f"diffusion_floor must be in [1, {TRAIN_STEPS}], got {self.diffusion_floor}")
-        if self.diffusion_anneal != AnnealSchedule.OFF.value and self.diffusion_floor > self.diffusion_steps:
-            raise ValueError(f"diffusion_floor {self.diffusion_floor} is above diffusion_steps {self.diffusion_steps}: "
-                             "annealing goes down from the diffusion steps; lower --diffusion-floor")
+        for name, value in expand_preset(Sampler(self.sampler), vars(self), defaults).items():
+            setattr(self, name, value)
+        if not 0 <= self.diffusion_anneal_start <= self.diffusion_steps:
+            raise ValueError(f"diffusion_anneal_start must be in [0, {self.diffusion_steps}] (the diffusion steps; 0: "
+                             f"them), got {self.diffusion_anneal_start}")
+        if self.diffusion_anneal != AnnealSchedule.OFF.value and self.diffusion_floor > self._anneal_start:
+            raise ValueError(f"diffusion_floor {self.diffusion_floor} is above the {self._anneal_start} denoising steps "
+                             "annealing starts from; lower --diffusion-floor")
         if self.lazy_mar < 0 or self.lazy_mar_warmup < 0:
             raise ValueError(f"lazy_mar and lazy_mar_warmup must be >= 0, got {self.lazy_mar}, {self.lazy_mar_warmup}")
         if self.lazy_mar and self.cfg == 1.0:
             raise ValueError("lazy_mar needs guidance (cfg != 1): it reuses the difference of the guided halves; "
                              "set --cfg, or --lazy-mar 0")
 
+    @property
+    def _anneal_start(self) -> int:
+        return self.diffusion_anneal_start or self.diffusion_steps
+
     def denoising_counts(self) -> list[int]:
         """The denoising steps of every masked step, known before the generation starts (a static schedule)."""
-        return annealed_counts(self.diffusion_steps, min(self.diffusion_floor, self.diffusion_steps), self.num_iter,
-                               self.diffusion_anneal)
+        if self.diffusion_anneal == AnnealSchedule.OFF.value:
+            return [self.diffusion_steps] * self.num_iter
+        return annealed_counts(self._anneal_start, self.diffusion_floor, self.num_iter, self.diffusion_anneal)
 
     def with_sampler_set(self, name: str) -> "SamplingParams":
         """These settings with the fast samplers' ones replaced by the named set `SAMPLER_SETS[name]`."""
         if name not in SAMPLER_SETS:
             raise ValueError(f"unknown sampler set {name!r}; choose from {', '.join(SAMPLER_SETS)}")
-        exact = {f.name: f.default for f in fields(self) if f.name in SAMPLER_FIELDS}
-        return SamplingParams(**{**self.as_dict(), **exact, **SAMPLER_SETS[name]})
+        exact = {**self.as_dict(), **{f.name: f.default for f in fields(self) if f.name in SAMPLER_FIELDS}}
+        return SamplingParams(**{**exact, **SAMPLER_SETS[name](exact)})
 
     @property
     def discrete_cfg(self) -> float:

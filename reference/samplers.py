@@ -2,8 +2,8 @@
 
 Both speed-ups are training-free changes to the sampler on the same weights, options of the one shared loop
 (`reference.pipeline`); with them off the loop is MAR's exact sampler.
-- Diffusion-step annealing (DiSA): the denoising steps of each masked step fall from `diffusion_steps` to
-  `diffusion_floor` over the masked steps (`reference.diffusion.annealed_counts`).
+- Diffusion-step annealing (DiSA): the denoising steps of each masked step fall from `diffusion_steps` (or
+  `diffusion_anneal_start`) to `diffusion_floor` over the masked steps (`reference.diffusion.annealed_counts`).
 - Lazy MAR steps (LazyMAR's condition cache): between full mar steps the unconditional conditions are the
   conditional ones plus the guidance difference kept from the last full step (`ConditionCache`), so the `mar`
   stage runs on the conditional half alone. Guided generations only: without guidance there is no other half.
@@ -13,6 +13,7 @@ values of every layer; it is not built (README, "Fast samplers").
 from __future__ import annotations
 
 from enum import Enum
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -20,44 +21,53 @@ from torch import Tensor
 
 class Sampler(str, Enum):
     EXACT = "exact"  # MAR's and LlamaGen's sampler, bit for bit
-    FAST = "fast"  # the speed preset: FAST_PRESET over the other settings
+    FAST = "fast"  # the speed preset: `fast_settings` over the other settings
 
 
-# What `sampler="fast"` stands for: DiSA's linear annealing down to `diffusion_floor` (the model's own floor where
-# its settings record one), and LazyMAR's refresh rule (a full mar step every 9 after 5 full ones: its
-# `start_step` and `fresh_t`). Lazy MAR steps only where the generation is guided.
-FAST_PRESET: dict[str, object] = {"diffusion_anneal": "linear", "lazy_mar": 9, "lazy_mar_warmup": 5}
-UNGUIDED_OFF = ("lazy_mar",)  # preset settings that an unguided generation leaves at their defaults
-
+ANNEAL_FIELDS = ("diffusion_anneal", "diffusion_anneal_start")
+LAZY_FIELDS = ("lazy_mar", "lazy_mar_warmup")
 # The settings of the fast samplers that a named set replaces (the annealing floor is the model's, kept).
-SAMPLER_FIELDS = ("sampler", "diffusion_anneal", "lazy_mar", "lazy_mar_warmup")
+SAMPLER_FIELDS = ("sampler",) + ANNEAL_FIELDS + LAZY_FIELDS
+
+
+def fast_settings(values: dict[str, object]) -> dict[str, object]:
+    """What `sampler="fast"` stands for, given the other settings (`values`: field -> value).
+
+    DiSA's MAR setting, linear annealing from 50 of MAR's 100 denoising steps down to 5: here from half the
+    diffusion steps (never below the floor) down to `diffusion_floor` (the model's own where its settings record
+    one; the demo's head needs 250). LazyMAR's refresh rule: a full mar step every 9 after 5 full ones (its
+    `fresh_t` and `start_step`), where the generation is guided (there is no other half without guidance).
+    """
+    guided = values["cfg"] != 1.0
+    return {"diffusion_anneal": "linear",
+            "diffusion_anneal_start": min(values["diffusion_steps"], max(values["diffusion_floor"],
+                                                                         values["diffusion_steps"] // 2)),
+            "lazy_mar": 9 if guided else 0, "lazy_mar_warmup": 5}
+
+
 # Named setting sets over a model's settings, to measure each option against the exact sampler in one run
-# (`d2c-bench --samplers`, `d2c-quality --samplers`).
-SAMPLER_SETS: dict[str, dict[str, object]] = {
-    "exact": {},
-    "anneal": {"diffusion_anneal": "linear"},
-    "lazy": {"lazy_mar": 9, "lazy_mar_warmup": 5},
-    "fast": {"sampler": "fast"},
+# (`d2c-bench --samplers`, `d2c-quality --samplers`): each option alone as the preset sets it, and the preset.
+SAMPLER_SETS: dict[str, Callable[[dict[str, object]], dict[str, object]]] = {
+    "exact": lambda values: {},
+    "anneal": lambda values: {k: v for k, v in fast_settings(values).items() if k in ANNEAL_FIELDS},
+    "lazy": lambda values: {"lazy_mar": 9, "lazy_mar_warmup": 5},
+    "fast": lambda values: {"sampler": Sampler.FAST.value},
 }
 
 
-def expand_preset(sampler: Sampler, values: dict[str, object], defaults: dict[str, object],
-                  guided: bool) -> dict[str, object]:
-    """The settings `sampler` stands for, written over `values` (field -> value).
+def expand_preset(sampler: Sampler, values: dict[str, object], defaults: dict[str, object]) -> dict[str, object]:
+    """The settings `sampler` stands for, to write over `values` (field -> value).
 
     A setting the preset decides that was given another value than its default and the preset's is refused (one
     line naming the flag), so a recorded, already expanded set of settings expands to itself.
     """
     if sampler is Sampler.EXACT:
         return {}
-    out = {}
-    for name, value in FAST_PRESET.items():
-        if not guided and name in UNGUIDED_OFF:
-            value = defaults[name]
+    out = fast_settings(values)
+    for name, value in out.items():
         if values[name] not in (defaults[name], value):
             raise ValueError(f"--sampler fast sets {name} to {value!r}, not {values[name]!r}: leave "
                              f"--{name.replace('_', '-')} out, or use --sampler exact with the options named")
-        out[name] = value
     return out
 
 

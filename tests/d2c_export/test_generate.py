@@ -104,9 +104,8 @@ def test_a_batch_above_the_backends_profile_is_refused_before_any_call(engines_f
 @pytest.mark.parametrize("config", ["d2c-tiny", "d2c-tiny-none"])
 def test_ort_generates_what_the_reference_generates_with_each_fast_sampler(engines_factory, config, sampler):
     """The fast samplers run through the one shared loop: ONNX Runtime and torch agree with them on, as without."""
-    from reference.diffusion import annealed_counts
     from reference.samplers import full_mar_steps
-    base = SamplingParams(cfg=3.0, num_iter=8, diffusion_steps=9)
+    base = SamplingParams(cfg=3.0, num_iter=8, diffusion_steps=16)
     params = base.with_sampler_set(sampler)
     engines = engines_factory(config)
     labels = [1, 7, 3]
@@ -117,8 +116,8 @@ def test_ort_generates_what_the_reference_generates_with_each_fast_sampler(engin
     assert float((ref.images - got.images).abs().max()) < 1e-3
     exact, _ = generate_images(backend(engines, ORT), labels, base, seed=5)
     assert float((exact.images - got.images).abs().max()) > 1e-3  # the option changes the images
-    counts = annealed_counts(9, 5, 8, params.diffusion_anneal)
+    counts = params.denoising_counts()
     assert timer.calls == ref_timer.calls
     assert timer.calls["diffusion"] == sum(counts) and timer.calls["mar"] == 8
-    assert (sum(counts) < 8 * 9) == (sampler != "lazy") and full_mar_steps(8, params.lazy_mar, 5).count(False) == (
+    assert (sum(counts) < 8 * 16) == (sampler != "lazy") and full_mar_steps(8, params.lazy_mar, 5).count(False) == (
         0 if sampler == "anneal" else 2)

@@ -9,7 +9,7 @@ import torch
 from reference.diffusion import annealed_counts, annealed_tables, make_tables, step_tables
 from reference.model import D2C, get_config
 from reference.pipeline import SamplingParams, generate_with
-from reference.samplers import FAST_PRESET, SAMPLER_SETS, ConditionCache, full_mar_steps
+from reference.samplers import SAMPLER_SETS, ConditionCache, full_mar_steps
 from reference.sampling import ImageDraws
 from reference.stage_networks import TorchStages
 
@@ -120,6 +120,12 @@ def run(model, seed=3, **settings):
     return generate_with(stages, torch.tensor([1, 7]), params, ImageDraws([seed, seed + 1])), stages, params
 
 
+def test_annealing_starts_where_asked():
+    p = SamplingParams(num_iter=4, diffusion_steps=30, diffusion_anneal="linear", diffusion_anneal_start=20,
+                       diffusion_floor=2)
+    assert p.denoising_counts() == annealed_counts(20, 2, 4, "linear") == [20, 14, 8, 2]
+
+
 def test_annealed_loop_runs_and_draws_each_masked_steps_own_count(tiny):
     out, stages, params = run(tiny, diffusion_anneal="linear", diffusion_floor=3)
     counts = params.denoising_counts()
@@ -185,19 +191,27 @@ def test_defaults_are_the_exact_sampler():
 
 
 def test_fast_preset_expands_into_the_settings_it_stands_for():
-    p = SamplingParams(sampler="fast", cfg=4.0)
-    assert {k: getattr(p, k) for k in FAST_PRESET} == FAST_PRESET
+    p = SamplingParams(sampler="fast", cfg=4.0)  # MAR's 64 x 100: DiSA's 50 -> 5, LazyMAR's 5 and 9
+    expanded = {"diffusion_anneal": "linear", "diffusion_anneal_start": 50, "diffusion_floor": 5, "lazy_mar": 9,
+                "lazy_mar_warmup": 5}
+    assert {k: getattr(p, k) for k in expanded} == expanded
+    counts = p.denoising_counts()
+    assert counts[0] == 50 and counts[-1] == 5 and counts == annealed_counts(50, 5, 64, "linear")
     recorded = p.as_dict()
-    assert recorded["sampler"] == "fast" and recorded["diffusion_anneal"] == "linear" and recorded["lazy_mar"] == 9
+    assert recorded["sampler"] == "fast" and all(recorded[k] == v for k, v in expanded.items())
     assert SamplingParams(**recorded) == p  # a recorded, expanded set expands to itself
     unguided = SamplingParams(sampler="fast", cfg=1.0)
     assert unguided.diffusion_anneal == "linear" and unguided.lazy_mar == 0  # lazy MAR steps need guidance
+    demo = SamplingParams(sampler="fast", cfg=1.0, num_iter=16, diffusion_steps=500, diffusion_floor=250)
+    assert demo.denoising_counts() == [250] * 16  # half the steps is the demo's floor already
     assert SamplingParams(sampler="fast", cfg=4.0, diffusion_floor=20).denoising_counts()[-1] == 20
+    with pytest.raises(ValueError, match="--diffusion-floor"):  # the demo's floor above the steps asked for
+        SamplingParams(sampler="fast", cfg=1.0, diffusion_steps=100, diffusion_floor=250)
 
 
 def test_named_setting_sets_are_valid_settings():
-    for name, settings in SAMPLER_SETS.items():
-        p = SamplingParams(cfg=4.0, **settings)
+    for name in SAMPLER_SETS:
+        p = SamplingParams(cfg=4.0).with_sampler_set(name)
         assert (p.sampler == "exact" and p.diffusion_anneal == "off" and p.lazy_mar == 0) == (name == "exact")
 
 
@@ -207,6 +221,9 @@ def test_named_setting_sets_are_valid_settings():
     ({"diffusion_anneal": "steep"}, ["diffusion_anneal", "off, linear, cosine"]),
     ({"sampler": "turbo"}, ["sampler", "exact, fast"]),
     ({"sampler": "fast", "diffusion_anneal": "cosine"}, ["--diffusion-anneal", "--sampler exact"]),
+    ({"sampler": "fast", "diffusion_anneal_start": 70}, ["--diffusion-anneal-start", "--sampler exact"]),
+    ({"diffusion_anneal": "linear", "diffusion_steps": 20, "diffusion_anneal_start": 30}, ["diffusion_anneal_start"]),
+    ({"diffusion_anneal": "linear", "diffusion_anneal_start": 4}, ["--diffusion-floor"]),
     ({"sampler": "fast", "cfg": 4.0, "lazy_mar": 3}, ["--lazy-mar", "--sampler exact"]),
     ({"lazy_mar": -1}, ["lazy_mar"]),
     ({"diffusion_floor": 0}, ["diffusion_floor"]),
@@ -226,11 +243,16 @@ def test_an_annealing_floor_above_the_steps_is_fine_while_annealing_is_off():
 
 
 def test_named_sets_replace_only_the_fast_samplers_settings():
-    base = SamplingParams(cfg=2.0, num_iter=8, diffusion_steps=40, diffusion_floor=10, diffusion_anneal="cosine")
+    base = SamplingParams(cfg=2.0, num_iter=8, diffusion_steps=40, diffusion_floor=10, diffusion_anneal="cosine",
+                          diffusion_anneal_start=30)
     exact = base.with_sampler_set("exact")
     assert exact.diffusion_anneal == "off" and (exact.cfg, exact.num_iter, exact.diffusion_floor) == (2.0, 8, 10)
+    assert exact.denoising_counts() == [40] * 8
     fast = base.with_sampler_set("fast")
-    assert (fast.sampler, fast.diffusion_anneal, fast.lazy_mar) == ("fast", "linear", 9)
+    assert (fast.sampler, fast.diffusion_anneal, fast.diffusion_anneal_start, fast.lazy_mar) == ("fast", "linear", 20, 9)
     assert fast.denoising_counts()[-1] == 10
+    anneal, lazy = base.with_sampler_set("anneal"), base.with_sampler_set("lazy")
+    assert anneal.denoising_counts() == fast.denoising_counts() and anneal.lazy_mar == 0  # the preset's parts
+    assert lazy.denoising_counts() == [40] * 8 and (lazy.lazy_mar, lazy.lazy_mar_warmup) == (9, 5)
     with pytest.raises(ValueError, match="exact, anneal, lazy, fast"):
         base.with_sampler_set("quick")

@@ -246,22 +246,24 @@ def test_gpu_memory_is_the_drivers_figure_next_to_torchs(monkeypatch):
 
 # -- samplers compared in one run ----------------------------------------------------------------------
 def test_bench_compares_named_sampler_sets_with_their_stage_calls(engines_factory, tmp_path, capsys):
-    from reference.diffusion import annealed_counts
+    from reference.pipeline import SamplingParams
     from reference.samplers import full_mar_steps
     out = tmp_path / "report"
     code = bench_main(["--engines", str(engines_factory("d2c-tiny")), "--backends", "ort,torch", "--batch", "1",
-                       "--samplers", "exact,anneal,lazy,fast", "--num-iter", "8", "--diffusion-steps", "8",
+                       "--samplers", "exact,anneal,lazy,fast", "--num-iter", "8", "--diffusion-steps", "16",
                        "--cfg", "3.0", "--repeat", "1", "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "bench.json").read_text())
     cells = {(c["backend"], c["sampler"]): c for c in summary["results"]}
     assert set(cells) == {(b, s) for b in ("ort", "torch") for s in ("exact", "anneal", "lazy", "fast")}
-    annealed = sum(annealed_counts(8, 5, 8, "linear"))
+    counts = SamplingParams(cfg=3.0, num_iter=8, diffusion_steps=16, sampler="fast").denoising_counts()
+    assert counts[0] == 8 and counts[-1] == 5  # from half the steps to the floor
+    annealed = sum(counts)
     lazy_steps = full_mar_steps(8, 9, 5).count(False)
     assert lazy_steps == 2
     for (backend, sampler), c in cells.items():
         calls = {name: st["calls_per_generation"] for name, st in c["stages"].items()}
-        assert calls["diffusion"] == (annealed if sampler in ("anneal", "fast") else 8 * 8), (backend, sampler)
+        assert calls["diffusion"] == (annealed if sampler in ("anneal", "fast") else 8 * 16), (backend, sampler)
         assert calls["mar"] == 8 and calls["vae"] == 1
         assert c["sampling"] == summary["samplers"][sampler]
         assert math.isfinite(c["speedup_vs_exact"]) and c["speedup_vs_exact"] > 0

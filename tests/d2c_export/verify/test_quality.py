@@ -113,8 +113,9 @@ def test_quality_cli_compares_sampler_sets_on_the_same_seeds(demo_engines, tmp_p
     distances = [r["pixel_distance"] for r in data["reports"]]
     assert distances[0] == 0.0 and distances[1] > 0.0  # fewer denoising steps: other images from the same draws
     assert distances[2] == distances[1]  # unguided, the preset is the annealing alone
-    # the demo's own floor: its head blows up below about 250 denoising steps
+    # the demo's own floor: its head blows up below about 250 denoising steps, which is half its 500 already
     assert data["samplers"]["anneal"]["diffusion_floor"] == 250
+    assert data["samplers"]["anneal"]["diffusion_anneal_start"] == 250
     assert data["samplers"]["fast"]["diffusion_anneal"] == "linear" and data["samplers"]["fast"]["lazy_mar"] == 0
     assert rc in (0, 1) and "| ort | anneal | 10 |" in capsys.readouterr().out
 
