@@ -1,10 +1,8 @@
 """Every command (`d2c-export`, `d2c-run`, `d2c-bench`, `d2c-quality`): a few library calls each, on click.
 
-The sampling flags, the engines flag and the backend flags are defined once, as option decorators.
-A sampling flag left out takes the value the engines recorded for their model (the model's recommended
-settings), so `d2c-run --engines DIR --class N` works on every exported model. Every project error,
-bad flag and interrupt ends as one line on stderr (`error: ...`) with exit status 2 (130 for an
-interrupt); no command prints a traceback for bad input.
+The options they share (sampling, engines, backend) are defined once, in `cli_options`. Every error that is the
+user's to fix, bad flag and interrupt ends as one line on stderr (`error: ...`) with exit status 2 (130 for an
+interrupt); anything else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -13,89 +11,25 @@ from pathlib import Path
 
 import click
 
-from d2c_export.cli_support import SEED, Command, Finite, Group
+from d2c_export.backends import AUTO, Precision, Target, TargetError, choices, parse_list
+from d2c_export.cli_options import (SAMPLING_HELP, backend_options, checked_out, engines_option, engines_sampling,
+                                    int_list, options, quiet_option, samplers_option, sampling_from, sampling_options,
+                                    setup_logging)
+from d2c_export.cli_support import SEED, Command, Group
 from d2c_export.engines import DEFAULT_ENGINES, Engines
-from d2c_export.export.onnx import DEFAULT_OPSET
+from d2c_export.errors import BadInput
+from d2c_export.sources import DEFAULT_OPSET
 from d2c_export.stages import DEFAULT_MAX_BATCH, STAGES
-from d2c_export.targets import AUTO, BackendName, Precision, Target, TargetError, choices, parse_list
-from reference.diffusion import TRAIN_STEPS
 from reference.files import check_output_file
 from reference.model import PRESETS, get_config
 from reference.pipeline import SamplingParams
-from reference.samplers import SAMPLER_SETS
-from reference.sampling import CfgSchedule
+from reference.settings import check_request
 
 log = logging.getLogger("d2c")
-QUIET_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")  # per-op chatter of the ONNX exporter's passes
 
 
-def _logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", force=True)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-# -- shared options ------------------------------------------------------------------------------------
-def _options(*decorators):
-    def apply(fn):
-        for d in reversed(decorators):
-            fn = d(fn)
-        return fn
-    return apply
-
-
-def engines_option(fn=None, *, help_text: str = "exported engines directory"):
-    option = click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=DEFAULT_ENGINES,
-                          show_default=True, help=help_text)
-    return option if fn is None else option(fn)
-
-
-quiet_option = click.option("--quiet", is_flag=True, help="no progress display")
-SAMPLING_FIELDS = ("cfg", "cfg_schedule", "num_iter", "diffusion_steps", "temperature", "top_k", "top_p")
-sampling_options = _options(
-    click.option("--cfg", type=Finite(min=0.0), help="guidance scale (1: none)"),
-    click.option("--cfg-schedule", type=click.Choice([s.value for s in CfgSchedule]), help="MAR's guidance schedule"),
-    click.option("--num-iter", type=click.IntRange(min=1), help="masked autoregressive steps"),
-    click.option("--diffusion-steps", type=click.IntRange(1, TRAIN_STEPS),
-                 help="denoising steps per masked step (respacing of 1000)"),
-    click.option("--temperature", type=Finite(min=0.0, min_open=True), help="diffusion-head temperature"),
-    click.option("--top-k", type=click.IntRange(min=0), help="discrete sampling: keep the k most likely tokens (0: all)"),
-    click.option("--top-p", type=Finite(min=0.0, max=1.0, min_open=True), help="discrete sampling: nucleus mass (1: all)"),
-)
-SAMPLING_HELP = "Sampling flags left out take the engines' recommended settings for their model."
-
-
-def sampling_from(recommended: dict, config, flags: dict) -> SamplingParams:
-    """The model's recommended settings with the given flags over them, validated for the model (`config`)."""
-    given = {k: flags[k] for k in SAMPLING_FIELDS if flags.get(k) is not None}
-    params = SamplingParams(**{**recommended, **given})
-    try:
-        params.check_for(config)
-    except ValueError as exc:
-        flag = "--num-iter" if "num_iter" in str(exc) else "--top-k"
-        raise click.UsageError(f"{flag}: {exc}") from None
-    log.info("sampling: %s (%s)", params.describe(),
-             "the engines' recommended settings" + (f", with {', '.join(sorted(given))} given" if given else ""))
-    return params
-
-
-def engines_sampling(engines: Engines, flags: dict) -> SamplingParams:
-    return sampling_from(vars(engines.sampling), engines.config, flags)
-
-
-def _backend_choice():
-    return click.Choice([AUTO, *(b.value for b in BackendName)])
-
-
-precision_option = click.option("--precision", type=click.Choice([p.value for p in Precision]),
-                                default=Precision.FP32.value, show_default=True)
-backend_options = _options(
-    click.option("--backend", type=_backend_choice(), default=AUTO, show_default=True,
-                 help="auto: TensorRT where its plans and a GPU exist, else ONNX Runtime"),
-    precision_option,
-)
 # the files and options beside a stage-2 checkpoint: `sources.OfficialParts`'s fields and `assemble`'s keywords
-official_options = _options(
+official_options = options(
     click.option("--gpt", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  help="LlamaGen c2i GPT checkpoint (stage 1 of a D2C stage-2 --checkpoint)"),
     click.option("--vae", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -106,11 +40,6 @@ official_options = _options(
     click.option("--mar-patch-size", type=click.IntRange(min=1),
                  help="patch size of a MAR that is not MAR's published 1 (token channels = VAE channels x patch^2)"),
 )
-
-
-def _checked_out(path: str | Path | None) -> Path | None:
-    """An output file path checked before any work (a regular file in a writable folder), or None."""
-    return None if path is None else check_output_file(path)
 
 
 # -- d2c-export ----------------------------------------------------------------------------------------
@@ -141,7 +70,7 @@ def _stage_choice():
 def _onnx(stage, config, checkpoint, seed, out, opset, max_batch, fp16, quiet, **official):
     from d2c_export.export.onnx import export_model
     from d2c_export.sources import ModelRequest, OfficialParts, build_model
-    _logging(quiet)
+    setup_logging(quiet)
     parts = OfficialParts(**official)
     model, source = build_model(ModelRequest(config=config, checkpoint=checkpoint, seed=seed, parts=parts))
     stages = "all" if stage == "all" else [stage]
@@ -165,7 +94,7 @@ def _onnx(stage, config, checkpoint, seed, out, opset, max_batch, fp16, quiet, *
 @quiet_option
 def _trt(engines_dir, fp16, stage, workspace, timing_cache, quiet):
     from d2c_export.export.trt_build import build_engines
-    _logging(quiet)
+    setup_logging(quiet)
     engines = Engines.open(engines_dir)
     build_engines(engines, fp16, "all" if stage == "all" else [stage], workspace, timing_cache, progress=not quiet)
     log.info("wrote %s (plans: %s)", engines_dir / "manifest.json", ", ".join(engines.manifest.kinds()))
@@ -182,7 +111,7 @@ def _trt(engines_dir, fp16, stage, workspace, timing_cache, quiet):
 def _convert(out, checkpoint, **official):
     from reference.checkpoint import save_checkpoint
     from reference.official import assemble
-    _logging(False)
+    setup_logging(False)
     check_output_file(out)
     model = assemble(checkpoint, **official)  # the option names are assemble's keywords
     save_checkpoint(model, out)
@@ -195,7 +124,7 @@ def _convert(out, checkpoint, **official):
 @backend_options
 def _check(engines_dir, backend, precision):
     from d2c_export.verify.parity import check_engines, check_targets, format_table
-    _logging(False)
+    setup_logging(False)
     engines = Engines.open(engines_dir)
     targets = check_targets(engines, Precision(precision)) if backend == AUTO else [Target.of(backend, precision)]
     reports = check_engines(engines, targets)
@@ -220,17 +149,17 @@ def _check(engines_dir, backend, precision):
 @quiet_option
 def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precision, out, quiet, **flags):
     from d2c_export.backends import open_named
-    from d2c_export.generate import check_request, generate_images
+    from d2c_export.generate import generate_images
     from d2c_export.images import save_images
-    _logging(quiet)
-    _checked_out(out)
+    setup_logging(quiet)
+    checked_out(out)
     engines = Engines.open(engines_dir)
     labels = [c for c in classes for _ in range(num_images)]
-    check_request(engines.config, engines.max_batch, labels,
-                  f"ask for at most {engines.max_batch} images in all ({len(classes)} --class x --num-images "
-                  f"{num_images} is {len(labels)}), or re-export with "
-                  f"`{engines.rebuild_command('onnx-fp32', max_batch=len(labels))}`")
     params = engines_sampling(engines, flags)
+    check_request(engines.config, labels, max_batch=engines.max_batch, seed=seed, params=params,
+                  too_many=lambda n: f"ask for at most {engines.max_batch} images in all ({len(classes)} --class x "
+                  f"--num-images {num_images} is {n}), or re-export with "
+                  f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`")
     with open_named(engines, backend, precision) as stages:
         log.info("backend: %s", stages.description)
         result, timer = generate_images(stages, labels, params, seed, progress=not quiet, batch_order=batch_order)
@@ -243,32 +172,6 @@ def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precis
 
 
 # -- d2c-bench -----------------------------------------------------------------------------------------
-def _int_list(ctx, param, text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise click.BadParameter(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _sampler_sets(ctx, param, text: str | None) -> list[str] | None:
-    """Names of `reference.samplers.SAMPLER_SETS`, comma-separated, the first the reference of the ratios."""
-    if text is None:
-        return None
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SAMPLER_SETS]
-    if not names or unknown or len(set(names)) != len(names):
-        raise click.BadParameter(f"expected distinct names from {', '.join(SAMPLER_SETS)}, got {text!r}")
-    return names
-
-
-samplers_option = click.option(
-    "--samplers", callback=_sampler_sets, help="compare named sets of sampler settings over the others, in one run "
-    f"(from {', '.join(SAMPLER_SETS)}; the first is the reference, e.g. exact,anneal,lazy,fast)")
-
-
 def _targets(ctx, param, text: str):
     try:
         return parse_list(text)
@@ -283,7 +186,7 @@ def _targets(ctx, param, text: str):
 @engines_option(help_text="exported engines to measure (when no --config)")
 @click.option("--backends", default="torch,ort", show_default=True, callback=_targets,
               help=f"comma-separated columns from {', '.join(choices())}")
-@click.option("--batch", default="1,4", show_default=True, callback=_int_list, help="comma-separated batch sizes")
+@click.option("--batch", default="1,4", show_default=True, callback=int_list, help="comma-separated batch sizes")
 @sampling_options
 @samplers_option
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
@@ -302,9 +205,9 @@ def bench_cli(config, engines_dir, backends, batch, samplers, repeat, warmup, th
 
     from d2c_export.bench.report import markdown, summarize, write_report
     from d2c_export.bench.run import bench_from_config, run_benchmark
-    _logging(quiet)
+    setup_logging(quiet)
     if not no_plot and importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("bench.png needs matplotlib: pip install -e '.[plot]', or pass --no-plot")
+        raise BadInput("bench.png needs matplotlib: pip install -e '.[plot]', or pass --no-plot")
     options = dict(repeat=repeat, warmup=warmup, threads=threads or None, seed=seed, progress=not quiet,
                    samplers=samplers)
     if config:  # the preset's recorded settings, as its exported engines would hold them, checked before the export
@@ -352,8 +255,8 @@ def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, se
                                            markdown)
     from reference.files import write_json_atomic
     from training.classifier import load_classifier
-    _logging(quiet)
-    _checked_out(grid), _checked_out(json_path)
+    setup_logging(quiet)
+    checked_out(grid), checked_out(json_path)
     if samples:
         from d2c_export.bulk.pack import read_directory
         report = evaluate_samples(str(samples), *read_directory(samples),

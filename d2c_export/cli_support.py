@@ -1,4 +1,9 @@
-"""The command line's plumbing: one-line errors for every project error, bad flag and interrupt; option types."""
+"""The command line's plumbing: one-line errors for every project error, bad flag and interrupt; option types.
+
+A `UserError` names the settings it is about by their Python names (`reference.errors`); here they are spelled as
+the command's own flags (`stage2` -> `--checkpoint`, `ema=False` -> `--no-ema`, `diffusion_steps` ->
+`--diffusion-steps`), found among the options the command declares.
+"""
 from __future__ import annotations
 
 import math
@@ -7,33 +12,38 @@ from typing import Callable
 
 import click
 
-from d2c_export.errors import EngineError
-from d2c_export.targets import TargetError
-from reference.checkpoint import CheckpointError
-from reference.files import BusyError, OutputPathError
-
-USER_ERRORS = (EngineError, CheckpointError, TargetError, OutputPathError, BusyError, ValueError, KeyError, OSError)
+from d2c_export.errors import UserError, one_line
+from reference.errors import Spelling, python_spelling
+from reference.settings import MAX_SEED
 
 
-# The reference speaks its Python API in its messages (`assemble(stage2, gpt=..., vae=..., ema=...)`); the commands'
-# errors name their own flags instead.
-API_TO_FLAGS = {"stage2=PATH": "--checkpoint PATH", "gpt=PATH": "--gpt PATH", "vae=PATH": "--vae PATH",
-                "ema=False": "--no-ema", "gpt_heads=N": "--gpt-heads N", "mar_heads=N": "--mar-heads N",
-                "mar_patch_size=N": "--mar-patch-size N"}
+
+def flag_spelling(command: click.Command) -> Spelling:
+    """How `command` (and its subcommands) spells a setting: the first name of the option that declares it, with the
+    value (`--vae PATH`; a flag pair's `--no-ema` for False); a setting no option declares keeps its Python name."""
+    found: dict[str, click.Option] = {}
+    for cmd in [command, *getattr(command, "commands", {}).values()]:
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                for name in [p.name, *(o.lstrip("-").replace("-", "_") for o in p.opts)]:
+                    found.setdefault(name, p)
+
+    def spell(name: str, value: object = None) -> str:
+        option = found.get(name)
+        if option is None:
+            return python_spelling(name, value)
+        if value is None:
+            return option.opts[0]
+        if isinstance(value, bool) and option.secondary_opts:
+            return option.opts[0] if value else option.secondary_opts[0]
+        return f"{option.opts[0]} {value}"
+    return spell
 
 
-def _as_flags(message: str) -> str:
-    for api, flag in API_TO_FLAGS.items():
-        message = message.replace(api, flag)
-    return message
-
-
-def one_line(text: str) -> str:
-    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
-
-
-def run_handled(call: Callable[[], object]) -> int:
-    """Run a command; a user error, a bad flag or an interrupt becomes one line on stderr."""
+def run_handled(call: Callable[[], object], spell: Callable[[], Spelling] = lambda: python_spelling) -> int:
+    """Run a command; an error that is the user's to fix (a `UserError`, a bad flag, an operating-system error on a
+    named file), or an interrupt, becomes one line on stderr, settings spelled as `spell()` writes them. Anything
+    else is a bug and propagates with its traceback."""
     try:
         rv = call()
         return rv if isinstance(rv, int) else 0
@@ -45,11 +55,13 @@ def run_handled(call: Callable[[], object]) -> int:
     except (KeyboardInterrupt, click.exceptions.Abort):
         print("error: interrupted; nothing was written under a final name", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        if isinstance(exc, CheckpointError):
-            message = _as_flags(str(message))
-        print(f"error: {one_line(message)}", file=sys.stderr)
+    except UserError as exc:
+        print(f"error: {one_line(exc.render(spell()))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named: a bug, with its traceback
+            raise
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
 
 
@@ -58,7 +70,7 @@ class _Handled:
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         code = run_handled(lambda: super(_Handled, self).main(args, prog_name, complete_var, standalone_mode=False,
-                                                              **extra))
+                                                              **extra), lambda: flag_spelling(self))
         if standalone_mode:
             sys.exit(code)
         return code
@@ -72,7 +84,19 @@ class Group(_Handled, click.Group):
     command_class = Command
 
 
-SEED = click.IntRange(min=0, max=2 ** 63 - 1)
+class Seed(click.IntRange):
+    """A generator seed, 0 to 2^63 - 1 (shown so in help)."""
+
+    name = "seed"
+
+    def __init__(self):
+        super().__init__(min=0, max=MAX_SEED)
+
+    def _describe_range(self) -> str:
+        return "0<=x<=2^63-1"
+
+
+SEED = Seed()
 
 
 class Finite(click.FloatRange):

@@ -9,9 +9,8 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from d2c_export.errors import EngineError
-from d2c_export.export.manifest import MANIFEST, Manifest, StageEntry
-from d2c_export.export.onnx import DEFAULT_OPSET
+from d2c_export.errors import StaleEngines
+from d2c_export.manifest import MANIFEST, Manifest, StageEntry
 from d2c_export.sources import export_command, model_from_source
 from d2c_export.stages import DEFAULT_MAX_BATCH, stages_for
 from reference.files import sha256_file
@@ -39,18 +38,18 @@ class Engines:
     def open(cls, directory: str | Path) -> "Engines":
         directory = Path(directory)
         if not directory.exists():
-            raise EngineError(f"engines directory {directory} does not exist; export one with "
-                              f"`{export_hint(directory)}`")
+            raise StaleEngines(f"engines directory {directory} does not exist; export one with "
+                               f"`{export_hint(directory)}`")
         if not directory.is_dir():
-            raise EngineError(f"engines path {directory} is not a directory; export one with "
-                              f"`{export_hint(directory)}`")
+            raise StaleEngines(f"engines path {directory} is not a directory; export one with "
+                               f"`{export_hint(directory)}`")
         path = directory / MANIFEST
         if not path.is_file():
-            raise EngineError(f"{path} is missing; export with `{export_hint(directory)}`")
+            raise StaleEngines(f"{path} is missing; export with `{export_hint(directory)}`")
         try:
             manifest = Manifest.read(path)
-        except EngineError as exc:
-            raise EngineError(f"{exc}; re-export with `{export_hint(directory)}`") from None
+        except StaleEngines as exc:
+            raise StaleEngines(f"{exc}; re-export with `{export_hint(directory)}`") from None
         engines = cls(directory, manifest)
         engines.config  # noqa: B018  (a config that does not build is refused here, with the export command)
         return engines
@@ -60,8 +59,8 @@ class Engines:
         try:
             return self.manifest.d2c_config
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise EngineError(f"{self.directory / MANIFEST} records a config that does not build ({exc}); "
-                              f"re-export with `{export_hint(self.directory)}`") from None
+            raise StaleEngines(f"{self.directory / MANIFEST} records a config that does not build ({exc}); "
+                               f"re-export with `{export_hint(self.directory)}`") from None
 
     @property
     def max_batch(self) -> int:
@@ -77,8 +76,8 @@ class Engines:
         try:
             return SamplingParams(**self.manifest.sampling)
         except (TypeError, ValueError) as exc:
-            raise EngineError(f"{self.directory / MANIFEST} records invalid sampling settings ({exc}); "
-                              f"re-export with `{self.rebuild_command('onnx-fp32')}`") from None
+            raise StaleEngines(f"{self.directory / MANIFEST} records invalid sampling settings ({exc}); "
+                               f"re-export with `{self.rebuild_command('onnx-fp32')}`") from None
 
     def specs(self, names: str | list[str] = "all"):
         return stages_for(self.config, names)
@@ -86,7 +85,8 @@ class Engines:
     def model(self) -> D2C:
         """The reference model the engines were exported from, rebuilt (once) from the recorded source."""
         if self._model is None:
-            self._model = model_from_source(self.config, self.source, self.rebuild_command("onnx-fp32")).eval()
+            self._model = model_from_source(self.config, self.source,
+                                            lambda: self.rebuild_command("onnx-fp32")).eval()
         return self._model
 
     def rebuild_command(self, kind: str, max_batch: int | None = None) -> str:
@@ -99,7 +99,7 @@ class Engines:
         batch = max_batch or self.max_batch
         return export_command(self.source, self.config.name, self.directory, fp16=fp16,
                               max_batch=None if batch == DEFAULT_MAX_BATCH else batch,
-                              opset=opsets.pop() if len(opsets) == 1 and opsets != {DEFAULT_OPSET} else None)
+                              opset=opsets.pop() if len(opsets) == 1 else None)
 
     def has(self, kind: str) -> bool:
         """Whether every stage of the model has a build of `kind` recorded."""
@@ -113,16 +113,16 @@ class Engines:
         kinds = self.manifest.stages.get(stage, {})
         if kind not in kinds:
             have = ", ".join(f"{s}:{k}" for s, ks in self.manifest.stages.items() for k in ks) or "nothing"
-            raise EngineError(f"{self.directory} has no {kind} build of stage {stage!r} (it has {have}); "
-                              f"run `{self.rebuild_command(kind)}`")
+            raise StaleEngines(f"{self.directory} has no {kind} build of stage {stage!r} (it has {have}); "
+                               f"run `{self.rebuild_command(kind)}`")
         entry = kinds[kind]
         for name, digest in entry.files.items():
             path = self.path_of(name, kind)
             if not path.is_file():
-                raise EngineError(f"{path} is missing; rebuild with `{self.rebuild_command(kind)}`")
+                raise StaleEngines(f"{path} is missing; rebuild with `{self.rebuild_command(kind)}`")
             if sha256_file(path) != digest:
-                raise EngineError(f"{path} does not match its sha256 in the manifest (changed or truncated); "
-                                  f"rebuild with `{self.rebuild_command(kind)}`")
+                raise StaleEngines(f"{path} does not match its sha256 in the manifest (changed or truncated); "
+                                   f"rebuild with `{self.rebuild_command(kind)}`")
         self._verified[key] = entry
         return entry
 
@@ -130,8 +130,8 @@ class Engines:
         """A file named in the manifest, refused unless it lies inside the engines directory."""
         path = (self.directory / name).resolve()
         if Path(name).is_absolute() or self.directory.resolve() not in path.parents:
-            raise EngineError(f"{self.directory / MANIFEST} names {name!r}, outside the engines directory; "
-                              f"rebuild with `{self.rebuild_command(kind)}`")
+            raise StaleEngines(f"{self.directory / MANIFEST} names {name!r}, outside the engines directory; "
+                               f"rebuild with `{self.rebuild_command(kind)}`")
         return self.directory / name
 
     def file(self, stage: str, kind: str) -> Path:

@@ -7,26 +7,13 @@ from typing import Sequence
 import torch
 
 from d2c_export.backends.hooks import StageThreads, StageTimer, Timed
-from d2c_export.errors import EngineError
+from d2c_export.errors import NonFiniteOutput, Setting
 from d2c_export.stages import stages_for
-from reference.model import D2CConfig
 from reference.pipeline import Generation, SamplingParams, draws_for, generate_with
+from reference.settings import check_request
 
 # The loop's own tensor math is small (see `hooks.StageThreads`); stage calls keep the caller's threads.
 LOOP_THREADS = 1
-
-
-def check_request(config: D2CConfig, max_batch: int, labels: list[int],
-                  fix: str = "generate fewer images per call, or re-export with a larger max batch") -> None:
-    """Refuse what the exported graphs cannot run, before any work; `fix` says what to do about too many images."""
-    if not labels:
-        raise EngineError("no class to generate; name at least one with --class")
-    bad = [c for c in labels if not 0 <= c < config.num_classes]
-    if bad:
-        raise EngineError(f"class {bad[0]} is out of range: this model has classes 0..{config.num_classes - 1}")
-    if len(labels) > max_batch:
-        raise EngineError(f"{len(labels)} images in one batch exceeds the exported profile (max batch {max_batch}); "
-                          f"{fix}")
 
 
 def generate_images(stages, labels: list[int], params: SamplingParams, seed: int | Sequence[int],
@@ -39,7 +26,7 @@ def generate_images(stages, labels: list[int], params: SamplingParams, seed: int
     only on its class, its seed and `params`; `batch_order`: one generator seeded S for the whole batch, the
     order the official code draws in (`reference.pipeline`'s docstring).
     """
-    check_request(stages.config, stages.max_batch, labels)
+    check_request(stages.config, labels, max_batch=stages.max_batch, seed=seed, params=params)
     draws = draws_for(seed, len(labels), batch_order)
     timer = StageTimer() if timer is None else timer
     stage_threads = torch.get_num_threads()
@@ -55,6 +42,7 @@ def generate_images(stages, labels: list[int], params: SamplingParams, seed: int
     timer.resolve()
     if not bool(torch.isfinite(result.images).all()):
         bad = "latents" if not bool(torch.isfinite(result.latents).all()) else "images"
-        raise EngineError(f"generation produced non-finite {bad} (inf/NaN), e.g. an FP16 overflow of "
-                          "out-of-range latents; run with --precision fp32 or check the weights")
+        raise NonFiniteOutput(bad, params.as_dict(), "; an FP16 overflow of out-of-range latents, say: run with ",
+                              Setting("precision", "fp32"), ", settings nearer the model's recommended ones, or check "
+                              "the weights")
     return result, timer

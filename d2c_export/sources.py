@@ -9,14 +9,16 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from d2c_export.errors import EngineError
+from d2c_export.errors import BadInput, Setting, StaleEngines
 from reference.checkpoint import checkpoint_sha256, load_checkpoint
 from reference.model import D2C, D2CConfig, get_config
 from reference.official import assemble, is_native
 
+DEFAULT_OPSET = 18  # the ONNX opset an export writes unless told otherwise
 RANDOM_WEIGHT_NOISE = 0.02  # std of the noise added to every parameter of a random-weight model
 # The trained demo (scripts/train_demo.py): exported when neither a preset nor a checkpoint is named.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "d2c-demo.safetensors"
@@ -76,18 +78,20 @@ def build_model(request: ModelRequest) -> tuple[D2C, dict]:
     """
     if request.checkpoint is not None:
         if request.config is not None:
-            raise ValueError("give either --config or --checkpoint, not both")
+            raise BadInput("give either ", Setting("config"), " or ", Setting("checkpoint"), ", not both")
         path = Path(request.checkpoint).resolve()
         if not request.parts.has_files and is_native(path):
             return load_checkpoint(path), {"checkpoint": str(path), "sha256": checkpoint_sha256(path)}
         return official_model(path, request.parts)
     if request.parts.has_files:
-        raise ValueError("--gpt and --vae go with --checkpoint (the stage-2 file), e.g. "
-                         "`--checkpoint checkpoint-last.pth --vae kl16.ckpt`")
+        raise BadInput(Setting("gpt"), " and ", Setting("vae"), " go with ", Setting("checkpoint"), " (the stage-2 "
+                       "file), e.g. `", Setting("checkpoint", "checkpoint-last.pth"), " ", Setting("vae", "kl16.ckpt"),
+                       "`")
     if request.config is None:
         if not DEMO_CHECKPOINT.is_file():
-            raise ValueError(f"the demo checkpoint {DEMO_CHECKPOINT} is missing; train it with "
-                             "`python scripts/train_demo.py`, or pass --config PRESET / --checkpoint PATH")
+            raise BadInput(f"the demo checkpoint {DEMO_CHECKPOINT} is missing; train it with "
+                           "`python scripts/train_demo.py`, or pass ", Setting("config", "PRESET"), " / ",
+                           Setting("checkpoint", "PATH"))
         return build_model(ModelRequest(checkpoint=DEMO_CHECKPOINT))
     return random_model(get_config(request.config), request.seed), {"random_init_seed": request.seed}
 
@@ -127,30 +131,30 @@ def source_flags(source: dict, config_name: str) -> list[str]:
 
 def export_command(source: dict, config_name: str, out: str | Path, *, fp16: bool = False,
                    max_batch: int | None = None, opset: int | None = None) -> str:
-    """The `d2c-export onnx` command line that exports exactly the recorded model into `out`."""
+    """The `d2c-export onnx` command line that exports exactly the recorded model into `out` (defaults left out)."""
     parts = ["d2c-export", "onnx", "--stage", "all", *source_flags(source, config_name), "--out", str(out)]
     parts += ["--max-batch", str(max_batch)] if max_batch is not None else []
-    parts += ["--opset", str(opset)] if opset is not None else []
+    parts += ["--opset", str(opset)] if opset not in (None, DEFAULT_OPSET) else []
     parts += ["--fp16"] if fp16 else []
     return shlex.join(parts)
 
 
-def _check_recorded(path: Path, digest: str, what: str, fix: str) -> None:
+def _check_recorded(path: Path, digest: str, what: str, fix: Callable[[], str]) -> None:
     if not path.is_file():
-        raise EngineError(f"{what} {path} recorded in the manifest is missing; restore it or re-export with `{fix}`")
+        raise StaleEngines(f"{what} {path} recorded in the manifest is missing; restore it or re-export with `{fix()}`")
     if checkpoint_sha256(path) != digest:
-        raise EngineError(f"{what} {path} changed since export; re-export with `{fix}`")
+        raise StaleEngines(f"{what} {path} changed since export; re-export with `{fix()}`")
 
 
-def model_from_source(config: D2CConfig, source: dict, fix: str) -> D2C:
-    """Rebuild the exact model a manifest was exported from; `fix` is the export command named when that fails."""
+def model_from_source(config: D2CConfig, source: dict, fix: Callable[[], str]) -> D2C:
+    """Rebuild the exact model a manifest was exported from; `fix()` makes the export command named when that fails."""
     if "official" in source:
         for role, record in source["official"].items():
             _check_recorded(Path(record["path"]), record["sha256"], f"{role} file", fix)
         model, _ = official_model(source["official"]["stage2"]["path"], _official_parts(source))
         if model.config.to_dict() != config.to_dict():
-            raise EngineError(f"the files recorded in the manifest build {model.config.name!r}, not the exported "
-                              f"{config.name!r}; re-export with `{fix}`")
+            raise StaleEngines(f"the files recorded in the manifest build {model.config.name!r}, not the exported "
+                               f"{config.name!r}; re-export with `{fix()}`")
         return model
     if "checkpoint" in source:
         path = Path(source["checkpoint"])
@@ -158,4 +162,4 @@ def model_from_source(config: D2CConfig, source: dict, fix: str) -> D2C:
         return load_checkpoint(path)
     if "random_init_seed" in source:
         return random_model(config, int(source["random_init_seed"]))
-    raise EngineError(f"the manifest's source {source!r} names no model; re-export with `{fix}`")
+    raise StaleEngines(f"the manifest's source {source!r} names no model; re-export with `{fix()}`")

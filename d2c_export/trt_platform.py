@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from types import ModuleType
 
-from d2c_export.errors import EngineError
+from d2c_export.errors import BackendUnavailable
 
 INSTALL_HINT = "pip install 'd2c-export[trt]' on a machine with an NVIDIA GPU"
 BUILD_HINT = f"TensorRT plans are built on the kind of GPU they run on; {INSTALL_HINT} and run `d2c-export trt` there"
@@ -25,10 +25,10 @@ def tensorrt_missing() -> str | None:
 
 
 def require_tensorrt(purpose: str = BUILD_HINT) -> ModuleType:
-    """The `tensorrt` module, imported after checking for a CUDA device; EngineError (one line) otherwise."""
+    """The `tensorrt` module, imported after checking for a CUDA device; BackendUnavailable (one line) otherwise."""
     reason = tensorrt_missing()
     if reason:
-        raise EngineError(f"{reason}: {purpose}")
+        raise BackendUnavailable(f"{reason}: {purpose}")
     import tensorrt as trt
     return trt
 
@@ -36,7 +36,7 @@ def require_tensorrt(purpose: str = BUILD_HINT) -> ModuleType:
 def running_platform(trt: ModuleType, device=None) -> dict:
     """TensorRT version, GPU name and compute capability of this process (a plan runs only where it was built)."""
     if device is None:
-        from d2c_export.backends.cuda_device import CudaDevice
+        from d2c_export.cuda_device import CudaDevice
         device = CudaDevice()
     gpu, capability = device.gpu()
     return {"version": trt.__version__, "gpu": gpu, "compute_capability": capability}

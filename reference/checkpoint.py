@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from reference.errors import BadInput
 from reference.files import atomic_path, sha256_file
 from reference.model import D2C, D2CConfig
 
@@ -27,7 +28,7 @@ MAX_LISTED = 10  # keys listed per kind of mismatch in an error message
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint file that cannot be read, or whose weights do not fit the model."""
 
 

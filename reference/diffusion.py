@@ -223,26 +223,13 @@ def denoise_steps(run: Callable[[str, dict[str, Tensor]], tuple[Tensor, ...]], f
     `timesteps` (T,) and `coefs` (T, NUM_COEFS) in the order the steps run, `cfg` (1,), `temperature` (1,).
     Every tensor stays where it is; nothing here waits for the device, so the loop can be captured as a graph.
     """
-    x, *noise = feeds["noise"].unbind(0)  # views, made in one call each: the loop adds no per-step tensor math
+    x, *noise = feeds["noise"].unbind(0)  # views, made in one call per table: no per-step tensor math
+    steps = zip(feeds["timesteps"].split(1), noise, feeds["coefs"].unbind(0))
     z, cfg, temperature = feeds["z"], feeds["cfg"], feeds["temperature"]
-    for t, n, coefs in zip(step_rows(feeds["timesteps"]), noise, step_rows(feeds["coefs"])):
+    for t, n, coefs in steps:
         x, = run("diffusion", {"x": x, "t": t, "z": z, "noise": n, "cfg": cfg, "temperature": temperature,
                                "coefs": coefs})
     return x
-
-
-def step_rows(table: Tensor) -> tuple[Tensor, ...]:
-    """The per-step rows of a step table, as views: (1,) timesteps of a (T,) table, (NUM_COEFS,) rows of a 2-d one.
-
-    Made once per table tensor and kept on it: a generation's tables are the same tensors for every masked step,
-    and making T views afresh each time costs as much as the loop's other per-step work (about 1 us a step).
-    The views follow the table's contents, so a table refilled in place (a graph's static buffer) stays right.
-    """
-    rows = getattr(table, "_step_rows", None)
-    if rows is None or len(rows) != table.shape[0] or (rows and rows[0].data_ptr() != table.data_ptr()):
-        rows = table.split(1) if table.dim() == 1 else table.unbind(0)
-        table._step_rows = rows
-    return rows
 
 
 def step_tables(tables: DiffusionTables) -> dict[str, Tensor]:

@@ -17,12 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from reference.errors import BadInput, UserError
+
 CHUNK = 1 << 20
 TEMP_PREFIX = "."  # temporary names are hidden: `.<name>.<random>.partial`
 TEMP_SUFFIX = ".partial"
 
 
-class OutputPathError(ValueError):
+class OutputPathError(BadInput):
     """An output path that cannot be written as a regular file (a directory, a device, a FIFO, a bad parent)."""
 
 
@@ -127,7 +129,7 @@ def output_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
-class BusyError(RuntimeError):
+class BusyError(UserError, RuntimeError):
     """Another process holds the lock of a directory this one would write."""
 
 

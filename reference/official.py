@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from reference.checkpoint import (CONFIG_KEY, CheckpointError, CheckpointNotFoundError, load_checkpoint,
                                   load_state_strict, read_metadata)
+from reference.errors import Setting
 from reference.gpt import GPT
 from reference.mar import MAR, Fusion
 from reference.model import D2C, PRESETS, D2CConfig
@@ -164,7 +165,8 @@ def weights_from_object(obj, source: str, ema: bool = True) -> Weights:
     ema_name = EMA_ENTRY.get(fmt)
     if ema and ema_name and isinstance(obj, dict) and obj.get(ema_name) is not None:
         if not _is_state(obj[ema_name]):
-            raise CheckpointError(f"{source}: entry {ema_name!r} is not a state dict; load without EMA (ema=False)")
+            raise CheckpointError(f"{source}: entry {ema_name!r} is not a state dict; load without EMA (",
+                                  Setting("ema", False), ")")
         name, state = ema_name, _unwrap(obj[ema_name], source)
         log.info("%s: EMA weights (entry %r)", source, ema_name)
     elif ema and ema_name:
@@ -234,10 +236,11 @@ def _as_weights(item: str | Path | Weights, ema: bool) -> Weights:
     return item if isinstance(item, Weights) else read_weights(item, ema)
 
 
-def _expect(weights: Weights, fmt: Format, role: str) -> None:
+def _expect(weights: Weights, fmt: Format, role: str, setting: str | None = None) -> None:
     if weights.format is not fmt:
-        raise CheckpointError(f"{weights.source}: a {weights.format.value} checkpoint was given as {role}, "
-                              f"which takes a {fmt.value} checkpoint")
+        given_as = (f"{role} (", Setting(setting, "PATH"), ")") if setting else (role,)
+        raise CheckpointError(f"{weights.source}: a {weights.format.value} checkpoint was given as ", *given_as,
+                              f", which takes a {fmt.value} checkpoint")
 
 
 def _device(*states: dict[str, Tensor]) -> str:
@@ -321,13 +324,14 @@ def assemble(stage2: str | Path | Weights, gpt: str | Path | Weights | None = No
     g = None if gpt is None else _as_weights(gpt, ema)
     v = None if vae is None else _as_weights(vae, ema)
     if s2.format in (Format.GPT, Format.VAE):
-        role = "the GPT (gpt=PATH)" if s2.format is Format.GPT else "the VAE (vae=PATH)"
+        role, setting = ("the GPT", "gpt") if s2.format is Format.GPT else ("the VAE", "vae")
         raise CheckpointError(f"{s2.source}: a {s2.format.value} checkpoint is not a stage-2 checkpoint; pass it as "
-                              f"{role} with a MAR or D2C checkpoint as the stage 2 (stage2=PATH)")
+                              f"{role} (", Setting(setting, "PATH"), ") with a MAR or D2C checkpoint as the stage 2 (",
+                              Setting("stage2", "PATH"), ")")
     if g is not None:
-        _expect(g, Format.GPT, "the GPT (gpt=PATH)")
+        _expect(g, Format.GPT, "the GPT", "gpt")
     if v is not None:
-        _expect(v, Format.VAE, "the VAE (vae=PATH)")
+        _expect(v, Format.VAE, "the VAE", "vae")
     base = s2.native
     if base is not None and g is None and v is None:
         return base
@@ -337,7 +341,8 @@ def assemble(stage2: str | Path | Weights, gpt: str | Path | Weights | None = No
     elif base is not None:
         vae_args, vae_state, vae_source = base.config.vae, base.vae.state_dict(), s2.source
     else:
-        raise CheckpointError(f"{s2.source}: a MAR checkpoint holds no VAE; pass the VAE too (vae=PATH, MAR's kl16.ckpt)")
+        raise CheckpointError(f"{s2.source}: a MAR checkpoint holds no VAE; pass the VAE too (", Setting("vae", "PATH"),
+                              ", MAR's kl16.ckpt)")
 
     if base is not None:
         mar_args, mar_state = base.config.mar, base.mar.state_dict()
@@ -358,7 +363,7 @@ def assemble(stage2: str | Path | Weights, gpt: str | Path | Weights | None = No
         gpt_args, gpt_state, gpt_source = base.config.gpt, base.gpt.state_dict(), s2.source
     else:
         raise CheckpointError(f"{s2.source}: a D2C stage 2 ({mar_args.fusion.value} fusion) needs its stage-1 GPT; "
-                              "pass it too (gpt=PATH, e.g. c2i_B_256.pt)")
+                              "pass it too (", Setting("gpt", "PATH"), ", e.g. c2i_B_256.pt)")
 
     try:
         config = D2CConfig("", mar_args, vae_args, gpt_args)

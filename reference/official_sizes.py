@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from reference.checkpoint import CheckpointError, load_state_strict
+from reference.errors import Setting, spelled
 from reference.gpt import GPT, GPT_PRESETS, GPTArgs, precompute_rope_2d
 from reference.mar import MAR, Fusion, MARArgs
 from reference.model import PRESETS
@@ -74,7 +75,7 @@ def _heads(override: int | None, table: dict[tuple[int, int], int], width: int, 
     if (width, depth) in table:
         return table[(width, depth)]
     raise CheckpointError(f"{source}: a {depth}-layer, {width}-wide {what} is not an official size, and attention "
-                          f"heads cannot be read from shapes; pass the head count ({option}=N)")
+                          "heads cannot be read from shapes; pass the head count (", Setting(option, "N"), ")")
 
 
 # -- LlamaGen GPT ----------------------------------------------------------------------------------
@@ -202,26 +203,29 @@ def _mar_latent_sizes(token_dim: int, source: str, vae: VAEArgs | None, patch_si
     """(patch_size, vae_embed_dim, vae_stride) of a MAR whose tokens have `token_dim` channels; see
     `mar_args_from_state`. Refuses a VAE that disagrees instead of re-deriving the patch from it."""
     patch = MAR_PATCH_SIZE if patch_size is None else patch_size
-    patch_from = ("MAR's published patch size; mar_patch_size=N gives another" if patch_size is None
-                  else "mar_patch_size")
+    patch_from = (("MAR's published patch size; ", Setting("mar_patch_size", "N"), " gives another")
+                  if patch_size is None else (Setting("mar_patch_size"),))
     if patch < 1 or token_dim % (patch * patch):
         raise CheckpointError(f"{source}: tokens of {token_dim} channels are not a whole number of latent channels "
-                              f"at patch size {patch} ({patch_from}): token channels = VAE channels x patch_size^2")
+                              f"at patch size {patch} (", *patch_from, "): token channels = VAE channels x "
+                              "patch_size^2")
     embed_dim = token_dim // (patch * patch)
     if vae is not None and vae.embed_dim != embed_dim:
-        raise CheckpointError(f"{source}: tokens of {token_dim} channels at patch size {patch} ({patch_from}) need a "
-                              f"VAE with {embed_dim} latent channels, and the VAE has {vae.embed_dim}: pass the VAE "
-                              "this MAR was trained with, or its patch size (mar_patch_size=N)")
+        raise CheckpointError(f"{source}: tokens of {token_dim} channels at patch size {patch} (", *patch_from,
+                              f") need a VAE with {embed_dim} latent channels, and the VAE has {vae.embed_dim}: pass "
+                              "the VAE this MAR was trained with, or its patch size (", Setting("mar_patch_size", "N"),
+                              ")")
     if vae is not None:
         if vae_stride is not None and vae_stride != vae.stride:
-            raise CheckpointError(f"{source}: vae_stride={vae_stride} was given, and the VAE's stride is {vae.stride}")
+            raise CheckpointError(f"{source}: ", Setting("vae_stride", vae_stride),
+                                  f" was given, and the VAE's stride is {vae.stride}")
         stride, stride_from = vae.stride, "the VAE's"
     elif vae_stride is not None:
         stride, stride_from = vae_stride, "vae_stride"
     else:
         stride, stride_from = MAR_VAE_STRIDE, "kl16's, MAR's published VAE; vae_stride=N gives another"
-    log.info("%s: patch size %d (%s), %d latent channels, VAE stride %d (%s)", source, patch, patch_from, embed_dim,
-             stride, stride_from)
+    log.info("%s: patch size %d (%s), %d latent channels, VAE stride %d (%s)", source, patch,
+             spelled(*patch_from), embed_dim, stride, stride_from)
     return patch, embed_dim, stride
 
 

@@ -4,7 +4,7 @@ The loop is written once against a small `Stages` interface (`run(stage, inputs)
 PyTorch modules (`reference.stage_networks.TorchStages`) and the toolchain its backends, so every backend
 runs the same sampling math.
 
-Draw order (DESIGN.md section 4). One `Draws` object supplies, in this order:
+Draw order: every random number comes from one `Draws` object, in this order:
   1. Discrete stage (absent for plain MAR): for each of the `block_size` tokens, one
      `uniform((B, V))` that picks the token by Gumbel-max over the vocabulary.
   2. Generation orders: one `permutation(L)` per image, in batch order.
@@ -28,7 +28,6 @@ per masked step. The result comes back to the host once, at the end.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field, fields
 from typing import Protocol, Sequence
@@ -38,96 +37,72 @@ from torch import Tensor
 from tqdm import tqdm
 
 from reference.diffusion import TRAIN_STEPS, AnnealSchedule, annealed_counts, annealed_tables
+from reference.errors import BadInput, Setting
 from reference.gpt import cache_feeds, write_cache
 from reference.model import RECOMMENDED_SAMPLING, D2C, D2CConfig
 from reference.sampling import (CfgSchedule, Draws, ImageDraws, TorchDraws, cfg_schedule, filter_logits,
                                 guide_logits, image_seeds, mask_len_schedule, sample_gumbel, step_positions)
 from reference.mar import unpatchify
 from reference.samplers import SAMPLER_FIELDS, SAMPLER_SETS, ConditionCache, Sampler, expand_preset, full_mar_steps
+from reference.settings import check_request, check_settings, setting
 from reference.stage_networks import TorchStages
 from reference.vae import LATENT_SCALE
 
 
+MAX_CFG = 100.0  # guidance scales above this are refused (MAR and LlamaGen sample at 1 to 4)
+MAX_TEMPERATURE = 100.0
+
+
 @dataclass
 class SamplingParams:
-    """How to sample. `gpt_cfg` None: stage 1 uses `cfg` too. The defaults are ImageNet's (MAR's and LlamaGen's)."""
+    """How to sample: each field is a setting (`reference.settings`), the one definition of its flag, request field,
+    recorded value and check. The defaults are ImageNet's (MAR's and LlamaGen's)."""
 
-    cfg: float = 4.0
-    cfg_schedule: CfgSchedule = CfgSchedule.LINEAR
-    num_iter: int = 64
-    diffusion_steps: int = 100
-    temperature: float = 1.0  # diffusion-head temperature (MAR)
-    gpt_cfg: float | None = None
-    gpt_temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    cfg: float = setting(4.0, "guidance scale (1: none)", 0.0, MAX_CFG)
+    cfg_schedule: CfgSchedule = setting(CfgSchedule.LINEAR, "MAR's guidance schedule over the masked steps")
+    num_iter: int = setting(64, "masked autoregressive steps (at most the model's latent tokens)", 1)
+    diffusion_steps: int = setting(100, "denoising steps per masked step (a respacing of 1000)", 1, TRAIN_STEPS)
+    temperature: float = setting(1.0, "diffusion-head temperature", 0.0, MAX_TEMPERATURE, min_exclusive=True)
+    gpt_cfg: float | None = setting(None, "guidance scale of the discrete stage (unset: cfg)", 0.0, MAX_CFG)
+    gpt_temperature: float = setting(1.0, "discrete sampling: temperature of the logits", 0.0, MAX_TEMPERATURE,
+                                     min_exclusive=True)
+    top_k: int = setting(0, "discrete sampling: keep the k most likely tokens (0: all)", 0)
+    top_p: float = setting(1.0, "discrete sampling: nucleus mass (1: all)", 0.0, 1.0, min_exclusive=True)
     # Fast samplers (`reference.samplers`); the defaults are the exact sampler.
-    sampler: str = field(default=Sampler.EXACT.value, metadata={
-        "help": "exact: MAR's sampler; fast: the speed preset (linear diffusion-step annealing from half the diffusion "
-                "steps to the floor, lazy MAR steps when guided), recorded as the settings it stands for",
-        "choices": [s.value for s in Sampler], "min": None, "max": None})
-    diffusion_anneal: str = field(default=AnnealSchedule.OFF.value, metadata={
-        "help": "anneal the denoising steps over the masked steps, from the diffusion steps (or the annealing start) "
-                "down to the floor (DiSA)",
-        "choices": [s.value for s in AnnealSchedule], "min": None, "max": None})
-    diffusion_anneal_start: int = field(default=0, metadata={
-        "help": "denoising steps of the first masked step when annealing (at most the diffusion steps); 0: the "
-                "diffusion steps", "min": 0, "max": TRAIN_STEPS})
-    diffusion_floor: int = field(default=5, metadata={
-        "help": "denoising steps of the last masked step when annealing", "min": 1, "max": TRAIN_STEPS})
-    lazy_mar: int = field(default=0, metadata={
-        "help": "lazy MAR steps (guided only): a full mar step every this many masked steps, the conditional half "
-                "alone in between with the guidance difference kept (LazyMAR); 0: off", "min": 0, "max": None})
-    lazy_mar_warmup: int = field(default=5, metadata={
-        "help": "masked steps that run in full first with lazy MAR steps", "min": 0, "max": None})
+    sampler: str = setting(Sampler.EXACT.value, "exact: MAR's sampler; fast: the speed preset (linear diffusion-step "
+                           "annealing from half the diffusion steps to the floor, lazy MAR steps when guided), "
+                           "recorded as the settings it stands for", choices=[s.value for s in Sampler])
+    diffusion_anneal: str = setting(AnnealSchedule.OFF.value, "anneal the denoising steps over the masked steps, from "
+                                    "the diffusion steps (or the annealing start) down to the floor (DiSA)",
+                                    choices=[s.value for s in AnnealSchedule])
+    diffusion_anneal_start: int = setting(0, "denoising steps of the first masked step when annealing (at most the "
+                                          "diffusion steps); 0: the diffusion steps", 0, TRAIN_STEPS)
+    diffusion_floor: int = setting(5, "denoising steps of the last masked step when annealing", 1, TRAIN_STEPS)
+    lazy_mar: int = setting(0, "lazy MAR steps (guided only): a full mar step every this many masked steps, the "
+                            "conditional half alone in between with the guidance difference kept (LazyMAR); 0: off", 0)
+    lazy_mar_warmup: int = setting(5, "masked steps that run in full first with lazy MAR steps", 0)
 
     def __post_init__(self) -> None:
-        self.cfg_schedule = CfgSchedule(self.cfg_schedule)
-        for name in ("cfg", "temperature", "gpt_temperature", "top_p") + (("gpt_cfg",) if self.gpt_cfg is not None
-                                                                          else ()):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.cfg < 0 or (self.gpt_cfg is not None and self.gpt_cfg < 0):
-            raise ValueError(f"cfg must be >= 0 (1: no guidance), got {self.cfg}")
-        if self.temperature <= 0 or self.gpt_temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature} (gpt {self.gpt_temperature})")
-        if not 1 <= self.diffusion_steps <= TRAIN_STEPS:
-            raise ValueError(f"diffusion_steps must be in [1, {TRAIN_STEPS}], got {self.diffusion_steps}")
-        if self.num_iter < 1:
-            raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
-        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
-            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p}, {self.top_k}")
+        for name, kind in (("sampler", Sampler), ("diffusion_anneal", AnnealSchedule)):  # a member: its value
+            if isinstance(getattr(self, name), kind):
+                setattr(self, name, getattr(self, name).value)
+        check_settings(self)
         self._check_fast_samplers()
 
     def _check_fast_samplers(self) -> None:
-        """Validate the fast samplers' settings, after expanding the preset that `sampler` names."""
-        named = {"sampler": Sampler, "diffusion_anneal": AnnealSchedule}
-        for name, kind in named.items():
-            try:
-                setattr(self, name, kind(getattr(self, name)).value)
-            except ValueError:
-                raise ValueError(f"{name} must be one of {', '.join(k.value for k in kind)}, got "
-                                 f"{getattr(self, name)!r}") from None
-        for name in ("diffusion_anneal_start", "diffusion_floor", "lazy_mar", "lazy_mar_warmup"):
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        """Expand the preset that `sampler` names, then refuse fast-sampler settings that cannot run together."""
         defaults = {f.name: f.default for f in fields(self)}
-        if not 1 <= self.diffusion_floor <= TRAIN_STEPS:
-            raise ValueError(f"diffusion_floor must be in [1, {TRAIN_STEPS}], got {self.diffusion_floor}")
         for name, value in expand_preset(Sampler(self.sampler), vars(self), defaults).items():
             setattr(self, name, value)
-        if not 0 <= self.diffusion_anneal_start <= self.diffusion_steps:
-            raise ValueError(f"diffusion_anneal_start must be in [0, {self.diffusion_steps}] (the diffusion steps; 0: "
-                             f"them), got {self.diffusion_anneal_start}")
+        if self.diffusion_anneal_start > self.diffusion_steps:
+            raise BadInput(f"must be in [0, {self.diffusion_steps}] (at most the diffusion steps; 0: them), got "
+                           f"{self.diffusion_anneal_start}", setting="diffusion_anneal_start")
         if self.diffusion_anneal != AnnealSchedule.OFF.value and self.diffusion_floor > self._anneal_start:
-            raise ValueError(f"diffusion_floor {self.diffusion_floor} is above the {self._anneal_start} denoising steps "
-                             "annealing starts from; lower --diffusion-floor")
-        if self.lazy_mar < 0 or self.lazy_mar_warmup < 0:
-            raise ValueError(f"lazy_mar and lazy_mar_warmup must be >= 0, got {self.lazy_mar}, {self.lazy_mar_warmup}")
+            raise BadInput(f"{self.diffusion_floor} is above the {self._anneal_start} denoising steps annealing starts "
+                           "from; lower it", setting="diffusion_floor")
         if self.lazy_mar and self.cfg == 1.0:
-            raise ValueError("lazy_mar needs guidance (cfg != 1): it reuses the difference of the guided halves; "
-                             "set --cfg, or --lazy-mar 0")
+            raise BadInput("needs guidance (cfg != 1): it reuses the difference of the guided halves; set ",
+                           Setting("cfg"), ", or ", Setting("lazy_mar", 0), setting="lazy_mar")
 
     @property
     def _anneal_start(self) -> int:
@@ -142,7 +117,7 @@ class SamplingParams:
     def with_sampler_set(self, name: str) -> "SamplingParams":
         """These settings with the fast samplers' ones replaced by the named set `SAMPLER_SETS[name]`."""
         if name not in SAMPLER_SETS:
-            raise ValueError(f"unknown sampler set {name!r}; choose from {', '.join(SAMPLER_SETS)}")
+            raise BadInput(f"unknown sampler set {name!r}; choose from {', '.join(SAMPLER_SETS)}", setting="samplers")
         exact = {**self.as_dict(), **{f.name: f.default for f in fields(self) if f.name in SAMPLER_FIELDS}}
         return SamplingParams(**{**exact, **SAMPLER_SETS[name](exact)})
 
@@ -155,16 +130,17 @@ class SamplingParams:
         """The settings recorded with a model's engines (as keyword arguments): the preset's own
         (`reference.model.RECOMMENDED_SAMPLING`), and never more masked steps than the model has latent tokens."""
         settings = dict(RECOMMENDED_SAMPLING.get(config.name, {}))
-        settings.setdefault("num_iter", min(cls.num_iter, config.mar.seq_len))
+        settings.setdefault("num_iter", min(SamplingParams.num_iter, config.mar.seq_len))
         return settings
 
     def check_for(self, config: D2CConfig) -> None:
         """Refuse settings the model cannot run (more masked steps than tokens, top-k above the vocabulary)."""
         if self.num_iter > config.mar.seq_len:
-            raise ValueError(f"num_iter must be in [1, {config.mar.seq_len}] for this model ({config.mar.seq_len} "
-                             f"latent tokens), got {self.num_iter}")
+            raise BadInput(f"must be in [1, {config.mar.seq_len}] for this model ({config.mar.seq_len} latent "
+                           f"tokens), got {self.num_iter}", setting="num_iter")
         if config.gpt is not None and self.top_k > config.gpt.vocab_size:
-            raise ValueError(f"top_k must be in [0, {config.gpt.vocab_size}] (the vocabulary), got {self.top_k}")
+            raise BadInput(f"must be in [0, {config.gpt.vocab_size}] (the vocabulary), got {self.top_k}",
+                           setting="top_k")
 
     def as_dict(self) -> dict:
         return {k: (v.value if isinstance(v, CfgSchedule) else v) for k, v in vars(self).items()}
@@ -174,7 +150,7 @@ class SamplingParams:
 
 
 class Stages(Protocol):
-    """What the loop runs on: `run(stage, inputs) -> outputs` over the stages of DESIGN.md section 3.
+    """What the loop runs on: `run(stage, inputs) -> outputs` over the stages gpt, cond, mar, diffusion and vae.
 
     `inputs` maps the stage's input names to tensors on `device`, in the stage's input order; the result is the
     tuple of its outputs in order, on `device` too. `gpt_cache` allocates the zeroed KV caches where `run("gpt")`
@@ -289,8 +265,7 @@ def generate_with(stages: Stages, labels: Tensor, params: SamplingParams, draws:
     """Run all stages for `labels` (B,) with randomness from `draws` (order in the module docstring)."""
     config = stages.config
     labels = torch.as_tensor(labels, dtype=torch.int64).view(-1).cpu()
-    if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= config.num_classes:
-        raise ValueError(f"class labels must be in [0, {config.num_classes - 1}], got {labels.tolist()}")
+    check_request(config, labels.tolist())
     labels = to_device(labels, stages.device)
     discrete = sample_discrete(stages, labels, params, draws, progress) if config.gpt is not None else None
     tokens = sample_tokens(stages, labels, discrete, params, draws, progress)

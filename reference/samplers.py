@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from reference.errors import BadInput, Setting
+
 
 class Sampler(str, Enum):
     EXACT = "exact"  # MAR's and LlamaGen's sampler, bit for bit
@@ -66,8 +68,8 @@ def expand_preset(sampler: Sampler, values: dict[str, object], defaults: dict[st
     out = fast_settings(values)
     for name, value in out.items():
         if values[name] not in (defaults[name], value):
-            raise ValueError(f"--sampler fast sets {name} to {value!r}, not {values[name]!r}: leave "
-                             f"--{name.replace('_', '-')} out, or use --sampler exact with the options named")
+            raise BadInput(f"is {values[name]!r}, but ", Setting("sampler", "fast"), f" sets it to {value!r}: leave "
+                           "it out, or use ", Setting("sampler", "exact"), " with the options named", setting=name)
     return out
 
 

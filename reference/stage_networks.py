@@ -1,6 +1,6 @@
 """The network behind each stage: one tensor-in, tensor-out module per stage, and the runner over them.
 
-These modules are the natural export boundaries of the generator (DESIGN.md section 3). The
+These modules are the natural export boundaries of the generator (gpt, cond, mar, diffusion, vae). The
 toolchain's stage registry (`d2c_export.stages`) names them as its wrappers, so the reference, the
 export and the PyTorch backend run the very same modules. Inputs are passed in the stage's input
 order; a stage without an optional input (plain MAR has no fusion features) leaves it out.

@@ -1,60 +1,55 @@
-"""Backends behind one interface (`base.Backend.run(stage, inputs)`): PyTorch, ONNX Runtime, TensorRT.
+"""Backends behind one interface (`base.Backend.run(stage, inputs)`), each registered once (`registry`).
 
-`open_backend` is the one factory. `auto` picks TensorRT when plans of the precision, TensorRT and a
-CUDA device exist, else ONNX Runtime, and the description says which. An explicitly requested target
-that cannot run is an error, never a silent fallback. TensorRT is imported only when plans are opened.
+`open_backend` is the one factory: it refuses a target this machine cannot run (`BackendSpec.missing`) or whose
+files the engines lack, naming the fix, then opens it. `auto` picks the available backend of the highest rank
+(TensorRT when plans of the precision, TensorRT and a CUDA device exist, else ONNX Runtime), and the backend's
+description says which. An explicitly requested target that cannot run is an error, never a silent fallback.
+Importing this package registers every backend below; TensorRT itself is imported only when plans are opened.
 """
 from __future__ import annotations
 
-import torch
-
+from d2c_export.backends import pytorch, ort, trt  # noqa: F401,I001  (registration: names list in this order)
 from d2c_export.backends.base import Backend
+from d2c_export.backends.registry import (AUTO, BACKENDS, BackendSpec, OpenOptions, Precision, Target, TargetError,
+                                          auto_candidates, backend_names, backend_spec, choices, parse_list,
+                                          register_backend)
 from d2c_export.engines import Engines
-from d2c_export.errors import EngineError
-from d2c_export.targets import AUTO, BackendName, Precision, Target
+from d2c_export.errors import BackendUnavailable
+
+__all__ = ["AUTO", "BACKENDS", "Backend", "BackendSpec", "OpenOptions", "Precision", "Target", "TargetError",
+           "auto_candidates", "backend_names", "backend_spec", "choices", "open_backend", "open_named",
+           "parse_list", "register_backend", "resolve_auto", "unbuilt"]
+
+
+def unbuilt(engines: Engines, target: Target) -> str | None:
+    """Why `engines` cannot feed `target` (its files are not built), naming the build; None when they can."""
+    if target.kind is None or engines.has(target.kind):
+        return None
+    return (f"{engines.directory} has no {target.kind} build of every stage, so {target.name!r} cannot run; build it "
+            f"with `{engines.rebuild_command(target.kind)}`")
 
 
 def resolve_auto(engines: Engines, precision: Precision) -> Target:
-    """TensorRT where its plans of `precision`, TensorRT and a GPU exist; else ONNX Runtime."""
-    from d2c_export.backends.trt import trt_usable
-    backend = BackendName.TRT if trt_usable(engines, precision) else BackendName.ORT
-    return Target(backend, precision)
+    """The best target `auto` may pick at `precision` that runs here on these engines; else the last candidate
+    (whose opening then says what is missing)."""
+    candidates = auto_candidates(precision)
+    for target in candidates:
+        if target.spec.missing() is None and unbuilt(engines, target) is None:
+            return target
+    return candidates[-1]
 
 
 def open_backend(engines: Engines, target: Target, threads: int = 0, keep_fp16_rounding: bool = False,
                  device: str | None = None, cuda_graphs: bool | None = None) -> Backend:
-    """The stages of `engines` on `target`.
-
-    `threads`: ONNX Runtime's intra-op threads (0: its default). `keep_fp16_rounding`: run FP16 graphs on ONNX
-    Runtime without graph optimisations, which would fuse away the FP16 casts on the CPU (for parity checks).
-    `device`: where the PyTorch backend computes (default: CUDA when present, else the CPU). `cuda_graphs`:
-    whether PyTorch on CUDA replays its gpt step and denoising loops as CUDA graphs (default: at FP16 / BF16,
-    the GPU fast path; FP32 stays the eager baseline); CUDA graphs need CUDA.
-    """
-    if target.backend is BackendName.TORCH:
-        from d2c_export.backends.pytorch import TorchBackend
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        on_cuda = torch.device(device).type == "cuda"
-        graphs = (on_cuda and target.precision is not Precision.FP32) if cuda_graphs is None else cuda_graphs
-        if graphs and not on_cuda:
-            raise EngineError(f"CUDA graphs need a CUDA device; {target.name} runs on {device} here")
-        graph_device = None
-        if graphs:
-            from d2c_export.backends.cuda_device import CudaDevice
-            graph_device = CudaDevice()
-        return TorchBackend(engines, device, target.precision, graph_device)
-    trt = None
-    if target.backend is BackendName.TRT:
-        from d2c_export.trt_platform import RUN_HINT, require_tensorrt
-        trt = require_tensorrt(RUN_HINT)  # what is missing here comes before what is missing in the directory
-    if not engines.has(target.kind):
-        raise EngineError(f"{engines.directory} has no {target.kind} build of every stage, so {target.name!r} "
-                          f"cannot run; build it with `{engines.rebuild_command(target.kind)}`")
-    if trt is not None:
-        from d2c_export.backends.trt import TrtBackend
-        return TrtBackend(engines, target.precision, trt=trt)
-    from d2c_export.backends.ort import OrtBackend
-    return OrtBackend(engines, target.precision, threads, keep_fp16_rounding)
+    """The stages of `engines` on `target` (the options: `registry.OpenOptions`); use it as a context manager, or
+    `close()` it, to give back what it holds."""
+    spec = target.spec
+    why = spec.missing()  # what is missing here comes before what is missing in the directory
+    if why:
+        raise BackendUnavailable(f"{why}: {spec.hint}" if spec.hint else why)
+    if (why := unbuilt(engines, target)) is not None:
+        raise BackendUnavailable(why)
+    return spec.open(engines, target.precision, OpenOptions(threads, keep_fp16_rounding, device, cuda_graphs))
 
 
 def open_named(engines: Engines, backend: str, precision: str, threads: int = 0) -> Backend:

@@ -1,5 +1,9 @@
 """The backend interface: a runner with a context-managed lifecycle and one `run(stage, inputs) -> outputs`.
 
+A backend holds what it opened (sessions, engines and their contexts, weights, caches, CUDA graphs, device memory)
+until `close()` gives it back; every holder uses it as a context manager (or closes it), and a closed backend
+runs no more.
+
 What differs per stage is data on the stage's spec (`d2c_export.stages`), never a method per stage:
 a backend binds inputs and outputs by the spec's tensor names. The shared loop
 (`reference.pipeline.generate_with`) calls `run`, `gpt_cache` and `denoise` and nothing else, with its tensors
@@ -10,12 +14,13 @@ on the backend's `device`. `denoise` runs the denoising steps of one masked step
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from torch import Tensor
 
-from d2c_export.errors import EngineError
+from d2c_export.errors import StaleEngines
 from d2c_export.stages import STAGES
-from d2c_export.targets import Target
+from d2c_export.backends.registry import Target
 from reference.diffusion import denoise_steps
 from reference.gpt import empty_cache
 from reference.model import D2CConfig
@@ -49,8 +54,16 @@ class Backend:
     def output_names(self, stage: str) -> list[str]:
         return [t.name for t in STAGES[stage].output_specs(self.config)]
 
+    def graph_replays(self) -> dict[str, int]:
+        """CUDA graph replays so far, per stage (none for a backend without graphs)."""
+        return {}
+
+    def graph_memory_bytes(self) -> int:
+        """Device memory its graph caches hold."""
+        return 0
+
     def close(self) -> None:
-        """Release what the backend holds (sessions, engines, device memory)."""
+        """Give back what the backend holds (sessions, engines, weights, caches, graphs, device memory)."""
 
     def __enter__(self) -> "Backend":
         return self
@@ -60,33 +73,36 @@ class Backend:
 
 
 def check_graph_io(path: Path, stage: str, config: D2CConfig, inputs: list[tuple[str, int]],
-                   outputs: list[tuple[str, int]], fix: str) -> None:
+                   outputs: list[tuple[str, int]], fix: Callable[[], str]) -> None:
     """Refuse a graph or plan whose input and output names and ranks are not the stage's (another stage's file
-    recorded under this stage, say)."""
+    recorded under this stage, say); `fix()` makes the command that rebuilds it, only then."""
     spec = STAGES[stage]
     want = ([(t.name, len(t.shape)) for t in spec.input_specs(config)],
             [(t.name, len(t.shape)) for t in spec.output_specs(config)])
     if (sorted(inputs), sorted(outputs)) != (sorted(want[0]), sorted(want[1])):
         got = ", ".join(n for n, _ in inputs) + " -> " + ", ".join(n for n, _ in outputs)
         need = ", ".join(n for n, _ in want[0]) + " -> " + ", ".join(n for n, _ in want[1])
-        raise EngineError(f"{path.name} is not the {stage} stage of this model (it computes {got}; the stage is "
-                          f"{need}); rebuild with `{fix}`")
+        raise StaleEngines(f"{path.name} is not the {stage} stage of this model (it computes {got}; the stage is "
+                           f"{need}); rebuild with `{fix()}`")
 
 
-class Wrapper:
-    """Stages that pass every call to `inner`: the base of timing, FLOP counting and thread control.
+class Wrapper(Backend):
+    """A backend that passes every call to `inner`: the base of timing, FLOP counting and thread control.
 
     `denoise` runs the steps through this wrapper's `run`, so each step passes the wrapper; where `inner`
     replays them as one graph, the replay goes through `replay_denoise` instead (override both to see both).
+    A wrapper holds nothing of its own: `inner` is given back by whoever opened it.
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner: Backend):
         self.inner = inner
+        self.target = inner.target
+        self.description = inner.description
         self.config = inner.config
         self.max_batch = inner.max_batch
         self.device = inner.device
-        self.compute_device = getattr(inner, "compute_device", None)
-        self.graphs_denoise = getattr(inner, "graphs_denoise", False)
+        self.compute_device = inner.compute_device
+        self.graphs_denoise = inner.graphs_denoise
 
     def run(self, stage: str, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
         return self.inner.run(stage, inputs)

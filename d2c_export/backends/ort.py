@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from d2c_export.backends.base import Backend, check_graph_io
+from d2c_export.backends.registry import BackendSpec, OpenOptions, Precision, Target, register_backend
 from d2c_export.engines import Engines
-from d2c_export.errors import EngineError
-from d2c_export.targets import BackendName, Precision, Target
+from d2c_export.errors import BackendUnavailable, StaleEngines
 
 # ONNX Runtime's idle workers spin by default; here they would take the cores from the loop's torch ops between
 # stage calls (and from any other process), so they sleep instead.
@@ -30,8 +30,9 @@ def onnxruntime():
         except metadata.PackageNotFoundError:
             pass
     if len(installed) > 1:
-        raise EngineError("both onnxruntime and onnxruntime-gpu are installed; they share one module and the CUDA "
-                          "provider disappears: pip uninstall -y onnxruntime onnxruntime-gpu, then install one")
+        raise BackendUnavailable("both onnxruntime and onnxruntime-gpu are installed; they share one module and the "
+                                 "CUDA provider disappears: pip uninstall -y onnxruntime onnxruntime-gpu, then "
+                                 "install one")
     import onnxruntime as ort
     return ort
 
@@ -56,7 +57,7 @@ class OrtSession:
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
-            raise EngineError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+            raise StaleEngines(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
         self.device = "cuda" if CUDA in self.session.get_providers() else "cpu"
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -78,7 +79,7 @@ class OrtBackend(Backend):
     def __init__(self, engines: Engines, precision: Precision = Precision.FP32, threads: int = 0,
                  keep_fp16_rounding: bool = False, provider_list: list[str] | None = None):
         ort = onnxruntime()
-        self.target = Target(BackendName.ORT, precision)
+        self.target = Target("ort", precision)
         self.config = engines.config
         self.max_batch = engines.max_batch
         chosen = provider_list or providers()
@@ -90,7 +91,7 @@ class OrtBackend(Backend):
             check_graph_io(path, spec.name, self.config,
                            [(i.name, len(i.shape)) for i in session.session.get_inputs()],
                            [(o.name, len(o.shape)) for o in session.session.get_outputs()],
-                           engines.rebuild_command(self.target.kind))
+                           lambda: engines.rebuild_command(self.target.kind))
             self.sessions[spec.name] = session
         first = next(iter(self.sessions.values()))
         self.providers = first.session.get_providers()
@@ -105,4 +106,22 @@ class OrtBackend(Backend):
         return tuple(torch.from_numpy(out[name]) for name in self.output_names(stage))
 
     def close(self) -> None:
+        """Drop the sessions (ONNX Runtime frees their memory and arenas with them)."""
         self.sessions.clear()
+
+
+def open_ort(engines: Engines, precision: Precision, options: OpenOptions) -> OrtBackend:
+    return OrtBackend(engines, precision, options.threads, options.keep_fp16_rounding)
+
+
+def build_graphs(engines: Engines, precision: Precision, progress: bool) -> None:
+    """The mixed-precision graphs, where FP16 ones are asked for and missing (FP32 graphs come with the export)."""
+    if precision is Precision.FP16 and not engines.has("onnx-fp16"):
+        from d2c_export.export.fp16 import convert_engines
+        convert_engines(engines, progress=progress)
+
+
+register_backend(BackendSpec(
+    name="ort", summary="ONNX Runtime over the ONNX graphs (its CUDA provider where installed)",
+    precisions=(Precision.FP32, Precision.FP16), open=open_ort, files="onnx", build=build_graphs, auto_rank=1,
+    checked_unbuilt=True, matmul="onnxruntime"))

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 
 from d2c_export.backends.base import Backend
 from d2c_export.backends.graphs import CallableGraphs
+from d2c_export.backends.registry import BackendSpec, OpenOptions, Precision, Target, register_backend
 from d2c_export.engines import Engines
+from d2c_export.errors import BackendUnavailable
 from d2c_export.stages import STAGES
-from d2c_export.targets import BackendName, Precision, Target
 from reference.diffusion import denoise_steps
 from reference.gpt import cache_input_names, empty_cache
 from reference.stage_networks import as_outputs
@@ -43,7 +44,7 @@ class TorchBackend(Backend):
 
     def __init__(self, engines: Engines, device: str = "cpu", precision: Precision = Precision.FP32,
                  graph_device=None):
-        self.target = Target(BackendName.TORCH, precision)
+        self.target = Target("torch", precision)
         self.config = engines.config
         self.max_batch = engines.max_batch
         self.device = device
@@ -94,4 +95,32 @@ class TorchBackend(Backend):
 
     def graph_memory_bytes(self) -> int:
         return 0 if self.graphs is None else sum(g.memory_bytes() for g in self.graphs.values())
+
+    def close(self) -> None:
+        """Drop the modules (the cast copy of the weights), the KV caches and the captured graphs."""
+        self.modules.clear()
+        self._caches.clear()
+        self.graphs, self.graphs_denoise = None, False
+
+
+def open_torch(engines: Engines, precision: Precision, options: OpenOptions) -> TorchBackend:
+    """The PyTorch backend on `options.device` (default: CUDA when present, else the CPU), with CUDA graphs of its gpt
+    step and denoising loops on CUDA at FP16 / BF16 unless `options.cuda_graphs` says otherwise."""
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = torch.device(device).type == "cuda"
+    graphs = (on_cuda and precision is not Precision.FP32) if options.cuda_graphs is None else options.cuda_graphs
+    if graphs and not on_cuda:
+        raise BackendUnavailable(f"CUDA graphs need a CUDA device; {Target('torch', precision).name} runs on "
+                                 f"{device} here")
+    graph_device = None
+    if graphs:
+        from d2c_export.cuda_device import CudaDevice
+        graph_device = CudaDevice()
+    return TorchBackend(engines, device, precision, graph_device)
+
+
+register_backend(BackendSpec(
+    name="torch", summary="the reference PyTorch modules, rebuilt from the manifest's source (FP16 / BF16: cast "
+    "weights under autocast, CUDA graphs on a GPU)", precisions=(Precision.FP32, Precision.FP16, Precision.BF16),
+    open=open_torch, is_reference=True))
 

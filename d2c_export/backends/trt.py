@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 
 from d2c_export.backends.base import Backend, check_graph_io
-from d2c_export.backends.cuda_device import ALIGNMENT
+from d2c_export.backends.registry import BackendSpec, OpenOptions, Precision, Target, register_backend
 from d2c_export.backends.trt_engine import DenoiseLoops, Engine
+from d2c_export.cuda_device import ALIGNMENT
 from d2c_export.engines import Engines
-from d2c_export.errors import EngineError
-from d2c_export.export.manifest import StageEntry
+from d2c_export.errors import StaleEngines
 from d2c_export.export.trt_build import input_profiles
-from d2c_export.targets import BackendName, Precision, Target
+from d2c_export.manifest import StageEntry
 from d2c_export.trt_platform import RUN_HINT, platform_mismatch, require_tensorrt, running_platform, tensorrt_missing
 from reference.diffusion import denoise_steps
 from reference.gpt import cache_feeds
@@ -36,7 +36,7 @@ from reference.gpt import cache_feeds
 
 def trt_usable(engines: Engines, precision: Precision) -> bool:
     """Plans of `precision` exist, TensorRT is installed and a CUDA device is visible (what `auto` asks)."""
-    return engines.has(Target(BackendName.TRT, precision).kind) and tensorrt_missing() is None
+    return engines.has(Target("trt", precision).kind) and tensorrt_missing() is None
 
 
 def check_plan(engines: Engines, stage: str, entry: StageEntry, running: dict) -> None:
@@ -44,13 +44,13 @@ def check_plan(engines: Engines, stage: str, entry: StageEntry, running: dict) -
     kind = f"trt-{entry.precision}"
     diff = platform_mismatch(entry.tensorrt, running)
     if diff:
-        raise EngineError(f"{engines.directory / entry.main_file} was built for another TensorRT/GPU ({diff}); "
-                          f"rebuild with `{engines.rebuild_command(kind)}`")
+        raise StaleEngines(f"{engines.directory / entry.main_file} was built for another TensorRT/GPU ({diff}); "
+                           f"rebuild with `{engines.rebuild_command(kind)}`")
     info = entry.tensorrt or {}
     source = engines.manifest.stages.get(stage, {}).get(f"onnx-{entry.precision}")
     if source is not None and source.files.get(info.get("onnx")) != info.get("onnx_sha256"):
-        raise EngineError(f"{engines.directory / entry.main_file} was built from an older {info.get('onnx')}; "
-                          f"rebuild with `{engines.rebuild_command(kind)}`")
+        raise StaleEngines(f"{engines.directory / entry.main_file} was built from an older {info.get('onnx')}; "
+                           f"rebuild with `{engines.rebuild_command(kind)}`")
 
 
 def aligned_cache(device, n_layer: int, rows: int, n_head: int, slots: int, head_dim: int) -> Tensor:
@@ -70,11 +70,11 @@ class TrtBackend(Backend):
     def __init__(self, engines: Engines, precision: Precision = Precision.FP16, trt=None, device=None):
         trt = trt or require_tensorrt(RUN_HINT)  # checks for a CUDA device before any TensorRT object exists
         if device is None:
-            from d2c_export.backends.cuda_device import CudaDevice
+            from d2c_export.cuda_device import CudaDevice
             device = CudaDevice()
         self.cuda = device
         self.device = device.torch_device
-        self.target = Target(BackendName.TRT, precision)
+        self.target = Target("trt", precision)
         self.config = engines.config
         self.max_batch = engines.max_batch
         self.running = running_platform(trt, device)
@@ -89,7 +89,7 @@ class TrtBackend(Backend):
             check_graph_io(engine.path, spec.name, self.config,
                            [(n, len(engine.engine.get_tensor_shape(n))) for n in engine.inputs],
                            [(n, len(engine.engine.get_tensor_shape(n))) for n in engine.outputs],
-                           engines.rebuild_command(self.target.kind))
+                           lambda: engines.rebuild_command(self.target.kind))
             self.engines[spec.name] = engine
         diffusion = self.engines.get("diffusion")
         self.loops = DenoiseLoops(device, diffusion, self.stream) if diffusion and diffusion.cuda_graphs else None
@@ -150,3 +150,25 @@ class TrtBackend(Backend):
         """Device memory held by the graph caches (buffers and contexts of the captured keys and loops)."""
         loops = 0 if self.loops is None else self.loops.memory_bytes()
         return sum(e.memory_bytes() for e in self.engines.values()) + loops
+
+    def close(self) -> None:
+        """Drop the engines (their contexts, bindings and captured graphs), the denoising loops and the KV caches."""
+        self.engines.clear()
+        self.loops, self.graphs_denoise = None, False
+        self._gpt_caches.clear()
+
+
+def open_trt(engines: Engines, precision: Precision, options: OpenOptions) -> TrtBackend:
+    return TrtBackend(engines, precision)
+
+
+def build_plans(engines: Engines, precision: Precision, progress: bool) -> None:
+    """The plans of `precision`, where missing (from the FP16 graphs for FP16, made first where missing)."""
+    if not engines.has(Target("trt", precision).kind):
+        from d2c_export.export.trt_build import build_engines
+        build_engines(engines, fp16=precision is Precision.FP16, progress=progress)
+
+
+register_backend(BackendSpec(
+    name="trt", summary="TensorRT plans on an NVIDIA GPU", precisions=(Precision.FP32, Precision.FP16),
+    open=open_trt, files="trt", build=build_plans, missing=tensorrt_missing, hint=RUN_HINT, auto_rank=2))

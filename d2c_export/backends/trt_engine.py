@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from d2c_export.backends.cuda_device import ALIGNMENT
+from d2c_export.cuda_device import ALIGNMENT
 from d2c_export.errors import EngineError
 from reference.diffusion import denoise_steps
 

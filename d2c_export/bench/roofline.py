@@ -8,7 +8,7 @@ import torch
 from onnx import TensorProto, helper
 
 from d2c_export.backends.ort import onnxruntime
-from d2c_export.export.onnx import DEFAULT_OPSET
+from d2c_export.sources import DEFAULT_OPSET
 
 ROOFLINE_SIZE = 2048  # square fp32 matmul that sets the roofline
 ROOFLINE_RUNS = 5  # best of this many timed products

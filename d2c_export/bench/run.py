@@ -21,17 +21,17 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from d2c_export.backends import open_backend
+from d2c_export.backends import Target, open_backend
 from d2c_export.backends.base import Backend
 from d2c_export.backends.hooks import CudaEventTimer, FlopCounted, StageTimer
 from d2c_export.bench.roofline import matmul_roofline
 from d2c_export.engines import Engines
-from d2c_export.errors import EngineError
-from d2c_export.generate import check_request, generate_images
+from d2c_export.errors import BackendUnavailable, BadInput
+from d2c_export.generate import generate_images
 from d2c_export.stages import DEFAULT_MAX_BATCH
-from d2c_export.targets import BackendName, Target
 from reference.files import output_directory
 from reference.pipeline import SamplingParams
+from reference.settings import check_request
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,11 @@ def count_flops(column: Column, labels: list[int], seed: int) -> dict[str, int]:
 
 
 def measure_rooflines(columns: list[Column], threads: int) -> dict[str, dict[str, float]]:
-    """The matmul roofline of every device the columns run on (with ORT's MatMul where an ORT column runs)."""
+    """The matmul roofline of every device the columns run on (with ORT's MatMul where a column computes with
+    ONNX Runtime, `BackendSpec.matmul`)."""
     out = {}
     for device in sorted({b.device for b in columns}):
-        with_ort = any(b.device == device and b.target.backend is BackendName.ORT for b in columns)
+        with_ort = any(b.device == device and b.target.spec.matmul == "onnxruntime" for b in columns)
         out[device] = matmul_roofline(device, threads, with_ort)
         log.info("matmul roofline (%s): %.1f GFLOP/s", device, out[device]["peak"] / 1e9)
     return out
@@ -183,7 +184,7 @@ class BenchResult:
 
 def graph_use(backend: Backend) -> dict | None:
     """The CUDA graphs a backend replayed (per stage) and the device memory their caches hold; None without."""
-    replays = getattr(backend, "graph_replays", lambda: {})()
+    replays = backend.graph_replays()
     if not any(replays.values()):
         return None
     return {"replays": replays, "memory_mb": backend.graph_memory_bytes() / MB}
@@ -223,10 +224,9 @@ def _measure_batch(columns: list[Column], labels: list[int], seed: int, repeat: 
 
 def check_available(targets: list[Target]) -> None:
     """Refuse a column that cannot run here, before any work, naming why."""
-    from d2c_export.trt_platform import tensorrt_missing
     for t in targets:
-        if t.backend is BackendName.TRT and (why := tensorrt_missing()):
-            raise EngineError(f"backend {t.name} cannot run: {why}; drop it from --backends")
+        if why := t.spec.missing():
+            raise BackendUnavailable(f"backend {t.name} cannot run: {why}; drop it from --backends")
 
 
 def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], params: SamplingParams,
@@ -235,15 +235,15 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
     """Warm up, then measure every target at every batch `repeat` times, interleaved round-robin; with `samplers`
     (names of `reference.samplers.SAMPLER_SETS`) every target once per named set of settings over `params`."""
     if repeat < 1 or warmup < 1:
-        raise ValueError(f"--repeat and --warmup must be >= 1, got {repeat} and {warmup}")
+        raise BadInput(f"--repeat and --warmup must be >= 1, got {repeat} and {warmup}")
     variants = {name: params.with_sampler_set(name) for name in samplers} if samplers else None
     check_available(targets)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     config = engines.config
     for batch in batches:
-        check_request(config, engines.max_batch, bench_labels(config.num_classes, batch),
-                      f"use --batch values up to {engines.max_batch}, or re-export with "
+        check_request(config, bench_labels(config.num_classes, batch), max_batch=engines.max_batch, params=params,
+                      too_many=lambda n: f"use --batch values up to {engines.max_batch}, or re-export with "
                       f"`{engines.rebuild_command('onnx-fp32', max_batch=max(batches))}`")
     with ExitStack() as stack:
         backends = {t: stack.enter_context(open_backend(engines, t, threads)) for t in targets}
@@ -275,19 +275,16 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
 
 def export_for_bench(config: str, directory: Path, targets: list[Target], max_batch: int,
                      progress: bool = True) -> Engines:
-    """Export preset `config` (random weights) with what `targets` need (FP16 graphs, TensorRT plans)."""
+    """Export preset `config` (random weights) with the files `targets` run (`BackendSpec.build`: FP16 graphs,
+    TensorRT plans)."""
     from d2c_export.export.onnx import export_model
     from d2c_export.sources import ModelRequest, build_model
     model, source = build_model(ModelRequest(config=config))
     export_model(model, directory, source, max_batch=max_batch, progress=progress)
     engines = Engines.open(directory)
-    if any(t.kind == "onnx-fp16" for t in targets):
-        from d2c_export.export.fp16 import convert_engines
-        convert_engines(engines, progress=progress)
     for t in targets:
-        if t.backend is BackendName.TRT and not engines.has(t.kind):
-            from d2c_export.export.trt_build import build_engines
-            build_engines(engines, fp16=t.kind.endswith("fp16"), progress=progress)
+        if t.spec.build is not None:
+            t.spec.build(engines, t.precision, progress)
     return engines
 
 

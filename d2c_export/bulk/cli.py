@@ -1,5 +1,5 @@
 """`d2c-generate`: many images on Ray workers, resumable, as numbered PNGs, `DIR.npz` and `DIR/samples.json`; on
-the shared flags of `d2c_export.cli`."""
+the shared flags of `d2c_export.cli_options`."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from d2c_export.cli import _logging, backend_options, engines_option, engines_sampling, quiet_option, sampling_options
+from d2c_export.cli_options import (backend_options, engines_option, engines_sampling, quiet_option, sampling_options,
+                                    setup_logging)
 from d2c_export.cli_support import SEED, Command, Finite
 
 log = logging.getLogger("d2c")
@@ -51,7 +52,7 @@ def generate_cli(engines_dir, out, per_class, num_images, classes, seed, batch, 
                  num_cpus, backend, precision, quiet, **flags):
     from d2c_export.bulk.run import ClusterRequest, generate_bulk, make_plan
     from d2c_export.engines import Engines
-    _logging(quiet)
+    setup_logging(quiet)
     if per_class is not None and num_images is not None:
         raise click.UsageError("give --per-class or --num-images, not both")
     engines = Engines.open(engines_dir)

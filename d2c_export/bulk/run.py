@@ -16,9 +16,10 @@ from d2c_export.bulk.pack import pack_npz
 from d2c_export.bulk.shards import BulkPlan, Shard, ShardStore
 from d2c_export.bulk.workers import WorkerSpec, run_shards, start_workers, stop_workers
 from d2c_export.engines import Engines
-from d2c_export.export.manifest import MANIFEST
+from d2c_export.manifest import MANIFEST
 from reference.files import check_output_file, directory_lock, output_directory, sha256_file, write_json_atomic
 from reference.pipeline import SamplingParams
+from reference.settings import check_request
 
 log = logging.getLogger("d2c")
 COMMAND = "d2c-generate"
@@ -28,25 +29,21 @@ def make_plan(engines: Engines, params: SamplingParams, backend: str, precision:
               per_class: int | None, num_images: int | None, seed: int, batch: int | None) -> BulkPlan:
     """The run's plan, checked against the model: classes in range, images split evenly, a batch it can run."""
     from d2c_export.bulk.shards import BulkError
-    n_classes = engines.config.num_classes
-    classes = list(range(n_classes)) if not classes else list(classes)
-    bad = [c for c in classes if not 0 <= c < n_classes]
-    if bad:
-        raise BulkError(f"--classes: class {bad[0]} is out of range (this model has classes 0..{n_classes - 1})")
+    classes = list(range(engines.config.num_classes)) if not classes else list(classes)
     if len(set(classes)) != len(classes):
-        raise BulkError("--classes: a class is named twice")
+        raise BulkError("a class is named twice", setting="classes")
     if num_images is not None:
         if num_images % len(classes):
-            raise BulkError(f"--num-images {num_images} is not a multiple of the {len(classes)} classes (every class "
-                            "gets the same number of images); use --per-class")
+            raise BulkError(f"{num_images} is not a multiple of the {len(classes)} classes (every class gets the "
+                            "same number of images); use --per-class", setting="num_images")
         per_class = num_images // len(classes)
-    batch = batch or engines.max_batch
-    if batch > engines.max_batch:
-        raise BulkError(f"--batch {batch} exceeds the exported max batch {engines.max_batch}; use a smaller --batch "
-                        f"or re-export with `{engines.rebuild_command('onnx-fp32', max_batch=batch)}`")
-    return BulkPlan(engines_sha256=sha256_file(engines.directory / MANIFEST), model=engines.config.name,
+    plan = BulkPlan(engines_sha256=sha256_file(engines.directory / MANIFEST), model=engines.config.name,
                     backend=backend, precision=precision, sampling=params.as_dict(), classes=classes,
-                    per_class=per_class or 50, seed=seed, batch=batch)
+                    per_class=per_class or 50, seed=seed, batch=batch or engines.max_batch)
+    check_request(engines.config, plan.labels, batch=plan.batch, max_batch=engines.max_batch, seed=seed,
+                  params=params, too_many=lambda n: "use a smaller --batch or re-export with "
+                  f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`")
+    return plan
 
 
 @dataclass

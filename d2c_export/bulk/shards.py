@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from reference.errors import BadInput
 from reference.files import leftover_temporaries, remove_leftovers, sha256_file, write_json_atomic
 
 SAMPLES_JSON = "samples.json"
@@ -21,7 +22,7 @@ SHARDS_DIR = ".shards"
 PNG_NAME = re.compile(r"^\d{6,}\.png$")
 
 
-class BulkError(ValueError):
+class BulkError(BadInput):
     """A bulk output directory that this command may not write, or a run that cannot complete."""
 
 

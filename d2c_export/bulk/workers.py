@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from collections import deque
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,7 @@ log = logging.getLogger("d2c")
 
 IN_FLIGHT = 2  # shards queued per worker: the next one is ready when a worker finishes
 RESTARTS = 4  # times Ray restarts a dead worker (and reruns its in-flight shards) before the run fails
+CLOSE_TIMEOUT_S = 30.0  # how long the driver waits for workers to give back their stages before ending them
 
 
 @dataclass
@@ -36,7 +38,8 @@ class WorkerSpec:
 
 
 class ShardWorker:
-    """One set of stages in one Ray actor process; `generate(shard)` returns the shard's PNG bytes."""
+    """One set of stages in one Ray actor process; `generate(shard)` returns the shard's PNG bytes. The stages are
+    held for the worker's life and given back by `close()` (the driver's `stop_workers`)."""
 
     def __init__(self, rank: int, spec: WorkerSpec, plan: BulkPlan):
         from d2c_export.backends import open_named
@@ -44,8 +47,13 @@ class ShardWorker:
         from reference.pipeline import SamplingParams
         self.rank, self.plan = rank, plan
         self.params = SamplingParams(**plan.sampling)
-        self.stages = open_named(Engines.open(spec.engines_dir), spec.backend, spec.precision, spec.threads)
-        self.stages.__enter__()
+        self.held = ExitStack()
+        self.stages = self.held.enter_context(open_named(Engines.open(spec.engines_dir), spec.backend,
+                                                         spec.precision, spec.threads))
+
+    def close(self) -> None:
+        """Give back the stages (sessions, engines, device memory)."""
+        self.held.close()
 
     def generate(self, shard: Shard) -> dict:
         from d2c_export.generate import generate_images
@@ -124,7 +132,10 @@ def run_shards(workers: list, shards: list[Shard], on_result: Callable[[Shard, d
     return stats
 
 
-def stop_workers(workers: list) -> None:
+def stop_workers(workers: list, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """Close every worker's stages (waiting at most `timeout_s` for them), then end the actors."""
     import ray
+    if workers:
+        ray.wait([w.close.remote() for w in workers], num_returns=len(workers), timeout=timeout_s)
     for w in workers:
         ray.kill(w, no_restart=True)

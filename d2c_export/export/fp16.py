@@ -1,4 +1,5 @@
-"""Mixed-precision FP16 graphs from the FP32 exports, with FP32 kept where FP16 breaks (DESIGN.md section 5).
+"""Mixed-precision FP16 graphs from the FP32 exports, with FP32 kept where FP16 breaks (precision is decided here,
+in the graph: TensorRT deprecates its builder's FP16 flag).
 
 The conversion is `onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)` with an
 op block list and a node block list read off each graph. The rule that picks the FP32 nodes:
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
-from d2c_export.export.manifest import StageEntry
+from d2c_export.manifest import StageEntry
 from d2c_export.export.onnx import EXTERNAL_DATA_BYTES, check_graph, entry_for, graph_name
 from d2c_export.stages import StageSpec
 from reference.files import directory_lock, publish_dir

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from d2c_export.errors import EngineError
-from d2c_export.export.manifest import MANIFEST, Manifest, StageEntry
+from d2c_export.errors import BadInput, EngineError
+from d2c_export.manifest import MANIFEST, Manifest, StageEntry
+from d2c_export.sources import DEFAULT_OPSET
 from d2c_export.stages import DEFAULT_MAX_BATCH, StageSpec, stages_for
 from reference.files import directory_lock, output_directory, publish_dir, remove_leftovers
 from reference.model import D2C
@@ -26,7 +27,6 @@ from reference.pipeline import SamplingParams
 log = logging.getLogger(__name__)
 EXPORTER_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")  # per-op chatter of the exporter's passes (the CLI quiets)
 
-DEFAULT_OPSET = 18
 EXPORTER = f"torch.onnx.export(dynamo=True) torch {torch.__version__}"
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs whose weights exceed this keep them in a `.onnx.data` file
 
@@ -122,8 +122,8 @@ def check_finite(model: D2C) -> None:
     """Refuse weights with NaN or inf: every graph made from them would compute garbage."""
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
-            raise EngineError(f"the weights hold non-finite values (NaN or inf), first in {name}; export a "
-                              "checkpoint whose weights are finite")
+            raise BadInput(f"the weights hold non-finite values (NaN or inf), first in {name}; export a "
+                           "checkpoint whose weights are finite")
 
 
 def _export_locked(model: D2C, out_dir: Path, source: dict, specs: list[StageSpec], opset: int, max_batch: int,
@@ -140,7 +140,8 @@ def _export_locked(model: D2C, out_dir: Path, source: dict, specs: list[StageSpe
     same_model = old is not None and (old.config, old.source, old.max_batch) == (config_dict, source, max_batch)
     manifest = old if same_model else Manifest(config=config_dict, source=source, max_batch=max_batch,
                                                exporter=EXPORTER)
-    manifest.sampling = dict(SamplingParams.recommended_for(model.config) if sampling is None else sampling)
+    recommended = SamplingParams.recommended_for(model.config) if sampling is None else sampling
+    manifest.sampling = SamplingParams(**recommended).as_dict()  # every setting, recorded with its value
     bar = tqdm(specs, desc="export", unit="stage", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)

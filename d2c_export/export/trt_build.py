@@ -1,6 +1,6 @@
 """TensorRT plans from the ONNX graphs: strongly typed networks, one profile per dynamic input, a timing cache.
 
-Precision lives in the graph (DESIGN.md section 5): FP16 plans are built from the mixed-precision
+Precision lives in the graph (`export/fp16.py`): FP16 plans are built from the mixed-precision
 `<stage>.fp16.onnx` graphs, FP32 plans from the FP32 graphs, both with TF32 off so FP32 tensors compute
 in FP32. TensorRT 10 takes `1 << STRONGLY_TYPED` at network creation; TensorRT 11 networks are strongly
 typed (and explicit batch) by default and the flag may be gone, so it is looked up with getattr and
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
-from d2c_export.export.manifest import StageEntry
+from d2c_export.manifest import StageEntry
 from d2c_export.trt_platform import require_tensorrt, running_platform
 from reference.files import directory_lock, sha256_file, write_bytes_atomic
 

@@ -1,28 +1,32 @@
-"""The HTTP API's requests and answers: pydantic models (they are the OpenAPI schema at /docs) and the checks of a
-request against the model, each failure an `ApiError` whose message is one line."""
+"""The HTTP API's requests and answers: pydantic models (they are the OpenAPI schema at /docs), the check of a
+request against the model, and the answer to an error (its status and one line naming the field).
+
+The request's sampling fields are made from `SamplingParams`' settings (`reference.settings`): one optional field
+per setting, with its help as the description and its range as the bounds, so the API takes exactly the sampling
+settings `d2c-run` takes as flags.
+"""
 from __future__ import annotations
 
 import hmac
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, create_model, field_validator
 
-from d2c_export.cli_support import one_line
 from d2c_export.engines import Engines
+from d2c_export.errors import EngineError, NonFiniteOutput, UserError, one_line
 from d2c_export.serve.batching import Job
-from reference.diffusion import TRAIN_STEPS
 from reference.pipeline import SamplingParams
-from reference.sampling import CfgSchedule
-
-MAX_SEED = 2 ** 63 - 1  # every image's seed (the request's seed + its index) must fit a torch generator seed
+from reference.settings import MAX_SEED, SettingSpec, check_request, settings_of
 MAX_BODY_BYTES = 16 * 1024  # a request is a few numbers; anything larger is refused (413) before it is parsed
 TOKEN_ENV = "D2C_SERVE_TOKEN"  # when set, requests must carry `Authorization: Bearer <token>`
 
 StrictInt = Annotated[int, Strict()]
+StrictBool = Annotated[bool, Strict()]
+ALIASES = {"classes": "class"}  # request fields whose JSON name is not their Python name
 
 
-class ApiError(Exception):
+class ApiError(UserError):
     """A refused request: its HTTP status, a one-line message and the headers to send (Retry-After)."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
@@ -32,8 +36,8 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-class ImageRequest(BaseModel):
-    """POST /v1/images. Sampling settings left out take the engines' recommended ones, as in `d2c-run`."""
+class RequestFields(BaseModel):
+    """The fields of POST /v1/images that are not sampling settings."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True,
                               json_schema_extra={"examples": [{"class": 3, "seed": 0}]})
@@ -43,13 +47,6 @@ class ImageRequest(BaseModel):
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="image i of the request draws from seed + i")
     num_images: StrictInt = Field(1, ge=1, le=4096, description="images per class (as d2c-run's --num-images)")
     format: Literal["json", "png"] = Field("json", description="json: base64 PNGs with their seeds; png: one grid")
-    cfg: float | None = Field(None, ge=0.0, description="guidance scale (1: none)")
-    cfg_schedule: CfgSchedule | None = None
-    num_iter: StrictInt | None = Field(None, ge=1, description="masked autoregressive steps")
-    diffusion_steps: StrictInt | None = Field(None, ge=1, le=TRAIN_STEPS, description="denoising steps per masked step")
-    temperature: float | None = Field(None, gt=0.0, description="diffusion-head temperature")
-    top_k: StrictInt | None = Field(None, ge=0, description="discrete sampling: the k most likely tokens (0: all)")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="discrete sampling: nucleus mass (1: all)")
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -57,10 +54,24 @@ class ImageRequest(BaseModel):
         return [value] if isinstance(value, int) and not isinstance(value, bool) else value
 
     def given_settings(self) -> dict:
-        return {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
+        """The sampling settings the request gives (the others take the engines' recommended values)."""
+        return {s.name: getattr(self, s.name) for s in settings_of(SamplingParams) if getattr(self, s.name) is not None}
 
 
-SAMPLING_FIELDS = ("cfg", "cfg_schedule", "num_iter", "diffusion_steps", "temperature", "top_k", "top_p")
+def setting_field(spec: SettingSpec) -> tuple[Any, Any]:
+    """The request field of one setting: optional (unset: the engines' value), its range as the schema's bounds."""
+    if spec.choices is not None:
+        kind = spec.kind if spec.kind is not str else Literal[spec.choices]
+    else:
+        kind = {bool: StrictBool, int: StrictInt}.get(spec.kind, float)
+    bounds = {("gt" if spec.min_exclusive else "ge"): spec.min, ("lt" if spec.max_exclusive else "le"): spec.max}
+    return kind | None, Field(None, description=spec.help, **{k: v for k, v in bounds.items() if v is not None})
+
+
+ImageRequest = create_model(
+    "ImageRequest", __base__=RequestFields,
+    __doc__="POST /v1/images. Sampling settings left out take the engines' recommended ones, as in `d2c-run`.",
+    **{s.name: setting_field(s) for s in settings_of(SamplingParams)})
 
 
 class ImageOut(BaseModel):
@@ -124,23 +135,33 @@ def validation_message(exc: ValidationError | list) -> str:
 
 
 def resolve(request: ImageRequest, engines: Engines, max_batch: int) -> Job:
-    """The request as a job for the generator (labels, per-image seeds, full settings), or an `ApiError` (422)."""
-    config = engines.config
+    """The request as a job for the generator (labels, per-image seeds, full settings), or a `BadInput` (422)."""
     labels = [c for c in request.classes for _ in range(request.num_images)]
-    if len(labels) > max_batch:
-        raise ApiError(422, f"{len(labels)} images ({len(request.classes)} classes x num_images "
-                            f"{request.num_images}) exceeds this server's max batch of {max_batch}; ask for fewer")
-    bad = [c for c in labels if not 0 <= c < config.num_classes]
-    if bad:
-        raise ApiError(422, f"class {bad[0]} is out of range: this model has classes 0..{config.num_classes - 1}")
-    if request.seed + len(labels) - 1 > MAX_SEED:
-        raise ApiError(422, f"seed: image seeds seed + i must stay <= {MAX_SEED}")
-    try:
-        params = SamplingParams(**{**vars(engines.sampling), **request.given_settings()})
-        params.check_for(config)
-    except ValueError as exc:
-        raise ApiError(422, str(exc)) from None
+    params = SamplingParams(**{**vars(engines.sampling), **request.given_settings()})
+    check_request(engines.config, labels, max_batch=max_batch, seed=request.seed, params=params,
+                  too_many=lambda n: f"ask for fewer ({len(request.classes)} classes x num_images "
+                  f"{request.num_images} is {n}; this server's max batch)")
     return Job(labels=tuple(labels), seeds=tuple(request.seed + i for i in range(len(labels))), params=params)
+
+
+def json_spelling(name: str, value: object = None) -> str:
+    """A setting as a client writes it: its JSON field (`class`, `diffusion_steps`)."""
+    field = ALIASES.get(name, name)
+    return field if value is None else f"{field} {value}"
+
+
+def error_answer(error: UserError) -> tuple[int, str, dict[str, str]]:
+    """(HTTP status, one-line message, headers) of an error that is the client's or the server's to fix: a refused
+    request its own status, bad input and settings that made the output non-finite 422 (the client's), a backend or
+    engines problem 503 (the server's)."""
+    if isinstance(error, ApiError):
+        return error.status, error.message, error.headers
+    if isinstance(error, NonFiniteOutput):
+        shown = ", ".join(f"{k} {v}" for k, v in error.settings.items() if v is not None)
+        return 422, (f"the settings ({shown}) made the generation's {error.what} non-finite (inf/NaN); ask with "
+                     "settings nearer the recommended ones (GET /v1/model)"), {}
+    status = 503 if isinstance(error, EngineError) else 422
+    return status, one_line(error.render(json_spelling)), {}
 
 
 def token_digest(token: str | None) -> str | None:

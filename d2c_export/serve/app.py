@@ -14,7 +14,9 @@ import io
 import logging
 import math
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -26,12 +28,12 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from d2c_export.cli_support import one_line
 from d2c_export.engines import Engines
-from d2c_export.errors import EngineError
-from d2c_export.export.manifest import MANIFEST
+from d2c_export.errors import BackendUnavailable, BadInput, Setting, UserError, one_line
+from d2c_export.manifest import MANIFEST
 from d2c_export.serve.api import (MAX_BODY_BYTES, ApiError, ErrorBody, Health, ImageOut, ImageRequest,
-                                  ImagesResponse, ModelInfo, Timings, authorized, resolve, validation_message)
+                                  ImagesResponse, ModelInfo, Timings, authorized, error_answer, resolve,
+                                  validation_message)
 from d2c_export.serve.batching import Job, JobResult, batch_images, run_batch
 from reference.files import sha256_file
 
@@ -89,7 +91,8 @@ class Generator:
         engines = Engines.open(options.engines_dir)
         threads = options.threads or max(1, math.floor(options.replica_cpus))
         torch.set_num_threads(threads)
-        self.stages = open_named(engines, options.backend, options.precision, threads)
+        self.held = ExitStack()  # the stages, given back when Ray Serve shuts the replica down (`__del__`)
+        self.stages = self.held.enter_context(open_named(engines, options.backend, options.precision, threads))
         self.max_batch = options.max_batch or engines.max_batch
         self.generate_batch.set_max_batch_size(self.max_batch)
         self.generate_batch.set_batch_wait_timeout_s(options.batch_wait_s)
@@ -131,6 +134,10 @@ class Generator:
     def describe(self) -> ModelInfo:
         return self.info
 
+    def __del__(self):  # Ray Serve's graceful shutdown of the replica
+        if hasattr(self, "held"):
+            self.held.close()
+
     def health(self) -> Health:
         import ray
         return Health(status="ok", replica=self.replica, actor=ray.get_runtime_context().get_actor_name())
@@ -146,9 +153,10 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
 
 
-@app.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError):
-    return _error(exc.status, exc.message, exc.headers)
+@app.exception_handler(UserError)
+async def _user_error(request: Request, exc: UserError):
+    status, message, headers = error_answer(exc)
+    return _error(status, message, headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -166,8 +174,10 @@ async def _http(request: Request, exc: StarletteHTTPException):
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception):
-    log.exception("unexpected error")
-    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    """A bug: its traceback goes to the server log under an id, and the client gets the id."""
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s on %s %s", incident, request.method, request.url.path, exc_info=exc)
+    return _error(500, f"internal error {incident} (its traceback is in the server log)")
 
 
 class BodyLimit:
@@ -263,7 +273,7 @@ class Ingress:
         info = await self._model()
         result: JobResult = await self._call("generate", job)
         if result.error is not None:
-            raise ApiError(500 if "non-finite" in result.error else 422, result.error)
+            raise result.error
         seeds = ",".join(str(s) for s in job.seeds)
         common = {"X-Seeds": seeds, "X-Backend": info.backend, "X-Manifest-Sha256": info.manifest_sha256,
                   "X-Batch-Size": str(result.batch_size)}
@@ -282,18 +292,20 @@ class Ingress:
 
 def check_options(options: ServeOptions) -> ServeOptions:
     """Refuse, before anything starts, what the replicas could not run: missing engines, a max batch above the
-    exported profile, a target whose files are not there. Fills in the max batch."""
-    from d2c_export.targets import AUTO, BackendName, Target
+    exported profile, a target whose files are not there (`auto`: no candidate's). Fills in the max batch. Whether
+    the replicas' machines have what a backend needs (TensorRT, a GPU) is theirs to say when they open it."""
+    from d2c_export.backends import AUTO, Precision, Target, auto_candidates, unbuilt
     engines = Engines.open(options.engines_dir)
     max_batch = options.max_batch or engines.max_batch
     if max_batch > engines.max_batch:
-        raise EngineError(f"--max-batch {max_batch} exceeds the exported profile (max batch {engines.max_batch}); "
-                          f"re-export with `{engines.rebuild_command('onnx-fp32', max_batch=max_batch)}`")
-    names = [BackendName.ORT.value, BackendName.TRT.value] if options.backend == AUTO else [options.backend]
-    targets = [Target.of(name, options.precision) for name in names]
-    if not any(t.kind is None or engines.has(t.kind) for t in targets):
-        raise EngineError(f"{engines.directory} has no {targets[0].kind} build of every stage, so the replicas "
-                          f"cannot run {targets[0].name!r}; build it with `{engines.rebuild_command(targets[0].kind)}`")
+        raise BadInput(Setting("max_batch", max_batch), " exceeds the exported profile (max batch "
+                       f"{engines.max_batch}); re-export with "
+                       f"`{engines.rebuild_command('onnx-fp32', max_batch=max_batch)}`")
+    targets = auto_candidates(Precision(options.precision)) if options.backend == AUTO else \
+        [Target.of(options.backend, options.precision)]
+    reasons = [unbuilt(engines, t) for t in targets]
+    if all(reasons):
+        raise BackendUnavailable(reasons[-1])
     options.max_batch = max_batch
     return options
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from d2c_export.cli_support import USER_ERRORS, one_line
+from d2c_export.errors import UserError
 from d2c_export.generate import generate_images
 from d2c_export.images import to_uint8
 from reference.pipeline import SamplingParams
@@ -34,7 +34,7 @@ class Job:
 
 @dataclass
 class JobResult:
-    """A job's images ((n, H, W, 3) uint8), tokens and what it was merged into; or the one-line error."""
+    """A job's images ((n, H, W, 3) uint8), tokens and what it was merged into; or the error that is the user's."""
 
     images: np.ndarray | None = None
     tokens: list[list[int]] | None = None
@@ -43,7 +43,7 @@ class JobResult:
     queue_s: float = 0.0
     generation_s: float = 0.0
     stages_s: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
+    error: UserError | None = None
     replica: str = ""
 
 
@@ -85,14 +85,14 @@ def run_group(stages, jobs: list[Job]) -> list[JobResult]:
 
 
 def run_batch(stages, jobs: list[Job]) -> list[JobResult]:
-    """Every job of a batch, one generation per settings group; a group that fails answers its jobs with the error
-    (the replica carries on)."""
+    """Every job of a batch, one generation per settings group; a group refused for its input (a `UserError`) answers
+    its jobs with the error and the others still run. Any other exception is a bug and fails the batch."""
     results: list[JobResult | None] = [None] * len(jobs)
     for group in group_by_settings(jobs):
         try:
             done = run_group(stages, [jobs[i] for i in group])
-        except USER_ERRORS as exc:
-            done = [JobResult(error=one_line(exc))] * len(group)
+        except UserError as exc:
+            done = [JobResult(error=exc)] * len(group)
         for i, result in zip(group, done):
             results[i] = result
     return results

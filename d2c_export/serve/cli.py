@@ -1,5 +1,5 @@
 """`d2c-serve` (the HTTP API on Ray Serve) and `d2c-serve-load` (the load generator, batching on and off side by
-side, with an optional replica kill), on the shared flags of `d2c_export.cli`."""
+side, with an optional replica kill), on the shared flags of `d2c_export.cli_options`."""
 from __future__ import annotations
 
 import json
@@ -9,14 +9,14 @@ import time
 
 import click
 
-from d2c_export.cli import (SAMPLING_FIELDS, _checked_out, _int_list, _logging, _options, backend_options,
-                            engines_option, quiet_option, sampling_options)
+from d2c_export.cli_options import (backend_options, checked_out, engines_option, given_settings, int_list, options,
+                                    quiet_option, sampling_options, setup_logging)
 from d2c_export.cli_support import Command, Finite
 from d2c_export.errors import EngineError
 
 log = logging.getLogger("d2c")
 
-replica_options = _options(
+replica_options = options(
     click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
                  help="generator replicas, each with its own set of stages (one GPU each where the cluster has GPUs)"),
     click.option("--max-batch", type=click.IntRange(min=1), default=None,
@@ -70,7 +70,7 @@ def _start(options, gpus_per_replica, address, num_cpus, host, port) -> str:
 def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue, replica_cpus,
               gpus_per_replica, threads, port, address, num_cpus, host, quiet):
     from d2c_export.serve import cluster
-    _logging(quiet)
+    setup_logging(quiet)
     options = _serve_options(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue,
                              replica_cpus, threads)
     try:
@@ -91,7 +91,7 @@ def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_m
 @engines_option
 @backend_options
 @replica_options
-@click.option("--max-batches", "max_batches", default="16,1", show_default=True, callback=_int_list,
+@click.option("--max-batches", "max_batches", default="16,1", show_default=True, callback=int_list,
               help="one run per value of the server's max batch")
 @click.option("--clients", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--requests", type=click.IntRange(min=1), default=96, show_default=True, help="requests per run")
@@ -107,12 +107,11 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
              kill_replica_at, json_path, quiet, **flags):
     from d2c_export.serve import cluster
     from d2c_export.serve.load import default_body, markdown, post_json, run_load
-    _logging(quiet)
-    _checked_out(json_path)
+    setup_logging(quiet)
+    checked_out(json_path)
     if max_batch is not None:
         raise click.UsageError("--max-batch: give the runs' max batches with --max-batches")
-    settings = {k: (v.value if hasattr(v, "value") else v) for k, v in flags.items()
-                if k in SAMPLING_FIELDS and v is not None}
+    settings = given_settings(flags)
     runs = [(f"max batch {b}", b, None) for b in max_batches]
     if kill_replica_at is not None:
         runs.append((f"max batch {max_batches[0]}, replica killed", max_batches[0], kill_replica_at))

@@ -17,8 +17,7 @@ from d2c_export.backends import open_backend
 from d2c_export.backends.base import Backend
 from d2c_export.engines import Engines
 from d2c_export.stages import StageSpec, Tolerance
-from d2c_export.targets import BackendName, Precision, Target
-from d2c_export.trt_platform import tensorrt_missing
+from d2c_export.backends import BACKENDS, Precision, Target
 from reference.model import D2C
 from reference.stage_networks import as_outputs
 
@@ -83,19 +82,22 @@ def check_stage(model: D2C, spec: StageSpec, backend: Backend, max_batch: int, s
 
 
 def check_targets(engines: Engines, precision: Precision) -> list[Target]:
-    """What `d2c-export check --precision P` compares: the ONNX graphs, the TensorRT plans where they run, and at
-    FP16 / BF16 PyTorch with reduced-precision weights (BF16 has no graphs or plans)."""
-    torch_target = [] if precision is Precision.FP32 else [Target(BackendName.TORCH, precision)]
-    if precision is Precision.BF16:
-        return torch_target
-    targets = [Target(BackendName.ORT, precision)] + torch_target
-    trt = Target(BackendName.TRT, precision)
-    if engines.has(trt.kind):
-        reason = tensorrt_missing()
-        if reason:
-            log.warning("TensorRT plans (%s) not compared: %s", trt.kind, reason)
-        else:
-            targets.append(trt)
+    """What `d2c-export check --precision P` compares: every registered backend that runs P, those that must
+    (`BackendSpec.checked_unbuilt`: the ONNX graphs) first; others where their files are built and this machine
+    runs them (TensorRT plans); the reference modules only at reduced precision (FP16 / BF16 weights)."""
+    targets = []
+    for spec in sorted(BACKENDS.values(), key=lambda s: not s.checked_unbuilt):
+        if precision not in spec.precisions or (spec.is_reference and precision is Precision.FP32):
+            continue
+        target = Target(spec.name, precision)
+        if spec.checked_unbuilt:
+            targets.append(target)
+        elif target.kind is None or engines.has(target.kind):
+            reason = spec.missing()
+            if reason:
+                log.warning("%s not compared: %s", target.kind or target.name, reason)
+            else:
+                targets.append(target)
     return targets
 
 

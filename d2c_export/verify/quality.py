@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,9 +11,10 @@ from torch import Tensor
 
 from d2c_export.backends import open_backend
 from d2c_export.engines import Engines
+from d2c_export.errors import BadInput
 from d2c_export.generate import generate_images
 from d2c_export.sources import DEMO_CHECKPOINT
-from d2c_export.targets import Target
+from d2c_export.backends import Target
 from reference.pipeline import SamplingParams
 from training.classifier import ShapesClassifier
 from training.data import NUM_CLASSES, make_dataset
@@ -105,8 +107,8 @@ def evaluate_samples(name: str, pixels: np.ndarray, labels: list[int], descripti
     """The quality of generated images, uint8 (N, H, W, 3) with their labels (a `d2c-generate` directory read by
     `bulk.pack.read_directory`), scored as a backend's are."""
     if max(labels) >= classifier.num_classes:
-        raise ValueError(f"{name} has class {max(labels)}, the classifier {classifier.num_classes} classes: "
-                         "score samples of the model the classifier was trained with")
+        raise BadInput(f"{name} has class {max(labels)}, the classifier {classifier.num_classes} classes: "
+                       "score samples of the model the classifier was trained with")
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # uint8 (N, H, W, 3) -> [-1, 1]
     accuracy, fd = score_images(classifier, images, labels, real_features(classifier, real_per_class))
     log.info("%s: accuracy %.1f%%, Frechet %.3f (%s)", name, accuracy, fd, description)
@@ -122,15 +124,15 @@ def evaluate_backends(engines: Engines, targets: list[Target], per_class: int, p
     settings over `params`, and each report gives its mean pixel distance to the first set's images.
     """
     if engines.config.num_classes != classifier.num_classes:
-        raise ValueError(f"the model has {engines.config.num_classes} classes, the classifier "
-                         f"{classifier.num_classes}: use the checkpoint the classifier was trained with")
+        raise BadInput(f"the model has {engines.config.num_classes} classes, the classifier "
+                       f"{classifier.num_classes}: use the checkpoint the classifier was trained with")
     variants = {name: params.with_sampler_set(name) for name in samplers} if samplers else {None: params}
-    backends = [open_backend(engines, t, threads) for t in targets]  # every target opens before any sampling
-    reference = real_features(classifier, real_per_class)
-    labels = quality_labels(per_class)
     reports, first = [], None
-    for target, backend in zip(targets, backends):
-        with backend:
+    with ExitStack() as opened:
+        backends = [opened.enter_context(open_backend(engines, t, threads)) for t in targets]  # all before sampling
+        reference = real_features(classifier, real_per_class)
+        labels = quality_labels(per_class)
+        for target, backend in zip(targets, backends):
             baseline = None
             for sampler, settings in variants.items():
                 acc, fd, images = sample_quality(backend, labels, settings, seed, classifier, reference, progress)

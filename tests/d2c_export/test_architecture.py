@@ -12,18 +12,19 @@ from click.testing import CliRunner
 from torch import nn
 
 from d2c_export import engines as engines_module
-from d2c_export.backends import open_backend
+from d2c_export.backends import BACKENDS, BackendSpec, Precision, Target, open_backend
+from d2c_export.backends.base import Wrapper
 from d2c_export.backends.hooks import FlopCounted
+from d2c_export.backends.pytorch import TorchBackend
 from d2c_export.bench.report import markdown, summarize
 from d2c_export.bench.run import run_benchmark
-from d2c_export.cli import bench_main, export_main, run_cli, run_main
+from d2c_export.cli import bench_main, export_main, quality_main, run_cli, run_main
 from d2c_export.engines import Engines
-from d2c_export.export.manifest import Manifest
+from d2c_export.manifest import Manifest
 from d2c_export.export.onnx import export_model
 from d2c_export.generate import generate_images
 from d2c_export.sources import ModelRequest, build_model
 from d2c_export.stages import STAGES, StageSpec, TensorSpec
-from d2c_export.targets import Target
 from d2c_export.verify.parity import check_engines
 from reference.pipeline import SamplingParams
 from tests.d2c_export.cli_helpers import assert_one_line_error
@@ -88,6 +89,63 @@ def test_a_registered_stage_is_picked_up_everywhere(toy_engines):
     assert "clamp post-process" in markdown(summary)
 
 
+class Mirror(Wrapper):
+    """A test-only backend: the PyTorch modules on the CPU under another name, counting what it opens and closes."""
+
+    opened = closed = 0
+
+    def __init__(self, engines: Engines, precision: Precision):
+        super().__init__(TorchBackend(engines, "cpu", precision))
+        self.target = Target("mirror", precision)
+        self.description = f"mirror of {self.inner.description}"
+        Mirror.opened += 1
+
+    def close(self) -> None:
+        self.inner.close()
+        Mirror.closed += 1
+
+
+MIRROR = BackendSpec(name="mirror", summary="test-only", precisions=(Precision.FP32,),
+                     open=lambda engines, precision, options: Mirror(engines, precision), tolerance_as="torch")
+
+
+def test_a_registered_backend_is_offered_everywhere(monkeypatch, engines_factory, tmp_path, capsys):
+    """One registration: every command, the benchmark and the server offer it, and every holder closes it."""
+    from d2c_export.bulk.cli import generate_cli
+    from d2c_export.bulk.run import make_plan
+    from d2c_export.bulk.workers import ShardWorker, WorkerSpec
+    from d2c_export.serve.app import ServeOptions, check_options
+    from d2c_export.serve.cli import serve_cli
+    monkeypatch.setitem(BACKENDS, MIRROR.name, MIRROR)
+    directory = str(engines_factory("d2c-tiny"))
+    engines = Engines.open(directory)
+    fast = ["--num-iter", "2", "--diffusion-steps", "3", "--quiet"]
+    for command in (run_cli, generate_cli, serve_cli):
+        assert "mirror" in CliRunner().invoke(command, ["--help"]).output, command.name
+    # d2c-run: the image the PyTorch backend makes
+    for name in ("torch", "mirror"):
+        assert run_main(["--engines", directory, "--class", "3", "--backend", name, "--out",
+                         str(tmp_path / f"{name}.png"), *fast]) == 0, capsys.readouterr().err
+    assert (tmp_path / "mirror.png").read_bytes() == (tmp_path / "torch.png").read_bytes()
+    # the parity check, the benchmark and the quality gate
+    assert export_main(["check", "--engines", directory, "--backend", "mirror"]) == 0
+    assert " 0 failed" in capsys.readouterr().out
+    assert bench_main(["--engines", directory, "--backends", "torch,mirror", "--batch", "1", "--repeat", "1",
+                       "--no-plot", "--out", str(tmp_path / "bench"), *fast]) == 0, capsys.readouterr().err
+    assert "mirror" in (tmp_path / "bench" / "bench.md").read_text()
+    assert quality_main(["--engines", directory, "--backends", "torch,mirror", "--per-class", "1",
+                         "--real-per-class", "2", *fast]) == 0, capsys.readouterr().err
+    # bulk generation: the plan takes it and a worker opens it, generates a shard and gives it back
+    plan = make_plan(engines, SamplingParams(cfg=2.0, num_iter=2, diffusion_steps=3), "mirror", "fp32", [1, 2], 1,
+                     None, 0, None)
+    worker = ShardWorker(0, WorkerSpec(directory, "mirror", "fp32", 1.0, 0.0, 1), plan)
+    assert len(worker.generate(plan.shards()[0])["pngs"]) == 2
+    worker.close()
+    # serving: the server's check takes it, and a replica opens it as d2c-run does (`open_named`)
+    assert check_options(ServeOptions(engines_dir=directory, backend="mirror")).max_batch == engines.max_batch
+    assert Mirror.opened == Mirror.closed == 5  # d2c-run, check, bench, quality and the worker: each closed it
+
+
 @pytest.fixture()
 def counted(monkeypatch):
     """Counts of manifest reads and model rebuilds."""
@@ -147,25 +205,50 @@ def _modules() -> dict[str, Path]:
     return found
 
 
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of `graph` (node -> the nodes it points to), as the path that closes it, or None."""
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for other in sorted(graph.get(node, ())):
+            if state.get(other) == 1:
+                return path[path.index(other):] + [node, other] if other in path else [node, other]
+            if other not in state and (found := visit(other, path + [node])):
+                return found
+        state[node] = 2
+        return None
+
+    return next((c for node in sorted(graph) if node not in state and (c := visit(node, []))), None)
+
+
 def test_no_import_cycles():
     modules = _modules()
     graph = {m: _imports(p, m if not p.name == "__init__.py" else m + ".__init__", set(modules)) - {m}
              for m, p in modules.items()}
-    state: dict[str, int] = {}
-
-    def visit(m: str, stack: list[str]) -> None:
-        state[m] = 1
-        for n in sorted(graph[m]):
-            if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [m, n]))
-            if n not in state:
-                visit(n, stack + [m])
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [])
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
     assert not graph["reference.pipeline"] & {m for m in modules if m.startswith(("d2c_export", "training"))}
+
+
+def _room(module: str) -> str:
+    """The part of the layout a module belongs to: a package of `d2c_export` (`d2c_export/backends/`), a module of
+    its own (`d2c_export/engines.py`), or a whole top-level package (`reference/`)."""
+    parts = module.split(".")
+    if parts[0] != "d2c_export" or len(parts) == 1:
+        return parts[0] + "/"
+    return f"d2c_export/{parts[1]}/" if (ROOT / "d2c_export" / parts[1]).is_dir() else f"d2c_export/{parts[1]}.py"
+
+
+def test_no_import_runs_back_up():
+    """Drawn as folders and files, the imports form layers: no folder imports a module that imports it back
+    (`cli.py` and `bulk/`, say), which a cycle-free module graph alone does not promise."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for m, p in modules.items():
+        graph.setdefault(_room(m), set()).update(_room(n) for n in _imports(p, m, set(modules)) if _room(n) != _room(m))
+    cycle = _cycle(graph)
+    assert cycle is None, "an import runs back up: " + " -> ".join(cycle)
 
 
 def test_the_reference_depends_on_nothing_else_of_the_project():

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from d2c_export.cli import export_main, run_main
-from d2c_export.export.manifest import FORMAT_VERSION, MANIFEST
+from d2c_export.manifest import FORMAT_VERSION, MANIFEST
 from reference.checkpoint import save_checkpoint
 from reference.files import sha256_file
 from reference.model import D2C, get_config
@@ -116,6 +116,18 @@ def test_export_from_checkpoint_records_its_hash(tiny_checkpoint, tmp_path, caps
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["source"]["sha256"] == sha256_file(tiny_checkpoint)
     assert sorted(files_in(out)) == [MANIFEST, "vae.onnx"], "no temporary files left behind"
+
+
+def test_a_bug_is_a_traceback_not_a_user_error(tiny_engines_copy, tmp_path, monkeypatch):
+    """Only the user's errors are one line: an internal KeyError propagates (the process prints its traceback)."""
+    import d2c_export.generate
+
+    def broken(*args, **kwargs):
+        return {}["images"]
+
+    monkeypatch.setattr(d2c_export.generate, "generate_images", broken)
+    with pytest.raises(KeyError, match="images"):
+        run_main(["--engines", str(tiny_engines_copy), "--class", "1", "--out", str(tmp_path / "x.png"), "--quiet"])
 
 
 def test_unknown_backend_is_refused_by_the_parser(tiny_engines_copy, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 
 from d2c_export import generate
 from d2c_export.cli import export_main, run_main
-from d2c_export.export.manifest import MANIFEST
+from d2c_export.manifest import MANIFEST
 from reference.files import directory_lock
 from tests.d2c_export.cli_helpers import assert_one_line_error, files_in, run_cli
 from tests.reference.official_layouts import GPT_HEADS

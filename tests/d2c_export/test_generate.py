@@ -7,9 +7,9 @@ import torch
 from d2c_export.backends import open_backend
 from d2c_export.backends.base import Wrapper
 from d2c_export.engines import Engines
-from d2c_export.errors import EngineError
+from d2c_export.errors import BadInput, NonFiniteOutput
 from d2c_export.generate import generate_images
-from d2c_export.targets import Target
+from d2c_export.backends import Target
 from reference.pipeline import SamplingParams
 
 TORCH, ORT = Target.parse("torch"), Target.parse("ort")
@@ -82,7 +82,7 @@ def test_non_finite_output_is_an_error_not_an_image(engines_factory):
             out = self.inner.run(stage, inputs)
             return tuple(o * float("nan") for o in out) if stage == "vae" else out
 
-    with pytest.raises(EngineError, match="non-finite images"):
+    with pytest.raises(NonFiniteOutput, match="non-finite images"):
         generate_images(Overflowing(stages), [1], PARAMS, seed=0)
 
 
@@ -95,7 +95,7 @@ def test_a_batch_above_the_backends_profile_is_refused_before_any_call(engines_f
             calls.append(stage)
             return self.inner.run(stage, inputs)
 
-    with pytest.raises(EngineError, match="max batch 4"):
+    with pytest.raises(BadInput, match="max batch 4"):
         generate_images(Counting(stages), [1] * 5, PARAMS, seed=0)
     assert calls == []
 

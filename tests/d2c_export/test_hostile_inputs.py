@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from d2c_export.cli import bench_main, export_main, quality_main, run_main
-from d2c_export.export.manifest import MANIFEST, config_digest
+from d2c_export.manifest import MANIFEST, config_digest
 from reference.checkpoint import save_checkpoint
 from reference.files import sha256_file
 from reference.model import D2C, get_config

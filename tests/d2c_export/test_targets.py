@@ -4,16 +4,16 @@ from __future__ import annotations
 import pytest
 
 from d2c_export.cli import run_main
-from d2c_export.targets import BackendName, Precision, Target, TargetError, choices, parse_list
+from d2c_export.backends import Precision, Target, TargetError, choices, parse_list
 from tests.d2c_export.cli_helpers import assert_one_line_error, run_cli
 
 
 @pytest.mark.parametrize("name,backend,precision,kind", [
-    ("torch", BackendName.TORCH, Precision.FP32, None),
-    ("ort", BackendName.ORT, Precision.FP32, "onnx-fp32"),
-    ("ort-fp16", BackendName.ORT, Precision.FP16, "onnx-fp16"),
-    ("trt", BackendName.TRT, Precision.FP32, "trt-fp32"),
-    ("trt-fp16", BackendName.TRT, Precision.FP16, "trt-fp16"),
+    ("torch", "torch", Precision.FP32, None),
+    ("ort", "ort", Precision.FP32, "onnx-fp32"),
+    ("ort-fp16", "ort", Precision.FP16, "onnx-fp16"),
+    ("trt", "trt", Precision.FP32, "trt-fp32"),
+    ("trt-fp16", "trt", Precision.FP16, "trt-fp16"),
 ])
 def test_names_parse_to_one_meaning(name, backend, precision, kind):
     target = Target.parse(name)

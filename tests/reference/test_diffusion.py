@@ -107,13 +107,26 @@ def test_replayed_sample_loop_matches_official(mar_rec, guided):
     assert float((out - ref).abs().max() / scale) < 1e-5
 
 
-def test_step_rows_are_made_once_per_table_and_follow_its_contents():
-    from reference.diffusion import step_rows
+def test_the_denoising_loop_leaves_nothing_on_its_tables():
+    """Its per-step views are made per call: kept on a table they would hold the table through its own views, a
+    cycle inside PyTorch that the garbage collector cannot see, and every generation's tables would never be freed."""
+    import gc
+    import weakref
+
+    from reference.diffusion import denoise_steps
     tables = step_tables(make_tables(7))
-    t, coefs = tables["timesteps"], tables["coefs"]
-    rows = step_rows(t)
-    assert step_rows(t) is rows and step_rows(coefs) is step_rows(coefs)
-    assert [r.shape for r in rows] == [(1,)] * 7 and all(r.shape == (coefs.shape[1],) for r in step_rows(coefs))
-    assert torch.equal(torch.cat(rows), t) and torch.equal(torch.stack(step_rows(coefs)), coefs)
-    t.copy_(t.flip(0))  # a static buffer refilled in place: the same views, the new values
-    assert step_rows(t) is rows and torch.equal(torch.cat(step_rows(t)), t)
+    seen = []
+
+    def step(stage, inputs):
+        seen.append((inputs["t"].clone(), inputs["coefs"].clone()))
+        return (inputs["x"],)
+
+    feeds = {"noise": torch.zeros(8, 2, 3), "z": torch.zeros(2, 4), **tables, "cfg": torch.ones(1),
+             "temperature": torch.ones(1)}
+    denoise_steps(step, feeds)
+    assert torch.equal(torch.cat([t for t, _ in seen]), tables["timesteps"])
+    assert torch.equal(torch.stack([c for _, c in seen]), tables["coefs"])
+    alive = [weakref.ref(t) for t in tables.values()]
+    del tables, feeds, seen
+    gc.collect()
+    assert all(ref() is None for ref in alive)

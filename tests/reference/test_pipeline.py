@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from reference import pipeline
+from reference.errors import BadInput
 from reference.gpt import GPT, GPTArgs
 from reference.model import D2C, PRESETS, get_config
 from reference.pipeline import SamplingParams, generate, generate_with, sample_discrete
@@ -99,7 +100,7 @@ def test_other_fusions_generate(name):
 
 
 def test_bad_labels_are_rejected(tiny_model):
-    with pytest.raises(ValueError, match="class labels"):
+    with pytest.raises(BadInput, match="class 10 is out of range"):
         generate(tiny_model, [10], num_iter=2, diffusion_steps=2)
 
 

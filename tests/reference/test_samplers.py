@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from reference.errors import BadInput
 from reference.diffusion import annealed_counts, annealed_tables, make_tables, step_tables
 from reference.model import D2C, get_config
 from reference.pipeline import SamplingParams, generate_with
@@ -205,7 +206,7 @@ def test_fast_preset_expands_into_the_settings_it_stands_for():
     demo = SamplingParams(sampler="fast", cfg=1.0, num_iter=16, diffusion_steps=500, diffusion_floor=250)
     assert demo.denoising_counts() == [250] * 16  # half the steps is the demo's floor already
     assert SamplingParams(sampler="fast", cfg=4.0, diffusion_floor=20).denoising_counts()[-1] == 20
-    with pytest.raises(ValueError, match="--diffusion-floor"):  # the demo's floor above the steps asked for
+    with pytest.raises(BadInput, match="diffusion_floor: 250 is above the 100"):  # the demo's floor, above the steps
         SamplingParams(sampler="fast", cfg=1.0, diffusion_steps=100, diffusion_floor=250)
 
 
@@ -215,25 +216,26 @@ def test_named_setting_sets_are_valid_settings():
         assert (p.sampler == "exact" and p.diffusion_anneal == "off" and p.lazy_mar == 0) == (name == "exact")
 
 
-@pytest.mark.parametrize("settings,words", [
-    ({"cfg": 1.0, "lazy_mar": 9}, ["lazy_mar", "guidance", "--lazy-mar 0"]),
-    ({"diffusion_anneal": "linear", "diffusion_steps": 10, "diffusion_floor": 20}, ["diffusion_floor", "--diffusion-floor"]),
-    ({"diffusion_anneal": "steep"}, ["diffusion_anneal", "off, linear, cosine"]),
-    ({"sampler": "turbo"}, ["sampler", "exact, fast"]),
-    ({"sampler": "fast", "diffusion_anneal": "cosine"}, ["--diffusion-anneal", "--sampler exact"]),
-    ({"sampler": "fast", "diffusion_anneal_start": 70}, ["--diffusion-anneal-start", "--sampler exact"]),
-    ({"diffusion_anneal": "linear", "diffusion_steps": 20, "diffusion_anneal_start": 30}, ["diffusion_anneal_start"]),
-    ({"diffusion_anneal": "linear", "diffusion_anneal_start": 4}, ["--diffusion-floor"]),
-    ({"sampler": "fast", "cfg": 4.0, "lazy_mar": 3}, ["--lazy-mar", "--sampler exact"]),
-    ({"lazy_mar": -1}, ["lazy_mar"]),
-    ({"diffusion_floor": 0}, ["diffusion_floor"]),
-    ({"lazy_mar": 2.5}, ["integer"]),
+@pytest.mark.parametrize("settings,fault,words", [
+    ({"cfg": 1.0, "lazy_mar": 9}, "lazy_mar", ["guidance", "set cfg, or lazy_mar=0"]),
+    ({"diffusion_anneal": "linear", "diffusion_steps": 10, "diffusion_floor": 20}, "diffusion_floor", ["lower it"]),
+    ({"diffusion_anneal": "steep"}, "diffusion_anneal", ["off, linear, cosine"]),
+    ({"sampler": "turbo"}, "sampler", ["exact, fast"]),
+    ({"sampler": "fast", "diffusion_anneal": "cosine"}, "diffusion_anneal", ["sampler=fast", "sampler=exact"]),
+    ({"sampler": "fast", "diffusion_anneal_start": 70}, "diffusion_anneal_start", ["sampler=exact"]),
+    ({"diffusion_anneal": "linear", "diffusion_steps": 20, "diffusion_anneal_start": 30}, "diffusion_anneal_start",
+     ["[0, 20]"]),
+    ({"diffusion_anneal": "linear", "diffusion_anneal_start": 4}, "diffusion_floor", ["above the 4"]),
+    ({"sampler": "fast", "cfg": 4.0, "lazy_mar": 3}, "lazy_mar", ["sampler=exact"]),
+    ({"lazy_mar": -1}, "lazy_mar", [">= 0"]),
+    ({"diffusion_floor": 0}, "diffusion_floor", ["[1, 1000]"]),
+    ({"lazy_mar": 2.5}, "lazy_mar", ["integer"]),
 ])
-def test_settings_that_cannot_run_are_refused_in_one_line(settings, words):
-    with pytest.raises(ValueError) as err:
+def test_settings_that_cannot_run_are_refused_in_one_line(settings, fault, words):
+    with pytest.raises(BadInput) as err:
         SamplingParams(**settings)
     message = str(err.value)
-    assert "\n" not in message
+    assert "\n" not in message and err.value.setting == fault and message.startswith(f"{fault}: ")
     for word in words:
         assert word in message, message
 
@@ -254,5 +256,5 @@ def test_named_sets_replace_only_the_fast_samplers_settings():
     anneal, lazy = base.with_sampler_set("anneal"), base.with_sampler_set("lazy")
     assert anneal.denoising_counts() == fast.denoising_counts() and anneal.lazy_mar == 0  # the preset's parts
     assert lazy.denoising_counts() == [40] * 8 and (lazy.lazy_mar, lazy.lazy_mar_warmup) == (9, 5)
-    with pytest.raises(ValueError, match="exact, anneal, lazy, fast"):
+    with pytest.raises(BadInput, match="exact, anneal, lazy, fast"):
         base.with_sampler_set("quick")

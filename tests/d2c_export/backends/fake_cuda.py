@@ -1,4 +1,4 @@
-"""A CPU stand-in for the CUDA seam of the TensorRT backend (`d2c_export.backends.cuda_device.CudaDevice`).
+"""A CPU stand-in for the CUDA seam of the TensorRT backend (`d2c_export.cuda_device.CudaDevice`).
 
 Device memory is CPU memory that the fake tracks by address, so the fake TensorRT can read and write a
 tensor from nothing but the address bound to it, as TensorRT does. The rules it keeps are CUDA's:
@@ -32,11 +32,17 @@ class ContractViolation(AssertionError):
     """What real CUDA or TensorRT would refuse or silently get wrong."""
 
 
+def _uses(raw: Tensor) -> int:
+    """How many holders use the memory under `raw` (PyTorch's count of its storage's references)."""
+    return torch._C._storage_Use_Count(raw.untyped_storage()._cdata)
+
+
 @dataclass
 class Allocation:
     start: int
     nbytes: int
     raw: Tensor  # uint8, holds the bytes
+    own: int = 0  # uses of its memory that are the fake's own (`raw` and what it was cut from)
 
 
 @dataclass
@@ -73,6 +79,12 @@ class FakeCudaDevice:
         self._current = [self.default_stream]  # the stream `use` (or a capture) made current, innermost last
 
     # -- memory ---------------------------------------------------------------------------------------
+    def _collect(self) -> list[Allocation]:
+        """Forget the allocations nothing but this fake holds any more: their memory is freed, as PyTorch frees a
+        device tensor's memory with its last reference (an access to it after that is out of bounds)."""
+        self.allocations = [a for a in self.allocations if _uses(a.raw) > a.own]
+        return self.allocations
+
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         numel = 1
         for d in shape:
@@ -80,10 +92,11 @@ class FakeCudaDevice:
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)  # no address, like a zero-byte device allocation
+        self._collect()
         raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8)
         offset = (-raw.data_ptr()) % ALIGNMENT
         raw = raw[offset:offset + nbytes]
-        self.allocations.append(Allocation(raw.data_ptr(), nbytes, raw))
+        self.allocations.append(Allocation(raw.data_ptr(), nbytes, raw, _uses(raw)))
         return raw.view(dtype).view(shape)
 
     def is_device(self, t: Tensor) -> bool:
@@ -196,4 +209,5 @@ class FakeCudaDevice:
         return "Fake GPU (CPU memory)", "9.0"
 
     def memory_used(self) -> int:
-        return sum(a.nbytes for a in self.allocations)
+        """Bytes of the allocations still held."""
+        return sum(a.nbytes for a in self._collect())

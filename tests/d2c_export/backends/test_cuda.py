@@ -7,7 +7,7 @@ import torch
 
 from d2c_export.backends import open_backend
 from d2c_export.generate import generate_images
-from d2c_export.targets import Target
+from d2c_export.backends import Target
 from d2c_export.verify.parity import check_stage
 from reference.pipeline import SamplingParams
 from tests.reference.syncs import SyncCounter

@@ -6,7 +6,7 @@ import torch
 from d2c_export.backends.ort import CPU, CUDA, OrtBackend, onnxruntime
 from d2c_export.bench.run import Column
 from d2c_export.engines import Engines
-from d2c_export.targets import Precision
+from d2c_export.backends import Precision
 from reference.diffusion import make_tables, step_tables
 
 

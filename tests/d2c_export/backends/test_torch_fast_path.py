@@ -12,7 +12,7 @@ from d2c_export.backends.pytorch import TorchBackend
 from d2c_export.bench.run import graph_use
 from d2c_export.errors import EngineError
 from d2c_export.generate import generate_images
-from d2c_export.targets import Precision, Target
+from d2c_export.backends import Precision, Target
 from d2c_export.verify.parity import check_stage
 from reference.pipeline import SamplingParams
 from tests.d2c_export.backends.fake_cuda import ContractViolation, FakeCudaDevice

@@ -15,10 +15,10 @@ from d2c_export.backends.trt import check_plan, trt_usable
 from d2c_export.cli import export_main, run_main
 from d2c_export.engines import Engines
 from d2c_export.errors import EngineError
-from d2c_export.export.manifest import MANIFEST, StageEntry
+from d2c_export.manifest import MANIFEST, StageEntry
 from d2c_export.export.trt_build import input_profiles, plan_entry, plan_name
 from d2c_export.stages import STAGES, stages_for
-from d2c_export.targets import Precision, Target
+from d2c_export.backends import Precision, Target
 from d2c_export.trt_platform import platform_mismatch, tensorrt_missing
 from reference.files import sha256_file
 from tests.d2c_export.cli_helpers import assert_one_line_error, run_cli

@@ -18,7 +18,7 @@ from d2c_export.errors import EngineError
 from d2c_export.export.trt_build import build_engines
 from d2c_export.generate import generate_images
 from d2c_export.stages import STAGES
-from d2c_export.targets import Precision
+from d2c_export.backends import Precision
 from reference.gpt import cache_feeds
 from reference.model import get_config
 from reference.pipeline import SamplingParams

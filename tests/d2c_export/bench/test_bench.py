@@ -283,7 +283,7 @@ def test_bench_compares_named_sampler_sets_with_their_stage_calls(engines_factor
 
 @pytest.mark.parametrize("argv,needles", [
     (["--samplers", "exact,turbo"], ["--samplers", "exact, anneal, lazy, fast"]),
-    (["--samplers", "exact,lazy", "--cfg", "1.0"], ["lazy_mar", "guidance"]),
+    (["--samplers", "exact,lazy", "--cfg", "1.0"], ["--lazy-mar: needs guidance", "set --cfg, or --lazy-mar 0"]),
 ])
 def test_sampler_sets_that_cannot_run_are_one_clear_error(engines_factory, tmp_path, capsys, argv, needles):
     out = tmp_path / "report"

@@ -162,7 +162,7 @@ def test_quality_scores_a_generated_directory_on_the_gate_path(engines, expected
 @pytest.mark.parametrize("extra, needle", [
     (("--classes", "3,10"), "class 10 is out of range"),
     (("--num-images", "41"), "--per-class or --num-images"),
-    (("--batch", "5"), "exceeds the exported max batch 4"),
+    (("--batch", "5"), "exceed max batch 4; use a smaller --batch"),
 ])
 def test_bad_requests_are_one_line_before_any_work(engines, tmp_path, capsys, extra, needle):
     out = tmp_path / "samples"

@@ -14,12 +14,12 @@ from d2c_export.backends.ort import CPU, OrtBackend, OrtSession
 from d2c_export.cli import export_main, run_main
 from d2c_export.engines import Engines
 from d2c_export.export.fp16 import FP32_OPS, check_precision, convert_engines
-from d2c_export.export.manifest import MANIFEST, Manifest
+from d2c_export.manifest import MANIFEST, Manifest
 from d2c_export.export.onnx import export_model
 from d2c_export.generate import generate_images
 from d2c_export.sources import ModelRequest, build_model, random_model
 from d2c_export.stages import STAGES, stages_for
-from d2c_export.targets import Precision
+from d2c_export.backends import Precision
 from d2c_export.verify.parity import check_stage
 from reference.checkpoint import save_checkpoint
 from reference.diffusion import make_tables

@@ -12,7 +12,7 @@ from PIL import Image
 from d2c_export.backends.ort import CPU, OrtSession
 from d2c_export.cli import export_main, run_main
 from d2c_export.engines import Engines
-from d2c_export.export.manifest import MANIFEST, Manifest
+from d2c_export.manifest import MANIFEST, Manifest
 from reference.checkpoint import load_checkpoint
 from reference.diffusion import make_tables
 from reference.files import sha256_file

@@ -9,10 +9,10 @@ from d2c_export.backends.base import Backend
 from d2c_export.backends.ort import CPU, OrtSession
 from d2c_export.engines import Engines
 from d2c_export.export import onnx as onnx_export
-from d2c_export.export.manifest import MANIFEST, Manifest
+from d2c_export.manifest import MANIFEST, Manifest
 from d2c_export.sources import ModelRequest, build_model
 from d2c_export.stages import STAGES
-from d2c_export.targets import Target
+from d2c_export.backends import Target
 from d2c_export.verify.parity import check_stage
 from reference.files import sha256_file
 

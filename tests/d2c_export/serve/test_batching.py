@@ -8,10 +8,12 @@ import pytest
 from d2c_export import cli
 from d2c_export.backends import open_backend
 from d2c_export.engines import Engines
-from d2c_export.serve.api import (SAMPLING_FIELDS, ApiError, ImageRequest, authorized, resolve, token_digest)
+from d2c_export.errors import BadInput
+from d2c_export.serve.api import ImageRequest, authorized, resolve, token_digest
 from d2c_export.serve.batching import Job, batch_images, group_by_settings, run_batch
-from d2c_export.targets import Target
+from d2c_export.backends import Target
 from reference.pipeline import SamplingParams
+from reference.settings import settings_of
 
 FAST = SamplingParams(cfg=2.0, num_iter=2, diffusion_steps=3)
 
@@ -51,8 +53,47 @@ def test_a_failing_group_answers_its_jobs_and_the_others_still_run(tiny):
     _, backend = tiny
     results = run_batch(backend, [_job([99], [0], SamplingParams(cfg=3.0, num_iter=2, diffusion_steps=3)),
                                   _job([1], [0])])
-    assert "out of range" in results[0].error and "\n" not in results[0].error
+    assert isinstance(results[0].error, BadInput)
+    assert "out of range" in str(results[0].error) and "\n" not in str(results[0].error)
     assert results[1].error is None and results[1].images.shape[0] == 1
+
+
+def test_settings_that_make_the_output_non_finite_are_the_clients_to_change(tiny):
+    """A 422 naming the settings, not a 500 with advice for the command line."""
+    from d2c_export.backends.base import Wrapper
+    from d2c_export.errors import NonFiniteOutput
+    from d2c_export.serve.api import error_answer
+    _, backend = tiny
+
+    class Overflowing(Wrapper):
+        def run(self, stage, inputs):
+            out = self.inner.run(stage, inputs)
+            return tuple(o * float("nan") for o in out) if stage == "vae" else out
+
+    (result,) = run_batch(Overflowing(backend), [_job([1], [0])])
+    assert isinstance(result.error, NonFiniteOutput)
+    status, message, _ = error_answer(result.error)
+    assert status == 422 and "cfg 2.0" in message and "diffusion_steps 3" in message and "--" not in message
+
+
+def test_a_bug_is_a_500_with_an_id_whose_traceback_is_in_the_log(caplog):
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    from d2c_export.serve.app import _unexpected
+    request = Request({"type": "http", "method": "POST", "path": "/v1/images", "headers": [], "query_string": b""})
+    try:
+        {}["missing"]
+    except KeyError as exc:
+        answer = asyncio.run(_unexpected(request, exc))
+    assert answer.status_code == 500
+    message = json.loads(answer.body)["error"]
+    incident = message.split()[2]
+    assert message.startswith("internal error ") and "missing" not in message
+    (record,) = [r for r in caplog.records if incident in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is KeyError
 
 
 def test_requests_resolve_to_per_image_seeds_and_full_settings(tiny):
@@ -61,15 +102,16 @@ def test_requests_resolve_to_per_image_seeds_and_full_settings(tiny):
                   engines, 4)
     assert job.labels == (2, 2, 4, 4) and job.seeds == (10, 11, 12, 13)
     assert job.params.num_iter == 3 and job.params.diffusion_steps == engines.sampling.diffusion_steps
-    with pytest.raises(ApiError, match="max batch of 3"):
+    with pytest.raises(BadInput, match="exceed max batch 3"):
         resolve(ImageRequest.model_validate({"class": [2, 4], "num_images": 2}), engines, 3)
-    with pytest.raises(ApiError, match="top_k must be in"):
+    with pytest.raises(BadInput, match="top_k: must be in"):
         resolve(ImageRequest.model_validate({"class": 1, "top_k": 10 ** 6}), engines, 4)
 
 
 def test_the_api_takes_the_sampling_flags_of_d2c_run():
-    assert SAMPLING_FIELDS == cli.SAMPLING_FIELDS
-    assert set(SAMPLING_FIELDS) <= set(ImageRequest.model_fields)
+    settings = {s.name for s in settings_of(SamplingParams)}
+    assert {"gpt_cfg", "gpt_temperature", "top_k"} <= settings
+    assert settings <= set(ImageRequest.model_fields) and settings <= {p.name for p in cli.run_cli.params}
 
 
 def test_the_bearer_token_is_compared_by_digest():

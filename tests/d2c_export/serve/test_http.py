@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from d2c_export.cli import run_main
-from d2c_export.export.manifest import MANIFEST
+from d2c_export.manifest import MANIFEST
 from reference.files import sha256_file
 from tests.d2c_export.serve.conftest import FAST, MAX_BATCH
 
@@ -106,6 +106,7 @@ BAD = [  # (name, raw body or dict, status, words of the one-line error)
     ("too many images", {"class": [1, 2], "num_images": 3}, 422, "max batch"),
     ("cfg NaN", b'{"class": 1, "cfg": NaN}', 422, "finite"),
     ("temperature inf", b'{"class": 1, "temperature": Infinity}', 422, "finite"),
+    ("cfg 1e308", {"class": 1, "cfg": 1e308}, 422, "cfg"),
     ("diffusion steps 0", {"class": 1, "diffusion_steps": 0}, 422, "diffusion_steps"),
     ("diffusion steps 1001", {"class": 1, "diffusion_steps": 1001}, 422, "diffusion_steps"),
     ("more masked steps than tokens", {"class": 1, "num_iter": 17}, 422, "num_iter"),

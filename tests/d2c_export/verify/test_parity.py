@@ -8,7 +8,7 @@ import torch
 from d2c_export.backends import open_backend
 from d2c_export.engines import Engines
 from d2c_export.stages import STAGES, stages_for
-from d2c_export.targets import Target
+from d2c_export.backends import Target
 from d2c_export.verify.parity import check_stage, compare
 
 # Each registered stage must appear here with the configs its parity is tested on; a new stage

@@ -10,7 +10,7 @@ from d2c_export.cli import quality_main
 from d2c_export.engines import Engines
 from d2c_export.export.fp16 import convert_engines
 from d2c_export.sources import DEMO_CHECKPOINT
-from d2c_export.targets import parse_list
+from d2c_export.backends import parse_list
 from d2c_export.verify.quality import (DEFAULT_CLASSIFIER, MAX_ACCURACY_DROP, MAX_FD_RISE, QualityReport,
                                        evaluate_backends, frechet_distance, gate_failures)
 from reference.pipeline import SamplingParams
@@ -125,5 +125,5 @@ def test_quality_cli_refuses_lazy_steps_without_guidance(demo_engines, tmp_path,
     rc = quality_main(["--engines", str(demo_engines), "--backends", "ort", "--samplers", "exact,lazy",
                        "--json", str(out), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "lazy_mar" in err[0] and "--cfg" in err[0]
+    assert rc == 2 and len(err) == 1 and "--lazy-mar: needs guidance" in err[0] and "set --cfg, or --lazy-mar 0" in err[0]
     assert not out.exists()

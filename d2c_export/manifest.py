@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2c_export.errors import EngineError
+from d2c_export.errors import StaleEngines
 from reference.files import write_json_atomic
 from reference.model import D2CConfig
 
@@ -112,21 +112,21 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":
-        """The manifest at `path`; EngineError (without a fix, which the caller knows) when it is not one."""
+        """The manifest at `path`; StaleEngines (without a fix, which the caller knows) when it is not one."""
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EngineError(f"{path} is not a readable manifest ({exc})") from None
+            raise StaleEngines(f"{path} is not a readable manifest ({exc})") from None
         if not isinstance(data, dict):
-            raise EngineError(f"{path} is not a manifest (a JSON {type(data).__name__}, not an object)")
+            raise StaleEngines(f"{path} is not a manifest (a JSON {type(data).__name__}, not an object)")
         if data.get("format_version") != FORMAT_VERSION:
-            raise EngineError(f"{path} has format version {data.get('format_version')}, expected {FORMAT_VERSION}")
+            raise StaleEngines(f"{path} has format version {data.get('format_version')}, expected {FORMAT_VERSION}")
         problem = _problem(data)
         if problem:
-            raise EngineError(f"{path} is not a valid manifest: {problem}")
+            raise StaleEngines(f"{path} is not a valid manifest: {problem}")
         try:
             stages = {s: {k: StageEntry(**e) for k, e in kinds.items()} for s, kinds in data["stages"].items()}
             return cls(config=data["config"], source=data["source"], max_batch=data["max_batch"],
                        exporter=data["exporter"], stages=stages, sampling=data["sampling"])
         except (KeyError, TypeError, AttributeError) as exc:
-            raise EngineError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None
+            raise StaleEngines(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None
