@@ -29,7 +29,7 @@ per masked step. The result comes back to the host once, at the end.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Protocol, Sequence
 
 import torch
