@@ -13,7 +13,8 @@ import click
 
 from d2c_export.backends import AUTO, Precision, Target, TargetError, choices, parse_list
 from d2c_export.cli_options import (SAMPLING_HELP, backend_options, checked_out, engines_option, engines_sampling,
-                                    int_list, options, quiet_option, sampling_from, sampling_options, setup_logging)
+                                    int_list, options, quiet_option, samplers_option, sampling_from, sampling_options,
+                                    setup_logging)
 from d2c_export.cli_support import SEED, THREADS, Command, Group, OutputPath
 from d2c_export.engines import DEFAULT_ENGINES, Engines
 from d2c_export.errors import BadInput
@@ -201,6 +202,7 @@ def _targets(ctx, param, text: str):
               help=f"comma-separated columns from {', '.join(choices())}")
 @click.option("--batch", default="1,4", show_default=True, callback=int_list, help="comma-separated batch sizes")
 @sampling_options
+@samplers_option
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
               help="measured generations per backend and batch")
 @click.option("--warmup", type=click.IntRange(min=1), default=1, show_default=True,
@@ -211,7 +213,8 @@ def _targets(ctx, param, text: str):
               help="directory of bench.json, bench.md, bench.png")
 @click.option("--no-plot", is_flag=True, help="skip bench.png")
 @quiet_option
-def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, seed, out, no_plot, quiet, **flags):
+def bench_cli(config, engines_dir, backends, batch, samplers, repeat, warmup, threads, seed, out, no_plot, quiet,
+              **flags):
     import importlib.util
 
     from d2c_export.bench.report import REPORT_FILES, markdown, summarize, write_report
@@ -221,7 +224,8 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
         raise BadInput("bench.png needs matplotlib: pip install -e '.[plot]', or pass --no-plot")
     reports = REPORT_FILES[:2] if no_plot else REPORT_FILES
     check_output_dir(out, reports, "--out")
-    options = dict(repeat=repeat, warmup=warmup, threads=threads or None, seed=seed, progress=not quiet)
+    options = dict(repeat=repeat, warmup=warmup, threads=threads or None, seed=seed, progress=not quiet,
+                   samplers=samplers)
     if config:  # the preset's recorded settings, as its exported engines would hold them, checked before the export
         preset = get_config(config)
         params = sampling_from(SamplingParams.recommended_for(preset), preset, flags)
@@ -250,6 +254,7 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
               help="held-out real images per class for the FD")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @sampling_options
+@samplers_option
 @click.option("--threads", type=THREADS, default=0, help="ONNX Runtime intra-op threads (0: its default)")
 @click.option("--grid", type=OutputPath(dir_okay=False, path_type=Path),
               help="also write the first backend's first 16 samples as a 4x4 PNG grid here (8x zoom; a .png file)")
@@ -258,8 +263,8 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
 @click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="score this d2c-generate directory (its PNGs and samples.json labels) instead of sampling")
 @quiet_option
-def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, threads, grid, json_path, samples,
-                quiet, **flags):
+def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, samplers, threads, grid, json_path,
+                samples, quiet, **flags):
     from dataclasses import asdict
 
     from d2c_export.images import GRID_ZOOM, check_png_name, save_images
@@ -284,13 +289,14 @@ def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, se
     if grid:
         check_png_name(grid, "--grid")
     params = engines_sampling(engines, flags)
+    variants = {name: params.with_sampler_set(name).as_dict() for name in samplers or ()}  # refused before sampling
     model = load_classifier(classifier)
     reports, images = evaluate_backends(engines, backends, per_class, params, seed, model, real_per_class, threads,
-                                        progress=not quiet)
+                                        progress=not quiet, samplers=samplers)
     print(markdown(reports))
     failures = gate_failures(reports)
     if json_path:
-        write_json_atomic(json_path, {"params": {**params.as_dict(), "seed": seed},
+        write_json_atomic(json_path, {"params": {**params.as_dict(), "seed": seed}, "samplers": variants or None,
                                       "reports": [asdict(r) for r in reports], "failures": failures})
     if grid:
         log.info("wrote %s", save_images(images[:16], grid, zoom=GRID_ZOOM))

@@ -21,6 +21,7 @@ from d2c_export.stages import MAX_EXPORT_BATCH
 from reference.files import check_output_file
 from reference.model import D2CConfig
 from reference.pipeline import SamplingParams
+from reference.samplers import SAMPLER_SETS
 from reference.settings import SettingSpec, settings_of
 
 log = logging.getLogger("d2c")
@@ -122,6 +123,22 @@ def int_list(ctx, param, text: str) -> list[int]:
     if not values or min(values) < 1 or max(values) > MAX_EXPORT_BATCH:
         raise click.BadParameter(f"expected positive integers up to {MAX_EXPORT_BATCH}, got {text!r:.80}")
     return values
+
+
+def sampler_sets(ctx, param, text: str | None) -> list[str] | None:
+    """A click callback: names of `reference.samplers.SAMPLER_SETS`, comma-separated, the first the reference."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SAMPLER_SETS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise click.BadParameter(f"expected distinct names from {', '.join(SAMPLER_SETS)}, got {text!r}")
+    return names
+
+
+samplers_option = click.option(
+    "--samplers", callback=sampler_sets, help="compare named sets of sampler settings over the others, in one run "
+    f"(from {', '.join(SAMPLER_SETS)}; the first is the reference, e.g. exact,anneal,lazy,fast)")
 
 
 def checked_out(path: str | Path | None, flag: str | None = None) -> Path | None:

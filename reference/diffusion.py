@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -131,6 +132,38 @@ def make_tables(sampling_steps: int | str | None = None, train_steps: int = TRAI
         betas.append(1 - ac[i] / last)
         last = ac[i]
     return _tables_from_betas(np.array(betas, dtype=np.float64), np.array(keep, dtype=np.int64))
+
+
+class AnnealSchedule(str, Enum):
+    """How the denoising steps fall over the masked steps (DiSA's strategies); OFF: every masked step takes them all."""
+
+    OFF = "off"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+def annealed_counts(steps: int, floor: int, num_iter: int, schedule: AnnealSchedule | str) -> list[int]:
+    """Denoising steps of each of `num_iter` masked steps: `steps` at the first, falling to `floor` at the last.
+
+    DiSA's rule (its `DiffLoss.sample` over the respacings floor..steps): masked step s of n takes
+    floor + int(w * (steps - floor)), w = (n - 1 - s) / (n - 1) (linear) or (cos(pi s / (n - 1)) + 1) / 2 (cosine).
+    Later masked steps condition on more generated tokens, and their few denoising steps suffice. A single
+    masked step, or OFF, takes `steps` throughout. The counts depend on the settings alone (a static schedule).
+    """
+    schedule = AnnealSchedule(schedule)
+    if not 1 <= floor <= steps:
+        raise ValueError(f"the annealing floor must be in [1, {steps}] (the denoising steps), got {floor}")
+    if schedule is AnnealSchedule.OFF or num_iter == 1:
+        return [steps] * num_iter
+    last, span = num_iter - 1, steps - floor
+    if schedule is AnnealSchedule.LINEAR:
+        return [floor + int((last - s) / last * span) for s in range(num_iter)]
+    return [floor + int((math.cos(math.pi * s / last) + 1) / 2 * span) for s in range(num_iter)]
+
+
+def annealed_tables(counts: Sequence[int]) -> dict[int, dict[str, Tensor]]:
+    """`step_tables` of every distinct count of denoising steps, each respaced once (`make_tables`)."""
+    return {count: step_tables(make_tables(count)) for count in sorted(set(counts))}
 
 
 # ----------------------------------------------------------------------------------------------

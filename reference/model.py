@@ -145,9 +145,10 @@ PRESETS: dict[str, D2CConfig] = {
 # Sampling settings a preset needs other than SamplingParams' ImageNet defaults; exported engines record them so that
 # `d2c-run` works on every model without flags. The demo has 16 latent tokens, and its small diffusion head is not
 # precise enough near t = 999 (where the cosine schedule's sqrt(1 / alpha_bar) reaches 2e4) for coarser respacings
-# than about 250 steps, which blow up; it was trained without guidance in mind.
+# than about 250 steps, which blow up (so annealing the denoising steps stops there); it was trained without guidance
+# in mind.
 RECOMMENDED_SAMPLING: dict[str, dict] = {
-    "d2c-demo": {"cfg": 1.0, "num_iter": 16, "diffusion_steps": 500},
+    "d2c-demo": {"cfg": 1.0, "num_iter": 16, "diffusion_steps": 500, "diffusion_floor": 250},
 }
 
 

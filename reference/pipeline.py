@@ -10,9 +10,12 @@ Draw order: every random number comes from one `Draws` object, in this order:
   2. Generation orders: one `permutation(L)` per image, in batch order.
   3. For each masked step, MAR's `DiffLoss.sample` sequence: one `normal((N, C))` starting
      noise for the N = B * P predicted tokens (with guidance it is shared by the unconditional
-     half, as MAR duplicates it), then, for each diffusion step from the last respaced index down
-     to 0, one `normal((G * N, C))` with G = 2 under guidance, else 1. Only the first N rows reach
-     the conditional output; the rest keeps MAR's draw shapes so recorded draws replay.
+     half, as MAR duplicates it), then, for each of the masked step's T_s denoising steps from the last
+     respaced index down to 0, one `normal((G * N, C))` with G = 2 under guidance, else 1. Only the first
+     N rows reach the conditional output; the rest keeps MAR's draw shapes so recorded draws replay.
+     T_s is `diffusion_steps` for every masked step, or with diffusion-step annealing its own count
+     (`SamplingParams.denoising_counts`, fixed by the settings before the generation starts). Lazy MAR
+     steps draw exactly what full ones draw.
 This is batch order (`TorchDraws(seed)`: one generator for the batch, as the official code draws). Per-image
 seeds (`ImageDraws(seeds)`, the default of `d2c_export.generate`): image i draws the sequence above for a
 batch of one image from its own generator seeded seeds[i] (`seed + i` for an int seed), so it is the same
@@ -33,22 +36,23 @@ per masked step. The result comes back to the host once, at the end.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from reference.diffusion import TRAIN_STEPS, make_tables, step_tables
+from reference.diffusion import TRAIN_STEPS, AnnealSchedule, annealed_counts, annealed_tables
 from reference.draw_producer import DrawRequest, DrawTime, planned_draws
-from reference.errors import BadInput
+from reference.errors import BadInput, Setting
 from reference.gpt import cache_feeds, write_cache
 from reference.model import RECOMMENDED_SAMPLING, D2C, D2CConfig
 from reference.sampling import (CfgSchedule, Draws, ImageDraws, TorchDraws, cfg_schedule, filter_logits,
                                 guide_logits, image_seeds, mask_len_schedule, sample_gumbel, step_positions,
                                 tokens_per_step)
 from reference.mar import unpatchify
+from reference.samplers import SAMPLER_FIELDS, SAMPLER_SETS, ConditionCache, Sampler, expand_preset, full_mar_steps
 from reference.settings import check_request, check_settings, setting
 from reference.stage_networks import TorchStages
 from reference.vae import LATENT_SCALE
@@ -73,9 +77,58 @@ class SamplingParams:
                                      min_exclusive=True)
     top_k: int = setting(0, "discrete sampling: keep the k most likely tokens (0: all)", 0)
     top_p: float = setting(1.0, "discrete sampling: nucleus mass (1: all)", 0.0, 1.0, min_exclusive=True)
+    # Fast samplers (`reference.samplers`); the defaults are the exact sampler.
+    sampler: str = setting(Sampler.EXACT.value, "exact: MAR's sampler; fast: the speed preset (linear diffusion-step "
+                           "annealing from half the diffusion steps to the floor, lazy MAR steps when guided), "
+                           "recorded as the settings it stands for", choices=[s.value for s in Sampler])
+    diffusion_anneal: str = setting(AnnealSchedule.OFF.value, "anneal the denoising steps over the masked steps, from "
+                                    "the diffusion steps (or the annealing start) down to the floor (DiSA)",
+                                    choices=[s.value for s in AnnealSchedule])
+    diffusion_anneal_start: int = setting(0, "denoising steps of the first masked step when annealing (at most the "
+                                          "diffusion steps); 0: the diffusion steps", 0, TRAIN_STEPS)
+    diffusion_floor: int = setting(5, "denoising steps of the last masked step when annealing", 1, TRAIN_STEPS)
+    lazy_mar: int = setting(0, "lazy MAR steps (guided only): a full mar step every this many masked steps, the "
+                            "conditional half alone in between with the guidance difference kept (LazyMAR); 0: off", 0)
+    lazy_mar_warmup: int = setting(5, "masked steps that run in full first with lazy MAR steps", 0)
 
     def __post_init__(self) -> None:
+        for name, kind in (("sampler", Sampler), ("diffusion_anneal", AnnealSchedule)):  # a member: its value
+            if isinstance(getattr(self, name), kind):
+                setattr(self, name, getattr(self, name).value)
         check_settings(self)
+        self._check_fast_samplers()
+
+    def _check_fast_samplers(self) -> None:
+        """Expand the preset that `sampler` names, then refuse fast-sampler settings that cannot run together."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in expand_preset(Sampler(self.sampler), vars(self), defaults).items():
+            setattr(self, name, value)
+        if self.diffusion_anneal_start > self.diffusion_steps:
+            raise BadInput(f"must be in [0, {self.diffusion_steps}] (at most the diffusion steps; 0: them), got "
+                           f"{self.diffusion_anneal_start}", setting="diffusion_anneal_start")
+        if self.diffusion_anneal != AnnealSchedule.OFF.value and self.diffusion_floor > self._anneal_start:
+            raise BadInput(f"{self.diffusion_floor} is above the {self._anneal_start} denoising steps annealing starts "
+                           "from; lower it", setting="diffusion_floor")
+        if self.lazy_mar and self.cfg == 1.0:
+            raise BadInput("needs guidance (cfg != 1): it reuses the difference of the guided halves; set ",
+                           Setting("cfg"), ", or ", Setting("lazy_mar", 0), setting="lazy_mar")
+
+    @property
+    def _anneal_start(self) -> int:
+        return self.diffusion_anneal_start or self.diffusion_steps
+
+    def denoising_counts(self) -> list[int]:
+        """The denoising steps of every masked step, known before the generation starts (a static schedule)."""
+        if self.diffusion_anneal == AnnealSchedule.OFF.value:
+            return [self.diffusion_steps] * self.num_iter
+        return annealed_counts(self._anneal_start, self.diffusion_floor, self.num_iter, self.diffusion_anneal)
+
+    def with_sampler_set(self, name: str) -> "SamplingParams":
+        """These settings with the fast samplers' ones replaced by the named set `SAMPLER_SETS[name]`."""
+        if name not in SAMPLER_SETS:
+            raise BadInput(f"unknown sampler set {name!r}; choose from {', '.join(SAMPLER_SETS)}", setting="samplers")
+        exact = {**self.as_dict(), **{f.name: f.default for f in fields(self) if f.name in SAMPLER_FIELDS}}
+        return SamplingParams(**{**exact, **SAMPLER_SETS[name](exact)})
 
     @property
     def discrete_cfg(self) -> float:
@@ -136,7 +189,8 @@ class MaskedStep:
 
 def masked_steps(seq_len: int, params: SamplingParams) -> list[MaskedStep]:
     """The loop's masked steps, in order: MAR's cosine schedule of predicted tokens, each with its denoising steps."""
-    return [MaskedStep(pred, params.diffusion_steps) for pred in tokens_per_step(seq_len, params.num_iter)]
+    return [MaskedStep(pred, count)
+            for pred, count in zip(tokens_per_step(seq_len, params.num_iter), params.denoising_counts())]
 
 
 def draw_plan(config: D2CConfig, params: SamplingParams, bsz: int) -> list[DrawRequest]:
@@ -207,7 +261,10 @@ def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, p
         if guided:
             ids_in = torch.cat([discrete_ids, torch.full_like(discrete_ids, m.null_token)])
         fusion, = stages.run("cond", {"discrete_ids": ids_in})
-    tables: dict[int, dict[str, Tensor]] = {}  # a generation's denoising tables, by number of steps
+    counts = params.denoising_counts()  # (num_iter,) denoising steps of each masked step, a static schedule
+    per_count = {c: {k: to_device(v, dev) for k, v in t.items()} for c, t in annealed_tables(counts).items()}
+    full = full_mar_steps(params.num_iter, params.lazy_mar, params.lazy_mar_warmup)
+    cache = ConditionCache(bsz, seq_len, dev) if not all(full) else None  # lazy MAR steps (guided only)
     mask_lens = mask_len_schedule(seq_len, params.num_iter)
     cfgs = to_device(cfg_schedule(params.cfg, params.cfg_schedule, mask_lens, seq_len), dev)  # (num_iter,)
     temperature = to_device(torch.tensor([params.temperature], dtype=torch.float32), dev)
@@ -215,16 +272,23 @@ def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, p
     steps = zip(step_positions(order, seq_len, params.num_iter), masked_steps(seq_len, params))
     for s, ((kept, pred), step) in enumerate(tqdm(steps, desc="masked steps", disable=not progress, leave=False,
                                                    total=params.num_iter)):
-        rep = (lambda t: torch.cat([t] * groups))
-        feeds = {"tokens": rep(tokens), "kept": rep(kept), "pred": rep(pred), "labels": labels_in}
-        z, = stages.run("mar", feeds if fusion is None else {**feeds, "fusion": fusion})  # (G*B, P, Dd)
+        if full[s]:
+            rep = (lambda t: torch.cat([t] * groups))
+            feeds = {"tokens": rep(tokens), "kept": rep(kept), "pred": rep(pred), "labels": labels_in}
+        else:  # lazy: the conditional half alone
+            feeds = {"tokens": tokens, "kept": kept, "pred": pred, "labels": labels}
+        if fusion is not None:
+            feeds["fusion"] = fusion if full[s] else fusion[:bsz]
+        if cache is None:
+            z, = stages.run("mar", feeds)  # (G*B, P, Dd)
+        elif full[s]:  # every position of both halves, their difference kept
+            z = cache.full(stages.run("mar", {**feeds, "pred": cache.all_positions})[0], feeds["pred"])
+        else:  # the unconditional half rebuilt from the kept difference
+            z = cache.lazy(stages.run("mar", feeds)[0], pred)
         z = z.reshape(-1, z.shape[-1])  # (G*B*P, Dd): conditional rows first, batch-major
-        if step.diffusion_steps not in tables:
-            made = step_tables(make_tables(step.diffusion_steps))
-            tables[step.diffusion_steps] = {k: to_device(v, dev) for k, v in made.items()}
+        tables = per_count[step.diffusion_steps]
         noise = to_device(draws.step_noise(bsz, pred.shape[1], channels, groups, step.diffusion_steps), dev)
-        x = stages.denoise({"noise": noise, "z": z, **tables[step.diffusion_steps], "cfg": cfgs[s:s + 1],
-                            "temperature": temperature})
+        x = stages.denoise({"noise": noise, "z": z, **tables, "cfg": cfgs[s:s + 1], "temperature": temperature})
         tokens = tokens.scatter(1, pred.unsqueeze(-1).expand(-1, -1, channels), x.reshape(bsz, -1, channels))
     return tokens
 

@@ -13,6 +13,7 @@ from d2c_export.backends.ort import onnxruntime
 from d2c_export.bench.run import BenchResult, Measurement
 from d2c_export.stages import STAGES
 from reference.files import atomic_path, write_json_atomic, write_text_atomic
+from reference.samplers import SAMPLER_FIELDS
 
 OVERHEAD = "runtime overhead"
 DRAWS = "draws (not hidden)"
@@ -26,7 +27,8 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": float(median), "p10": float(p10), "p90": float(p90)}
 
 
-def _cell(m: Measurement, flops: dict[str, int], peak: float, reference: Measurement | None) -> dict:
+def _cell(m: Measurement, flops: dict[str, int], peak: float, reference: Measurement | None,
+          exact: Measurement | None = None) -> dict:
     wall = spread(m.wall_s)
     in_stages = [sum(m.stage_s[s][r] for s in m.stage_s) for r in range(len(m.wall_s))]
     overhead = [w - t for w, t in zip(m.wall_s, in_stages)]
@@ -59,6 +61,9 @@ def _cell(m: Measurement, flops: dict[str, int], peak: float, reference: Measure
                                   "draw_not_hidden_s": m.draw_wait_s}}
     if reference is not None:  # paired per repeat: both ran in the same round
         cell["speedup_vs_torch"] = float(np.median([r / w for r, w in zip(reference.wall_s, m.wall_s)]))
+    if m.sampler is not None:  # against the first sampler set (the exact sampler) on the same backend, paired too
+        cell["sampler"] = m.sampler
+        cell["speedup_vs_exact"] = float(np.median([r / w for r, w in zip(exact.wall_s, m.wall_s)]))
     return cell
 
 
@@ -75,22 +80,28 @@ def cpu_name() -> str:
 
 def summarize(result: BenchResult) -> dict:
     """Everything the report shows, as plain data."""
-    by_key = {(m.backend, m.batch): m for m in result.measurements}
+    by_key = {(m.backend, m.sampler, m.batch): m for m in result.measurements}
+    first = next(iter(result.samplers)) if result.samplers else None
     cells = []
     for m in result.measurements:
-        ref = by_key.get((REFERENCE_BACKEND, m.batch))
+        ref = by_key.get((REFERENCE_BACKEND, m.sampler, m.batch))
         peak = result.roofline[result.devices[m.backend]]["peak"]
-        cells.append(_cell(m, result.flops[m.batch], peak, ref))
+        cell = _cell(m, result.flops[m.batch, m.sampler], peak, ref, by_key.get((m.backend, first, m.batch)))
+        if result.samplers:
+            cell["sampling"] = result.samplers[m.sampler].as_dict()
+        cells.append(cell)
     return {
         "config": result.config["name"], "model_config": result.config,
         "machine": {"platform": platform.platform(), "processor": cpu_name(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "threads": result.threads, "cpus": os.cpu_count(), "torch": torch.__version__, "onnxruntime": onnxruntime().__version__},
         "sampling": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(result.params).items()},
+        "samplers": {name: p.as_dict() for name, p in result.samplers.items()} if result.samplers else None,
         "repeat": result.repeat, "warmup": result.warmup, "interleaved": True, "load_average": result.load_average,
         "backends": result.backends, "devices": result.devices, "roofline_flops": result.roofline,
         "cuda_graphs": result.graphs, "device_memory_mb": result.memory,
-        "flops_per_generation": {str(b): f for b, f in result.flops.items()}, "results": cells}
+        "flops_per_generation": {" ".join(str(k) for k in key if k is not None): f for key, f in result.flops.items()},
+        "results": cells}
 
 
 def _range(d: dict[str, float], scale: float = 1.0, fmt: str = ".3g") -> str:
@@ -104,9 +115,15 @@ def _gpu_memory(cell: dict) -> str:
     return f"{cell['gpu_used_mb']:.0f} [{cell['peak_gpu_mb']:.0f} torch]"
 
 
+def _column(cell: dict) -> str:
+    """A column's name: the backend, and the sampler set where the run compares samplers."""
+    return cell["backend"] + (f" {cell['sampler']}" if "sampler" in cell else "")
+
+
 def markdown(summary: dict) -> str:
     """The Markdown tables: end to end, then per stage."""
     s = summary["sampling"]
+    by_sampler = bool(summary.get("samplers"))
     rl = "; ".join(f"{dev}: {v['peak'] / 1e9:.1f} GFLOP/s (" + ", ".join(f"{k} {x / 1e9:.1f}" for k, x in v.items()
                                                                           if k != "peak") + ")"
                    for dev, v in summary["roofline_flops"].items())
@@ -131,14 +148,17 @@ def markdown(summary: dict) -> str:
           for k, m in summary.get("device_memory_mb", {}).items()],
         "- draws: the time spent making the loop's random draws (`ahead`: by a producer thread while the stage calls "
         "run; else when the loop asks for them), and the part of it the loop waited for, not hidden by the stage calls",
-        "",
-        "| batch | backend | end to end s | images/s | vs torch | overhead | in stage calls s | draws s | "
-        "draws not hidden s | GFLOP/image | peak RSS MB | GPU MB | largest stage by time | by FLOPs |",
-        "|---:|---|---|---:|---:|---:|---|---|---|---:|---:|---|---|---|"]
+        *[f"- sampler `{name}`: " + ", ".join(f"{k} {v}" for k, v in p.items() if k in SAMPLER_FIELDS + ("diffusion_floor",))
+          for name, p in (summary.get("samplers") or {}).items()], "",
+        "| batch | backend | end to end s | images/s | vs torch | " + ("vs exact | " if by_sampler else "")
+        + "overhead | in stage calls s | draws s | draws not hidden s | GFLOP/image | peak RSS MB | GPU MB | "
+        "largest stage by time | by FLOPs |",
+        "|---:|---|---|---:|---:|" + ("---:|" if by_sampler else "") + "---:|---|---|---|---:|---:|---|---|---|"]
     for c in summary["results"]:
         speed = f"{c['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in c else "-"
+        speed += f" | {c['speedup_vs_exact']:.2f}x" if by_sampler else ""
         largest = [c["stages"][c[k]] for k in ("largest_stage", "largest_stage_by_flops")]
-        lines.append(f"| {c['batch']} | {c['backend']} | {_range(c['end_to_end_s'])} | {c['images_per_s']:.3g} | "
+        lines.append(f"| {c['batch']} | {_column(c)} | {_range(c['end_to_end_s'])} | {c['images_per_s']:.3g} | "
                      f"{speed} | {100 * c['overhead_fraction']:.2f}% | {_range(c['stage_calls_s'])} | "
                      f"{_range(c['draw_s'])}{' ahead' if c['draws_ahead'] else ''} | "
                      f"{_range(c['draw_not_hidden_s'])} | "
@@ -149,7 +169,7 @@ def markdown(summary: dict) -> str:
               "GFLOP/s | of roofline |", "|---:|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for c in summary["results"]:
         for st in c["stages"].values():
-            lines.append(f"| {c['batch']} | {c['backend']} | {st['label']} | {st['calls_per_generation']} | "
+            lines.append(f"| {c['batch']} | {_column(c)} | {st['label']} | {st['calls_per_generation']} | "
                          f"{_range(st['per_call_ms'])} | {st['seconds_per_generation']:.3g} | "
                          f"{100 * st['share']:.1f}% | {st['flops_per_call'] / 1e9:.3g} | "
                          f"{st['achieved_flops'] / 1e9:.1f} | {100 * st['roofline_fraction']:.0f}% |")
@@ -171,7 +191,7 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cells = summary["results"]
-    names = [f"{c['backend']} x{c['batch']}" for c in cells]
+    names = [f"{_column(c)} x{c['batch']}" for c in cells]
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(13, 2.2 + 0.5 * len(cells)))
     left = np.zeros(len(cells))
     parts = [(name, spec.label) for name, spec in STAGES.items()] + [(DRAWS, DRAWS), (OVERHEAD, OVERHEAD)]

@@ -42,14 +42,21 @@ MB = 1 << 20
 
 @dataclass
 class Column:
-    """One column of the benchmark: a target's backend, and where it computes."""
+    """One column of the benchmark: a target's backend, where it computes, and the settings it samples with
+    (`sampler`: the name of a set of `reference.samplers.SAMPLER_SETS`, or None for the run's own settings)."""
 
     target: Target
     backend: Backend
+    params: SamplingParams = field(default_factory=SamplingParams)
+    sampler: str | None = None
 
     @property
     def name(self) -> str:
         return self.target.name
+
+    @property
+    def label(self) -> str:
+        return self.name if self.sampler is None else f"{self.name} {self.sampler}"
 
     @property
     def device(self) -> str:
@@ -67,6 +74,7 @@ class Measurement:
 
     backend: str
     batch: int
+    sampler: str | None = None
     wall_s: list[float] = field(default_factory=list)
     stage_s: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     call_s: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # every call of every repeat
@@ -117,12 +125,12 @@ def peak_memory(device: str) -> Iterator[dict[str, float | None]]:
         out["gpu_used_mb"] = (total - free) / MB
 
 
-def measure_once(column: Column, labels: list[int], params: SamplingParams, seed: int, into: Measurement) -> None:
-    """One generation of `labels` on `column`, appended to `into`."""
+def measure_once(column: Column, labels: list[int], seed: int, into: Measurement) -> None:
+    """One generation of `labels` on `column` with its settings, appended to `into`."""
     timer = CudaEventTimer() if column.device == "cuda" else StageTimer()
     with peak_memory(column.device) as mem, torch.inference_mode():
         start = time.perf_counter()
-        result, _ = generate_images(column.backend, labels, params, seed, timer=timer)
+        result, _ = generate_images(column.backend, labels, column.params, seed, timer=timer)
         if column.device == "cuda":
             torch.cuda.synchronize()
         into.wall_s.append(time.perf_counter() - start)
@@ -140,11 +148,11 @@ def measure_once(column: Column, labels: list[int], params: SamplingParams, seed
         into.gpu_used_mb.append(mem["gpu_used_mb"])
 
 
-def count_flops(column: Column, labels: list[int], params: SamplingParams, seed: int) -> dict[str, int]:
-    """FLOPs per stage of one generation (a warm-up run through counting stages)."""
+def count_flops(column: Column, labels: list[int], seed: int) -> dict[str, int]:
+    """FLOPs per stage of one generation with the column's settings (a warm-up run through counting stages)."""
     counter = FlopCounted(column.backend)
     with torch.inference_mode():
-        generate_images(counter, labels, params, seed)
+        generate_images(counter, labels, column.params, seed)
     return dict(counter.flops)
 
 
@@ -170,12 +178,13 @@ class BenchResult:
     backends: dict[str, str]  # name -> description
     batches: list[int]
     params: SamplingParams
+    samplers: dict[str, SamplingParams] | None  # name -> settings of each sampler column (None: `params` only)
     repeat: int
     warmup: int
     threads: int
     roofline: dict[str, dict[str, float]]  # device -> {"torch", "ort", "peak"} FLOP/s
     devices: dict[str, str]  # backend -> device
-    flops: dict[int, dict[str, int]]  # batch -> stage -> FLOPs per generation
+    flops: dict[tuple[int, str | None], dict[str, int]]  # (batch, sampler) -> stage -> FLOPs per generation
     measurements: list[Measurement]
     load_average: dict[str, float]  # 1-minute load average of the machine at the start and the end
     graphs: dict[str, dict] = field(default_factory=dict)  # backend -> CUDA-graph replays per stage, memory held
@@ -197,34 +206,34 @@ def memory_use(backend: Backend) -> dict[str, float] | None:
     return None if report is None else {kind: nbytes / MB for kind, nbytes in report().items()}
 
 
-def _warm_up(columns: list[Column], labels: list[int], params: SamplingParams, seed: int, warmup: int,
-             bar: tqdm) -> dict[str, int]:
-    """`warmup` unmeasured generations per column; the first one counts the FLOPs of a generation."""
+def _warm_up(columns: list[Column], labels: list[int], seed: int, warmup: int,
+             bar: tqdm) -> dict[str | None, dict[str, int]]:
+    """`warmup` unmeasured generations per column; the first one of each sampler counts the FLOPs of a generation."""
     flops = {}
-    for i, b in enumerate(columns):
-        bar.set_postfix_str(f"warm-up {b.name} x{len(labels)}")
+    for b in columns:
+        bar.set_postfix_str(f"warm-up {b.label} x{len(labels)}")
         for w in range(warmup):
-            if i == 0 and w == 0:
-                flops = count_flops(b, labels, params, seed)
+            if w == 0 and b.sampler not in flops:
+                flops[b.sampler] = count_flops(b, labels, seed)
             else:
                 with torch.inference_mode():
-                    generate_images(b.backend, labels, params, seed)
+                    generate_images(b.backend, labels, b.params, seed)
             bar.update()
     return flops
 
 
-def _measure_batch(columns: list[Column], labels: list[int], params: SamplingParams, seed: int, repeat: int,
+def _measure_batch(columns: list[Column], labels: list[int], seed: int, repeat: int,
                    bar: tqdm) -> list[Measurement]:
     """`repeat` rounds, each running every column once, starting one column later every round."""
-    cells = {b.name: Measurement(b.name, len(labels)) for b in columns}
+    cells = {b.label: Measurement(b.name, len(labels), b.sampler) for b in columns}
     for r in range(repeat):
         k = r % len(columns)
         for b in columns[k:] + columns[:k]:
-            bar.set_postfix_str(f"round {r + 1} {b.name} x{len(labels)}")
-            m = cells[b.name]
-            measure_once(b, labels, params, seed, m)
+            bar.set_postfix_str(f"round {r + 1} {b.label} x{len(labels)}")
+            m = cells[b.label]
+            measure_once(b, labels, seed, m)
             log.info("round %d %s x%d: %.2f s, %.2f s in stage calls, %.3f s drawing (%.3f s not hidden)", r + 1,
-                     b.name, len(labels), m.wall_s[-1], sum(v[-1] for v in m.stage_s.values()), m.draw_s[-1],
+                     b.label, len(labels), m.wall_s[-1], sum(v[-1] for v in m.stage_s.values()), m.draw_s[-1],
                      m.draw_wait_s[-1])
             bar.update()
     return list(cells.values())
@@ -239,10 +248,12 @@ def check_available(targets: list[Target]) -> None:
 
 def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], params: SamplingParams,
                   repeat: int = 3, warmup: int = 1, threads: int | None = None, seed: int = 0,
-                  progress: bool = True) -> BenchResult:
-    """Warm up, then measure every target at every batch `repeat` times, interleaved round-robin."""
+                  progress: bool = True, samplers: list[str] | None = None) -> BenchResult:
+    """Warm up, then measure every target at every batch `repeat` times, interleaved round-robin; with `samplers`
+    (names of `reference.samplers.SAMPLER_SETS`) every target once per named set of settings over `params`."""
     if repeat < 1 or warmup < 1:
         raise BadInput(f"--repeat and --warmup must be >= 1, got {repeat} and {warmup}")
+    variants = {name: params.with_sampler_set(name) for name in samplers} if samplers else None
     check_available(targets)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -252,9 +263,11 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
                       too_many=lambda n: f"use --batch values up to {engines.max_batch}, or re-export with "
                       f"`{engines.rebuild_command('onnx-fp32', max_batch=max(batches))}`")
     with ExitStack() as stack:
-        columns = [Column(t, stack.enter_context(open_backend(engines, t, threads))) for t in targets]
+        backends = {t: stack.enter_context(open_backend(engines, t, threads)) for t in targets}
+        columns = [Column(t, backends[t], p, name) for t in targets
+                   for name, p in (variants or {None: params}).items()]
         for b in columns:
-            log.info("%-9s %s", b.name, b.description)
+            log.info("%-9s %s; %s", b.label, b.description, b.params.describe())
         load = {"start": os.getloadavg()[0]}
         roofline = measure_rooflines(columns, threads)
         flops, results = {}, []
@@ -263,16 +276,17 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
         with logging_redirect_tqdm():
             for batch in batches:
                 labels = bench_labels(config.num_classes, batch)
-                flops[batch] = _warm_up(columns, labels, params, seed, warmup, bar)
-                results.extend(_measure_batch(columns, labels, params, seed, repeat, bar))
+                for sampler, counted in _warm_up(columns, labels, seed, warmup, bar).items():
+                    flops[batch, sampler] = counted
+                results.extend(_measure_batch(columns, labels, seed, repeat, bar))
         bar.close()
         load["end"] = os.getloadavg()[0]
         for device, again in measure_rooflines(columns, threads).items():  # the better of before and after
             roofline[device] = {k: max(v, again[k]) for k, v in roofline[device].items()}
-        graphs = {b.name: use for b in columns if (use := graph_use(b.backend)) is not None}
-        memory = {b.name: use for b in columns if (use := memory_use(b.backend)) is not None}
+        graphs = {t.name: use for t, backend in backends.items() if (use := graph_use(backend)) is not None}
+        memory = {t.name: use for t, backend in backends.items() if (use := memory_use(backend)) is not None}
     return BenchResult(config=config.to_dict(), backends={b.name: b.description for b in columns}, batches=batches,
-                       params=params, repeat=repeat, warmup=warmup, threads=threads, roofline=roofline,
+                       params=params, samplers=variants, repeat=repeat, warmup=warmup, threads=threads, roofline=roofline,
                        devices={b.name: b.device for b in columns}, flops=flops, measurements=results,
                        load_average=load, graphs=graphs, memory=memory)
 
@@ -296,6 +310,8 @@ def bench_from_config(config: str, out: Path, targets: list[Target], batches: li
                       **kwargs) -> BenchResult:
     """Export `config` into a temporary engines directory under `out`, benchmark it, then remove it."""
     check_available(targets)
+    for name in kwargs.get("samplers") or ():  # settings that cannot run are refused before the export
+        params.with_sampler_set(name)
     with output_directory(out), tempfile.TemporaryDirectory(dir=out, prefix=".engines-") as tmp:
         engines = export_for_bench(config, Path(tmp), targets, max(DEFAULT_MAX_BATCH, *batches),
                                    kwargs.get("progress", True))

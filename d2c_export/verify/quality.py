@@ -69,6 +69,12 @@ class QualityReport:
     images: int
     accuracy: float  # percent of samples the classifier labels as their class
     frechet: float  # on the classifier's penultimate features, against held-out real images
+    sampler: str | None = None  # the named sampler set (`reference.samplers.SAMPLER_SETS`) where samplers are compared
+    pixel_distance: float | None = None  # mean |difference| on [-1, 1] to the first sampler's images, same seeds
+
+    @property
+    def name(self) -> str:
+        return self.backend if self.sampler is None else f"{self.backend} {self.sampler}"
 
 
 def quality_labels(per_class: int) -> list[int]:
@@ -112,21 +118,31 @@ def evaluate_samples(name: str, pixels: np.ndarray, labels: list[int], descripti
 
 def evaluate_backends(engines: Engines, targets: list[Target], per_class: int, params: SamplingParams, seed: int,
                       classifier: ShapesClassifier, real_per_class: int, threads: int = 0,
-                      progress: bool = False) -> tuple[list[QualityReport], Tensor]:
-    """Quality of every target on the same labels and seeds; returns the reports and the first one's images."""
+                      progress: bool = False, samplers: list[str] | None = None) -> tuple[list[QualityReport], Tensor]:
+    """Quality of every target on the same labels and seeds; returns the reports and the first one's images.
+
+    With `samplers` (names of `reference.samplers.SAMPLER_SETS`), every target samples once per named set of
+    settings over `params`, and each report gives its mean pixel distance to the first set's images.
+    """
     if engines.config.num_classes != classifier.num_classes:
         raise BadInput(f"the model has {engines.config.num_classes} classes, the classifier "
                        f"{classifier.num_classes}: use the checkpoint the classifier was trained with")
+    variants = {name: params.with_sampler_set(name) for name in samplers} if samplers else {None: params}
     reports, first = [], None
     with ExitStack() as opened:
         backends = [opened.enter_context(open_backend(engines, t, threads)) for t in targets]  # all before sampling
         reference = real_features(classifier, real_per_class)
         labels = quality_labels(per_class)
         for target, backend in zip(targets, backends):
-            acc, fd, images = sample_quality(backend, labels, params, seed, classifier, reference, progress)
-            reports.append(QualityReport(target.name, backend.description, len(labels), acc, fd))
-            log.info("%s: accuracy %.1f%%, Frechet %.3f (%s)", target.name, acc, fd, backend.description)
-            first = images if first is None else first
+            baseline = None
+            for sampler, settings in variants.items():
+                acc, fd, images = sample_quality(backend, labels, settings, seed, classifier, reference, progress)
+                baseline = images if baseline is None else baseline
+                distance = None if sampler is None else float((images - baseline).abs().mean())
+                reports.append(QualityReport(target.name, backend.description, len(labels), acc, fd, sampler,
+                                             distance))
+                log.info("%s: accuracy %.1f%%, Frechet %.3f (%s)", reports[-1].name, acc, fd, backend.description)
+                first = images if first is None else first
     return reports, first
 
 
@@ -137,15 +153,23 @@ def gate_failures(reports: list[QualityReport], max_drop: float = MAX_ACCURACY_D
     out = []
     for r in reports[1:]:
         if ref.accuracy - r.accuracy > max_drop:
-            out.append(f"{r.backend}: accuracy {r.accuracy:.1f}% is {ref.accuracy - r.accuracy:.1f} points below "
-                       f"{ref.backend}'s {ref.accuracy:.1f}% (allowed {max_drop})")
+            out.append(f"{r.name}: accuracy {r.accuracy:.1f}% is {ref.accuracy - r.accuracy:.1f} points below "
+                       f"{ref.name}'s {ref.accuracy:.1f}% (allowed {max_drop})")
         if r.frechet - ref.frechet > max_rise:
-            out.append(f"{r.backend}: Frechet {r.frechet:.2f} is {r.frechet - ref.frechet:.2f} above "
-                       f"{ref.backend}'s {ref.frechet:.2f} (allowed {max_rise})")
+            out.append(f"{r.name}: Frechet {r.frechet:.2f} is {r.frechet - ref.frechet:.2f} above "
+                       f"{ref.name}'s {ref.frechet:.2f} (allowed {max_rise})")
     return out
 
 
 def markdown(reports: list[QualityReport]) -> str:
-    lines = ["| backend | images | accuracy % | Frechet | runtime |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {r.backend} | {r.images} | {r.accuracy:.1f} | {r.frechet:.3f} | {r.description} |" for r in reports]
+    """The reports as a Markdown table (with each sampler set's pixel distance where samplers are compared)."""
+    if all(r.sampler is None for r in reports):
+        lines = ["| backend | images | accuracy % | Frechet | runtime |", "|---|---:|---:|---:|---|"]
+        lines += [f"| {r.backend} | {r.images} | {r.accuracy:.1f} | {r.frechet:.3f} | {r.description} |"
+                  for r in reports]
+        return "\n".join(lines)
+    lines = ["| backend | sampler | images | accuracy % | Frechet | mean pixel distance to the first | runtime |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {r.backend} | {r.sampler} | {r.images} | {r.accuracy:.1f} | {r.frechet:.3f} | "
+              f"{r.pixel_distance:.4f} | {r.description} |" for r in reports]
     return "\n".join(lines)

@@ -97,3 +97,26 @@ def test_a_batch_above_the_backends_profile_is_refused_before_any_call(engines_f
     with pytest.raises(BadInput, match="max batch 4"):
         generate_images(Counting(stages), [1] * 5, PARAMS, seed=0)
     assert calls == []
+
+
+@pytest.mark.parametrize("sampler", ["anneal", "lazy", "fast"])
+@pytest.mark.parametrize("config", ["d2c-tiny", "d2c-tiny-none"])
+def test_ort_generates_what_the_reference_generates_with_each_fast_sampler(engines_factory, config, sampler):
+    """The fast samplers run through the one shared loop: ONNX Runtime and torch agree with them on, as without."""
+    from reference.samplers import full_mar_steps
+    base = SamplingParams(cfg=3.0, num_iter=8, diffusion_steps=16)
+    params = base.with_sampler_set(sampler)
+    engines = engines_factory(config)
+    labels = [1, 7, 3]
+    ref, ref_timer = generate_images(backend(engines, TORCH), labels, params, seed=5)
+    got, timer = generate_images(backend(engines, ORT), labels, params, seed=5)
+    if ref.discrete_ids is not None:
+        assert torch.equal(ref.discrete_ids, got.discrete_ids)
+    assert float((ref.images - got.images).abs().max()) < 1e-3
+    exact, _ = generate_images(backend(engines, ORT), labels, base, seed=5)
+    assert float((exact.images - got.images).abs().max()) > 1e-3  # the option changes the images
+    counts = params.denoising_counts()
+    assert timer.calls == ref_timer.calls
+    assert timer.calls["diffusion"] == sum(counts) and timer.calls["mar"] == 8
+    assert (sum(counts) < 8 * 16) == (sampler != "lazy") and full_mar_steps(8, params.lazy_mar, 5).count(False) == (
+        0 if sampler == "anneal" else 2)

@@ -138,3 +138,16 @@ def test_capture_keeps_the_fakes_stream_rule():
 def test_cuda_graphs_without_cuda_are_refused(engines):
     with pytest.raises(EngineError, match="CUDA graphs need a CUDA device"):
         open_backend(engines, Target.parse("torch-fp16"), device="cpu", cuda_graphs=True)
+
+
+def test_graph_replays_of_the_fast_sampler_generate_what_the_eager_calls_generate(engines):
+    """Annealed counts change a masked step's feed shapes: each count captures its own loop, replayed per step."""
+    params = SamplingParams(cfg=3.0, num_iter=8, diffusion_steps=16, sampler="fast")
+    eager = TorchBackend(engines, "cpu")
+    graphed = TorchBackend(engines, "cpu", graph_device=FakeCudaDevice())
+    a, _ = generate_images(eager, [1, 7, 3], params, seed=5)
+    b, timer = generate_images(graphed, [1, 7, 3], params, seed=5)
+    assert torch.equal(a.images, b.images)
+    assert graphed.graph_replays()["denoise"] == params.num_iter
+    assert timer.calls["diffusion"] == sum(params.denoising_counts())
+    assert len(set(params.denoising_counts())) <= len(graphed.graphs["denoise"].entries) <= params.num_iter

@@ -267,12 +267,11 @@ def test_gpu_memory_is_the_drivers_figure_next_to_torchs(monkeypatch):
 def test_bench_reports_tensorrt_memory(engines_factory, tmp_path, capsys, monkeypatch):
     """A TensorRT column (the real backend under the contract fakes) reports the device memory of its engines, their
     execution contexts, its CUDA graphs and its other buffers."""
+    import dataclasses
     import shutil
 
-    from d2c_export.backends.trt import TrtBackend
-    import dataclasses
-
     from d2c_export.backends import registry
+    from d2c_export.backends.trt import TrtBackend
     from tests.d2c_export.backends.fake_cuda import FakeCudaDevice
     from tests.d2c_export.backends.fake_tensorrt import FakeTensorRT
     from tests.d2c_export.backends.trt_fakes import plans
@@ -295,3 +294,51 @@ def test_bench_reports_tensorrt_memory(engines_factory, tmp_path, capsys, monkey
     assert set(memory["trt"]) == {"engines", "contexts", "graphs", "buffers"}
     assert all(v > 0 for v in memory["trt"].values())
     assert "device memory of `trt`: engines" in (out / "bench.md").read_text()
+
+
+# -- samplers compared in one run ----------------------------------------------------------------------
+def test_bench_compares_named_sampler_sets_with_their_stage_calls(engines_factory, tmp_path, capsys):
+    from reference.pipeline import SamplingParams
+    from reference.samplers import full_mar_steps
+    out = tmp_path / "report"
+    code = bench_main(["--engines", str(engines_factory("d2c-tiny")), "--backends", "ort,torch", "--batch", "1",
+                       "--samplers", "exact,anneal,lazy,fast", "--num-iter", "8", "--diffusion-steps", "16",
+                       "--cfg", "3.0", "--repeat", "1", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "bench.json").read_text())
+    cells = {(c["backend"], c["sampler"]): c for c in summary["results"]}
+    assert set(cells) == {(b, s) for b in ("ort", "torch") for s in ("exact", "anneal", "lazy", "fast")}
+    counts = SamplingParams(cfg=3.0, num_iter=8, diffusion_steps=16, sampler="fast").denoising_counts()
+    assert counts[0] == 8 and counts[-1] == 5  # from half the steps to the floor
+    annealed = sum(counts)
+    lazy_steps = full_mar_steps(8, 9, 5).count(False)
+    assert lazy_steps == 2
+    for (backend, sampler), c in cells.items():
+        calls = {name: st["calls_per_generation"] for name, st in c["stages"].items()}
+        assert calls["diffusion"] == (annealed if sampler in ("anneal", "fast") else 8 * 16), (backend, sampler)
+        assert calls["mar"] == 8 and calls["vae"] == 1
+        assert c["sampling"] == summary["samplers"][sampler]
+        assert math.isfinite(c["speedup_vs_exact"]) and c["speedup_vs_exact"] > 0
+        assert math.isfinite(c["speedup_vs_torch"])
+    assert cells["ort", "exact"]["speedup_vs_exact"] == 1.0
+    assert summary["samplers"]["fast"]["diffusion_anneal"] == "linear" and summary["samplers"]["fast"]["lazy_mar"] == 9
+    assert summary["samplers"]["exact"]["diffusion_anneal"] == "off" and summary["samplers"]["exact"]["lazy_mar"] == 0
+    flops = summary["flops_per_generation"]
+    assert set(flops) == {f"1 {s}" for s in ("exact", "anneal", "lazy", "fast")}
+    # lazy steps run the mar stage on the conditional half: fewer FLOPs than the exact sampler's
+    assert flops["1 lazy"]["mar"] < flops["1 exact"]["mar"] and flops["1 lazy"]["diffusion"] == flops["1 exact"]["diffusion"]
+    assert flops["1 anneal"]["diffusion"] < flops["1 exact"]["diffusion"]
+    table = (out / "bench.md").read_text()
+    assert f"| 1 | ort fast | diffusion step | {annealed} |" in table and "| vs exact |" in table
+    assert "- sampler `fast`: sampler fast, diffusion_anneal linear" in table
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--samplers", "exact,turbo"], ["--samplers", "exact, anneal, lazy, fast"]),
+    (["--samplers", "exact,lazy", "--cfg", "1.0"], ["--lazy-mar: needs guidance", "set --cfg, or --lazy-mar 0"]),
+])
+def test_sampler_sets_that_cannot_run_are_one_clear_error(engines_factory, tmp_path, capsys, argv, needles):
+    out = tmp_path / "report"
+    code = bench_main(["--engines", str(engines_factory("d2c-tiny")), "--out", str(out), "--quiet", *argv])
+    assert_one_line_error(code, capsys.readouterr().err, *needles)
+    assert not out.exists()
