@@ -69,7 +69,7 @@ def test_the_api_takes_the_preset_and_records_what_it_stands_for(engines_factory
     engines = Engines.open(engines_factory("d2c-tiny"))
     request = ImageRequest.model_validate({"class": [1, 2], "sampler": "fast", "cfg": 3.0, "num_iter": 8,
                                            "diffusion_steps": 16})
-    job = resolve(request, engines, max_batch=4)
+    job = resolve(request, engines, max_images=64)
     recorded = job.params.as_dict()  # the JSON response's `settings`
     assert {k: recorded[k] for k in FAST_EXPANDED} == FAST_EXPANDED
 
@@ -83,21 +83,23 @@ def test_the_api_takes_the_preset_and_records_what_it_stands_for(engines_factory
 def test_the_api_refuses_what_cannot_run_in_one_line_with_its_json_names(engines_factory, body, words):
     engines = Engines.open(engines_factory("d2c-tiny"))
     with pytest.raises(ValueError) as caught:
-        resolve(ImageRequest.model_validate({"class": 1, **body}), engines, max_batch=4)
+        resolve(ImageRequest.model_validate({"class": 1, **body}), engines, max_images=64)
     status, message, _ = error_answer(caught.value)
     assert status == 422 and "\n" not in message and "--" not in message
     for word in words:
         assert word in message, message
 
 
-@pytest.mark.parametrize("main,extra", [(run_main, ["--class", "1"]), (generate_main, ["--num-images", "10"])],
+@pytest.mark.parametrize("main,extra,out", [(run_main, ["--class", "1"], "out.png"),
+                                            (generate_main, ["--num-images", "10"], "out")],
                          ids=["d2c-run", "d2c-generate"])
-def test_commands_refuse_what_cannot_run_in_one_line_with_their_flags(engines_factory, tmp_path, capsys, main, extra):
-    code = main(["--engines", str(engines_factory("d2c-tiny")), *extra, "--out", str(tmp_path / "out"),
+def test_commands_refuse_what_cannot_run_in_one_line_with_their_flags(engines_factory, tmp_path, capsys, main, extra,
+                                                                      out):
+    code = main(["--engines", str(engines_factory("d2c-tiny")), *extra, "--out", str(tmp_path / out),
                  "--cfg", "1.0", "--lazy-mar", "4", "--quiet"])
     assert_one_line_error(code, capsys.readouterr().err, "--lazy-mar: needs guidance", "set --cfg, or --lazy-mar 0")
-    code = main(["--engines", str(engines_factory("d2c-tiny")), *extra, "--out", str(tmp_path / "out"),
+    code = main(["--engines", str(engines_factory("d2c-tiny")), *extra, "--out", str(tmp_path / out),
                  "--sampler", "fast", "--diffusion-anneal", "cosine", "--quiet"])
     assert_one_line_error(code, capsys.readouterr().err, "--diffusion-anneal: is 'cosine'", "--sampler fast",
                           "--sampler exact")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / out).exists()
