@@ -53,14 +53,15 @@ def _stage_choice():
 
 
 @export_cli.command("onnx", help="Trace every stage into an ONNX graph and write manifest.json.")
-@click.option("--stage", type=_stage_choice(), default="all", show_default=True)
+@click.option("--stage", type=_stage_choice(), default="all", show_default=True, help="the stage to export, or all")
 @click.option("--config", type=click.Choice(list(PRESETS)), help="preset with seeded random weights (default, with no "
               "--checkpoint either: the trained demo, checkpoints/d2c-demo.safetensors)")
 @click.option("--checkpoint", "--stage2", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="native checkpoint (.safetensors with its config), or an official MAR / D2C stage-2 file")
 @official_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the random weights with --config")
-@click.option("--out", type=OutputPath(file_okay=False, path_type=Path), default=DEFAULT_ENGINES, show_default=True)
+@click.option("--out", "--engines", "out", type=OutputPath(file_okay=False, path_type=Path), default=DEFAULT_ENGINES,
+              show_default=True, help="engines directory to write (the graphs and manifest.json)")
 @click.option("--opset", type=click.IntRange(min=DEFAULT_OPSET, max=23), default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset")
 @click.option("--max-batch", type=click.IntRange(1, MAX_EXPORT_BATCH), default=DEFAULT_MAX_BATCH, show_default=True,
@@ -89,10 +90,11 @@ def _onnx(stage, config, checkpoint, seed, out, opset, max_batch, fp16, quiet, *
     return 0
 
 
-@export_cli.command("trt", help="Build one strongly typed TensorRT plan per stage (needs TensorRT and a GPU).")
+@export_cli.command("trt", help="Build one strongly typed TensorRT plan per stage (needs TensorRT and a GPU).",
+                    short_help="Build one TensorRT plan per stage (needs TensorRT and a GPU).")
 @engines_option
 @click.option("--fp16", is_flag=True, help="FP16 plans from the fp16 graphs (made first if missing)")
-@click.option("--stage", type=_stage_choice(), default="all", show_default=True)
+@click.option("--stage", type=_stage_choice(), default="all", show_default=True, help="the stage to build, or all")
 @click.option("--workspace", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
               help="builder workspace limit in GiB")
 @click.option("--timing-cache", type=OutputPath(dir_okay=False, path_type=Path),
@@ -132,14 +134,16 @@ def _convert(out, checkpoint, **official):
 @export_cli.command("check", help="Per-stage parity table against the reference (teacher forcing).")
 @engines_option
 @backend_options
-def _check(engines_dir, backend, precision):
+@click.option("--quiet", is_flag=True, help="print only the passed / failed line and the failures")
+def _check(engines_dir, backend, precision, quiet):
     from d2c_export.verify.parity import check_engines, check_targets, format_table
-    setup_logging(False)
+    setup_logging(quiet)
     engines = Engines.open(engines_dir)
     targets = check_targets(engines, Precision(precision)) if backend == AUTO else [Target.of(backend, precision)]
     reports = check_engines(engines, targets)
-    print(format_table(reports))
     failed = [r for r in reports if not r.passed]
+    if failed or not quiet:
+        print(format_table(failed if quiet else reports))
     print(f"{len(reports) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
@@ -206,7 +210,8 @@ def _targets(ctx, param, text: str):
 @click.option("--warmup", type=click.IntRange(min=1), default=1, show_default=True,
               help="unmeasured generations per backend and batch first")
 @click.option("--threads", type=THREADS, default=0, help="CPU threads of every backend (0: torch's)")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="image i of every generation draws from a "
+              "generator seeded SEED + i")
 @click.option("--out", type=OutputPath(file_okay=False, path_type=Path), default=Path("bench"), show_default=True,
               help="directory of bench.json, bench.md, bench.png")
 @click.option("--no-plot", is_flag=True, help="skip bench.png")
@@ -248,7 +253,8 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
               help="samples per class and backend")
 @click.option("--real-per-class", type=click.IntRange(2, MAX_PER_CLASS), default=200, show_default=True,
               help="held-out real images per class for the FD")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="image j of batch b draws from a generator seeded SEED + b + j, the same for every backend")
 @sampling_options
 @click.option("--threads", type=THREADS, default=0, help="ONNX Runtime intra-op threads (0: its default)")
 @click.option("--grid", type=OutputPath(dir_okay=False, path_type=Path),
