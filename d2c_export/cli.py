@@ -176,7 +176,8 @@ def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precis
     check_request(engines.config, labels, max_batch=engines.max_batch, seed=seed, params=params,
                   too_many=lambda n: f"ask for at most {engines.max_batch} images in all ({len(classes)} --class x "
                   f"--num-images {num_images} is {n}), or re-export with "
-                  f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`")
+                  f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`",
+                  other_classes=_other_classes(engines))
     with open_named(engines, backend, precision) as stages:
         log.info("backend: %s", stages.description)
         result, timer = generate_images(stages, labels, params, seed, progress=not quiet, batch_order=batch_order)
@@ -186,6 +187,14 @@ def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precis
     log.info("wrote %s (%d image%s, %.2f s in stages)", path, len(labels), "s" * (len(labels) > 1),
              sum(timer.seconds.values()))
     return 0
+
+
+def _other_classes(engines: Engines) -> str:
+    """How to get a model with ImageNet's 1000 classes, for a class the engines' model does not have."""
+    shapes = " (shapes and colours)" if engines.config.name == "d2c-demo" else ""
+    return (f"{engines.directory} holds {engines.config.name}{shapes}; for ImageNet's 1000 classes export a full-size model: `d2c-export onnx --config d2c-b --out "
+            "engines-b/` (random weights) or the official weights (`d2c-export onnx --checkpoint "
+            "mar_base/checkpoint-last.pth --vae kl16.ckpt --out engines-b/`), then `d2c-run --engines engines-b/`")
 
 
 # -- d2c-bench -----------------------------------------------------------------------------------------
