@@ -180,7 +180,8 @@ def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precis
                   other_classes=_other_classes(engines))
     with open_named(engines, backend, precision) as stages:
         log.info("backend: %s", stages.description)
-        result, timer = generate_images(stages, labels, params, seed, progress=not quiet, batch_order=batch_order)
+        result, timer = generate_images(stages, labels, params, seed, progress=not quiet and "d2c-run",
+                                        batch_order=batch_order)
     path = save_images(result.images, out)
     for name, seconds in timer.seconds.items():
         log.info("  %-10s %5d calls %9.3f s", name, timer.calls[name], seconds)

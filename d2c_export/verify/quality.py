@@ -4,10 +4,12 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from d2c_export.backends import open_backend
 from d2c_export.engines import Engines
@@ -77,14 +79,17 @@ def quality_labels(per_class: int) -> list[int]:
 
 
 def sample_quality(stages, labels: list[int], params: SamplingParams, seed: int, classifier: ShapesClassifier,
-                   reference: np.ndarray, progress: bool = False) -> tuple[float, float, Tensor]:
-    """Generate `labels` in batches of the stages' max batch (batch i seeded seed + i); returns (accuracy %,
-    Frechet distance, images)."""
+                   reference: np.ndarray, progress: bool | str = False,
+                   done: Callable[[int], object] | None = None) -> tuple[float, float, Tensor]:
+    """Generate `labels` in batches of the stages' max batch (batch i seeded seed + i), calling `done(images)` after
+    each; returns (accuracy %, Frechet distance, images)."""
     batch = stages.max_batch
     chunks = []
     for i in range(0, len(labels), batch):
         result, _ = generate_images(stages, labels[i:i + batch], params, seed + i // batch, progress)
         chunks.append(result.images)
+        if done is not None:
+            done(len(result.images))
     images = torch.cat(chunks)
     return (*score_images(classifier, images, labels, reference), images)
 
@@ -122,8 +127,11 @@ def evaluate_backends(engines: Engines, targets: list[Target], per_class: int, p
         backends = [opened.enter_context(open_backend(engines, t, threads)) for t in targets]  # all before sampling
         reference = real_features(classifier, real_per_class)
         labels = quality_labels(per_class)
+        overall = opened.enter_context(tqdm(total=len(targets) * len(labels), unit="img", disable=not progress,
+                                            desc=f"d2c-quality: {len(targets)} backend(s) x {len(labels)} images"))
         for target, backend in zip(targets, backends):
-            acc, fd, images = sample_quality(backend, labels, params, seed, classifier, reference, progress)
+            acc, fd, images = sample_quality(backend, labels, params, seed, classifier, reference,
+                                             progress and "d2c-quality", overall.update)
             reports.append(QualityReport(target.name, backend.description, len(labels), acc, fd))
             log.info("%s: accuracy %.1f%%, Frechet %.3f (%s)", target.name, acc, fd, backend.description)
             first = images if first is None else first
