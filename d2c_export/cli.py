@@ -14,7 +14,7 @@ import click
 from d2c_export.backends import AUTO, Precision, Target, TargetError, choices, parse_list
 from d2c_export.cli_options import (SAMPLING_HELP, backend_options, checked_out, engines_option, engines_sampling,
                                     int_list, options, quiet_option, sampling_from, sampling_options, setup_logging)
-from d2c_export.cli_support import SEED, THREADS, Command, Group, OutputPath
+from d2c_export.cli_support import SEED, THREADS, Command, Finite, Group, OutputPath
 from d2c_export.engines import DEFAULT_ENGINES, Engines
 from d2c_export.errors import BadInput
 from d2c_export.sources import DEFAULT_OPSET
@@ -267,6 +267,8 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
               help="image j of batch b draws from a generator seeded SEED + b + j, the same for every backend")
 @sampling_options
 @click.option("--threads", type=THREADS, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+@click.option("--min-accuracy", type=Finite(0.0, 100.0), default=None,
+              help="also fail (exit 1) when a backend's accuracy in percent is below this (a gate for one backend)")
 @click.option("--grid", type=OutputPath(dir_okay=False, path_type=Path),
               help="also write the first backend's first 16 samples as a 4x4 PNG grid here (8x zoom; a .png file)")
 @click.option("--json", "json_path", type=OutputPath(dir_okay=False, path_type=Path),
@@ -274,13 +276,13 @@ def bench_cli(config, engines_dir, backends, batch, repeat, warmup, threads, see
 @click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="score this d2c-generate directory (its PNGs and samples.json labels) instead of sampling")
 @quiet_option
-def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, threads, grid, json_path, samples,
-                quiet, **flags):
+def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, threads, min_accuracy, grid,
+                json_path, samples, quiet, **flags):
     from dataclasses import asdict
 
     from d2c_export.images import GRID_ZOOM, check_png_name, save_images
-    from d2c_export.verify.quality import (DEFAULT_CLASSIFIER, evaluate_backends, evaluate_samples, gate_failures,
-                                           markdown)
+    from d2c_export.verify.quality import (DEFAULT_CLASSIFIER, below_floor, evaluate_backends, evaluate_samples,
+                                           gate_failures, markdown)
     from reference.files import write_json_atomic
     from training.classifier import load_classifier
     setup_logging(quiet)
@@ -292,9 +294,12 @@ def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, se
         check_apart_from_inputs(outputs, [classifier, *sample_files(samples)])
         report = evaluate_samples(str(samples), *read_directory(samples), load_classifier(classifier), real_per_class)
         print(markdown([report]))
+        failures = below_floor([report], min_accuracy)
         if json_path:
-            write_json_atomic(json_path, {"samples": str(samples), "reports": [asdict(report)]})
-        return 0
+            write_json_atomic(json_path, {"samples": str(samples), "reports": [asdict(report)], "failures": failures})
+        for line in failures:
+            print(f"FAIL {line}")
+        return 1 if failures else 0
     engines = Engines.open(engines_dir)
     check_apart_from_inputs(outputs, [classifier, *engines.input_files()])
     if grid:
@@ -304,7 +309,7 @@ def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, se
     reports, images = evaluate_backends(engines, backends, per_class, params, seed, model, real_per_class, threads,
                                         progress=not quiet)
     print(markdown(reports))
-    failures = gate_failures(reports)
+    failures = gate_failures(reports) + below_floor(reports, min_accuracy)
     if json_path:
         write_json_atomic(json_path, {"params": {**params.as_dict(), "seed": seed},
                                       "reports": [asdict(r) for r in reports], "failures": failures})

@@ -153,6 +153,14 @@ def gate_failures(reports: list[QualityReport], max_drop: float = MAX_ACCURACY_D
     return out
 
 
+def below_floor(reports: list[QualityReport], min_accuracy: float | None) -> list[str]:
+    """One line per backend whose accuracy is below `min_accuracy` percent (none when it is None)."""
+    if min_accuracy is None:
+        return []
+    return [f"{r.backend}: accuracy {r.accuracy:.1f}% is below the floor {min_accuracy:g}% (--min-accuracy)"
+            for r in reports if r.accuracy < min_accuracy]
+
+
 def markdown(reports: list[QualityReport]) -> str:
     lines = ["| backend | images | accuracy % | Frechet | runtime |", "|---|---:|---:|---:|---|"]
     lines += [f"| {r.backend} | {r.images} | {r.accuracy:.1f} | {r.frechet:.3f} | {r.description} |" for r in reports]
