@@ -161,16 +161,22 @@ def _check(engines_dir, backend, precision, quiet):
 @sampling_options
 @backend_options
 @click.option("--out", type=OutputPath(path_type=Path), default=Path("out.png"), show_default=True, help="a .png file")
+@click.option("--zoomed", type=OutputPath(dir_okay=False, path_type=Path),
+              help="also write the images 8x larger here, each pixel a block (for looking at; a .png file)")
 @quiet_option
-def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precision, out, quiet, **flags):
+def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precision, out, zoomed, quiet, **flags):
     from d2c_export.backends import open_named
     from d2c_export.generate import generate_images
-    from d2c_export.images import check_png_name, save_images
+    from d2c_export.images import GRID_ZOOM, check_png_name, save_images
     setup_logging(quiet)
-    checked_out(out, "--out")
+    checked_out(out, "--out"), checked_out(zoomed, "--zoomed")
     engines = Engines.open(engines_dir)
-    check_apart_from_inputs({"--out": [out]}, engines.input_files())
+    check_apart_from_inputs({"--out": [out], "--zoomed": [zoomed] if zoomed else []}, engines.input_files())
     check_png_name(out, "--out")
+    if zoomed:
+        check_png_name(zoomed, "--zoomed")
+        if zoomed.resolve() == out.resolve():
+            raise BadInput(f"--zoomed {zoomed} is the --out file; name another file")
     labels = [c for c in classes for _ in range(num_images)]
     params = engines_sampling(engines, flags)
     check_request(engines.config, labels, max_batch=engines.max_batch, seed=seed, params=params,
@@ -187,6 +193,8 @@ def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precis
         log.info("  %-10s %5d calls %9.3f s", name, timer.calls[name], seconds)
     log.info("wrote %s (%d image%s, %.2f s in stages)", path, len(labels), "s" * (len(labels) > 1),
              sum(timer.seconds.values()))
+    if zoomed:
+        log.info("wrote %s (%dx larger)", save_images(result.images, zoomed, zoom=GRID_ZOOM), GRID_ZOOM)
     return 0
 
 
