@@ -13,8 +13,8 @@ import click
 
 from d2c_export.cli_options import (backend_options, checked_out, engines_option, given_settings, int_list, options,
                                     quiet_option, sampling_options, setup_logging)
-from d2c_export.cli_support import Command, Finite
-from d2c_export.errors import EngineError
+from d2c_export.cli_support import Command, Finite, flag_spelling
+from d2c_export.errors import EngineError, UserError
 
 log = logging.getLogger("d2c")
 TOKEN_CHARACTER = re.compile(r"[!-~]")  # printable ASCII but the space: what a client can send in a header, as is
@@ -190,8 +190,13 @@ def load_cli(engines_dir, backend, precision, replicas, batch_wait_ms, max_queue
     if kill_replica_at is not None:
         runs.append((f"max batch {max_batches[0]}, replica killed", max_batches[0], kill_replica_at))
     token = serve_token()
-    checked = [_serve_options(engines_dir, backend, precision, replicas, b, batch_wait_ms, max_queue, replica_cpus,
-                              threads, token) for _, b, _ in runs]
+    try:
+        checked = [_serve_options(engines_dir, backend, precision, replicas, b, batch_wait_ms, max_queue, replica_cpus,
+                                  threads, token) for _, b, _ in runs]
+    except UserError as exc:  # a run's max batch is one of --max-batches
+        spell = flag_spelling(load_cli)
+        raise click.UsageError(exc.render(lambda name, value=None: spell(
+            "max_batches" if name == "max_batch" else name, value))) from None
     _refuse_before_ray(checked[0], gpus_per_replica, address, num_cpus, "127.0.0.1", port)
     log_auth(token, "127.0.0.1", port)
     reports, stalls = [], []
