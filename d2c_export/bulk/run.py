@@ -117,7 +117,7 @@ def _generate(plan: BulkPlan, store: ShardStore, todo: list[Shard], done: int, c
              spec.gpus, plan.backend)
     started = time.perf_counter()
     workers = start_workers(count, spec, plan)
-    bar = tqdm(total=plan.num_images, initial=done, unit="img", desc="generate", disable=not progress,
+    bar = tqdm(total=plan.num_images, initial=done, unit="img", desc="d2c-generate", disable=not progress,
                smoothing=0.1)
     first: list = []  # (time, images) when the first shard came back: the rate after start-up
 

@@ -167,7 +167,7 @@ def _export_locked(model: D2C, out_dir: Path, source: dict, specs: list[StageSpe
         log.info("%s", replacement_note(out_dir, old, same_model, [s.name for s in specs]))
     recommended = SamplingParams.recommended_for(model.config) if sampling is None else sampling
     manifest.sampling = SamplingParams(**recommended).as_dict()  # every setting, recorded with its value
-    bar = tqdm(specs, desc="export", unit="stage", disable=not progress)
+    bar = tqdm(specs, desc="d2c-export onnx", unit="stage", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)
         start = time.perf_counter()
