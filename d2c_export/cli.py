@@ -183,7 +183,7 @@ def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precis
                   too_many=lambda n: f"ask for at most {engines.max_batch} images in all ({len(classes)} --class x "
                   f"--num-images {num_images} is {n}), or re-export with "
                   f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`",
-                  other_classes=_other_classes(engines))
+                  other_classes=engines.other_classes())
     with open_named(engines, backend, precision) as stages:
         log.info("backend: %s", stages.description)
         result, timer = generate_images(stages, labels, params, seed, progress=not quiet and "d2c-run",
@@ -196,14 +196,6 @@ def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precis
     if zoomed:
         log.info("wrote %s (%dx larger)", save_images(result.images, zoomed, zoom=GRID_ZOOM), GRID_ZOOM)
     return 0
-
-
-def _other_classes(engines: Engines) -> str:
-    """How to get a model with ImageNet's 1000 classes, for a class the engines' model does not have."""
-    shapes = " (shapes and colours)" if engines.config.name == "d2c-demo" else ""
-    return (f"{engines.directory} holds {engines.config.name}{shapes}; for ImageNet's 1000 classes export a full-size model: `d2c-export onnx --config d2c-b --out "
-            "engines-b/` (random weights) or the official weights (`d2c-export onnx --checkpoint "
-            "mar_base/checkpoint-last.pth --vae kl16.ckpt --out engines-b/`), then `d2c-run --engines engines-b/`")
 
 
 # -- d2c-bench -----------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def make_plan(engines: Engines, params: SamplingParams, backend: str, precision:
                     per_class=per_class or 50, seed=seed, batch=batch or engines.max_batch)
     check_request(engines.config, plan.labels, batch=plan.batch, max_batch=engines.max_batch, seed=seed,
                   params=params, too_many=lambda n: "use a smaller --batch or re-export with "
-                  f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`")
+                  f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`", other_classes=engines.other_classes())
     return plan
 
 
