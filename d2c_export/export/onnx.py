@@ -136,7 +136,7 @@ def replacement_note(out_dir: Path, old: Manifest, same_model: bool, stages: lis
                 f"({', '.join(old.kinds()) or 'none'}) goes once the new stages are written")
     kept = [s for s in old.stages if s not in stages]
     return (f"replacing stages {', '.join(stages)} of the export in {out_dir} (the same model)"
-            + (f": their builds {', '.join(builds)} go" if builds else "")
+            + (f": new onnx-fp32 graphs replace their builds ({', '.join(builds)})" if builds else "")
             + (f"; keeping stages {', '.join(kept)}" if kept else ""))
 
 
