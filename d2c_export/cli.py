@@ -15,7 +15,7 @@ from d2c_export.backends import AUTO, Precision, Target, TargetError, choices, p
 from d2c_export.cli_options import (SAMPLING_HELP, backend_options, checked_out, engines_option, engines_sampling,
                                     int_list, options, quiet_option, samplers_option, sampling_from, sampling_options,
                                     setup_logging)
-from d2c_export.cli_support import SEED, THREADS, Command, Group, OutputPath
+from d2c_export.cli_support import SEED, THREADS, Command, Finite, Group, OutputPath
 from d2c_export.engines import DEFAULT_ENGINES, Engines
 from d2c_export.errors import BadInput
 from d2c_export.sources import DEFAULT_OPSET
@@ -54,14 +54,15 @@ def _stage_choice():
 
 
 @export_cli.command("onnx", help="Trace every stage into an ONNX graph and write manifest.json.")
-@click.option("--stage", type=_stage_choice(), default="all", show_default=True)
+@click.option("--stage", type=_stage_choice(), default="all", show_default=True, help="the stage to export, or all")
 @click.option("--config", type=click.Choice(list(PRESETS)), help="preset with seeded random weights (default, with no "
               "--checkpoint either: the trained demo, checkpoints/d2c-demo.safetensors)")
 @click.option("--checkpoint", "--stage2", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="native checkpoint (.safetensors with its config), or an official MAR / D2C stage-2 file")
 @official_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the random weights with --config")
-@click.option("--out", type=OutputPath(file_okay=False, path_type=Path), default=DEFAULT_ENGINES, show_default=True)
+@click.option("--out", "--engines", "out", type=OutputPath(file_okay=False, path_type=Path), default=DEFAULT_ENGINES,
+              show_default=True, help="engines directory to write (the graphs and manifest.json)")
 @click.option("--opset", type=click.IntRange(min=DEFAULT_OPSET, max=23), default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset")
 @click.option("--max-batch", type=click.IntRange(1, MAX_EXPORT_BATCH), default=DEFAULT_MAX_BATCH, show_default=True,
@@ -90,10 +91,11 @@ def _onnx(stage, config, checkpoint, seed, out, opset, max_batch, fp16, quiet, *
     return 0
 
 
-@export_cli.command("trt", help="Build one strongly typed TensorRT plan per stage (needs TensorRT and a GPU).")
+@export_cli.command("trt", help="Build one strongly typed TensorRT plan per stage (needs TensorRT and a GPU).",
+                    short_help="Build one TensorRT plan per stage (needs TensorRT and a GPU).")
 @engines_option
 @click.option("--fp16", is_flag=True, help="FP16 plans from the fp16 graphs (made first if missing)")
-@click.option("--stage", type=_stage_choice(), default="all", show_default=True)
+@click.option("--stage", type=_stage_choice(), default="all", show_default=True, help="the stage to build, or all")
 @click.option("--workspace", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
               help="builder workspace limit in GiB")
 @click.option("--timing-cache", type=OutputPath(dir_okay=False, path_type=Path),
@@ -133,14 +135,16 @@ def _convert(out, checkpoint, **official):
 @export_cli.command("check", help="Per-stage parity table against the reference (teacher forcing).")
 @engines_option
 @backend_options
-def _check(engines_dir, backend, precision):
+@click.option("--quiet", is_flag=True, help="print only the passed / failed line and the failures")
+def _check(engines_dir, backend, precision, quiet):
     from d2c_export.verify.parity import check_engines, check_targets, format_table
-    setup_logging(False)
+    setup_logging(quiet)
     engines = Engines.open(engines_dir)
     targets = check_targets(engines, Precision(precision)) if backend == AUTO else [Target.of(backend, precision)]
     reports = check_engines(engines, targets)
-    print(format_table(reports))
     failed = [r for r in reports if not r.passed]
+    if failed or not quiet:
+        print(format_table(failed if quiet else reports))
     print(f"{len(reports) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
@@ -158,30 +162,40 @@ def _check(engines_dir, backend, precision):
 @sampling_options
 @backend_options
 @click.option("--out", type=OutputPath(path_type=Path), default=Path("out.png"), show_default=True, help="a .png file")
+@click.option("--zoomed", type=OutputPath(dir_okay=False, path_type=Path),
+              help="also write the images 8x larger here, each pixel a block (for looking at; a .png file)")
 @quiet_option
-def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precision, out, quiet, **flags):
+def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precision, out, zoomed, quiet, **flags):
     from d2c_export.backends import open_named
     from d2c_export.generate import generate_images
-    from d2c_export.images import check_png_name, save_images
+    from d2c_export.images import GRID_ZOOM, check_png_name, save_images
     setup_logging(quiet)
-    checked_out(out, "--out")
+    checked_out(out, "--out"), checked_out(zoomed, "--zoomed")
     engines = Engines.open(engines_dir)
-    check_apart_from_inputs({"--out": [out]}, engines.input_files())
+    check_apart_from_inputs({"--out": [out], "--zoomed": [zoomed] if zoomed else []}, engines.input_files())
     check_png_name(out, "--out")
+    if zoomed:
+        check_png_name(zoomed, "--zoomed")
+        if zoomed.resolve() == out.resolve():
+            raise BadInput(f"--zoomed {zoomed} is the --out file; name another file")
     labels = [c for c in classes for _ in range(num_images)]
     params = engines_sampling(engines, flags)
     check_request(engines.config, labels, max_batch=engines.max_batch, seed=seed, params=params,
                   too_many=lambda n: f"ask for at most {engines.max_batch} images in all ({len(classes)} --class x "
                   f"--num-images {num_images} is {n}), or re-export with "
-                  f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`")
+                  f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`",
+                  other_classes=engines.other_classes())
     with open_named(engines, backend, precision) as stages:
         log.info("backend: %s", stages.description)
-        result, timer = generate_images(stages, labels, params, seed, progress=not quiet, batch_order=batch_order)
+        result, timer = generate_images(stages, labels, params, seed, progress=not quiet and "d2c-run",
+                                        batch_order=batch_order)
     path = save_images(result.images, out)
     for name, seconds in timer.seconds.items():
         log.info("  %-10s %5d calls %9.3f s", name, timer.calls[name], seconds)
     log.info("wrote %s (%d image%s, %.2f s in stages)", path, len(labels), "s" * (len(labels) > 1),
              sum(timer.seconds.values()))
+    if zoomed:
+        log.info("wrote %s (%dx larger)", save_images(result.images, zoomed, zoom=GRID_ZOOM), GRID_ZOOM)
     return 0
 
 
@@ -208,7 +222,8 @@ def _targets(ctx, param, text: str):
 @click.option("--warmup", type=click.IntRange(min=1), default=1, show_default=True,
               help="unmeasured generations per backend and batch first")
 @click.option("--threads", type=THREADS, default=0, help="CPU threads of every backend (0: torch's)")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="image i of every generation draws from a "
+              "generator seeded SEED + i")
 @click.option("--out", type=OutputPath(file_okay=False, path_type=Path), default=Path("bench"), show_default=True,
               help="directory of bench.json, bench.md, bench.png")
 @click.option("--no-plot", is_flag=True, help="skip bench.png")
@@ -252,10 +267,13 @@ def bench_cli(config, engines_dir, backends, batch, samplers, repeat, warmup, th
               help="samples per class and backend")
 @click.option("--real-per-class", type=click.IntRange(2, MAX_PER_CLASS), default=200, show_default=True,
               help="held-out real images per class for the FD")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="image j of batch b draws from a generator seeded SEED + b + j, the same for every backend")
 @sampling_options
 @samplers_option
 @click.option("--threads", type=THREADS, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+@click.option("--min-accuracy", type=Finite(0.0, 100.0), default=None,
+              help="also fail (exit 1) when a backend's accuracy in percent is below this (a gate for one backend)")
 @click.option("--grid", type=OutputPath(dir_okay=False, path_type=Path),
               help="also write the first backend's first 16 samples as a 4x4 PNG grid here (8x zoom; a .png file)")
 @click.option("--json", "json_path", type=OutputPath(dir_okay=False, path_type=Path),
@@ -263,13 +281,13 @@ def bench_cli(config, engines_dir, backends, batch, samplers, repeat, warmup, th
 @click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="score this d2c-generate directory (its PNGs and samples.json labels) instead of sampling")
 @quiet_option
-def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, samplers, threads, grid, json_path,
-                samples, quiet, **flags):
+def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, seed, samplers, threads, min_accuracy,
+                grid, json_path, samples, quiet, **flags):
     from dataclasses import asdict
 
     from d2c_export.images import GRID_ZOOM, check_png_name, save_images
-    from d2c_export.verify.quality import (DEFAULT_CLASSIFIER, evaluate_backends, evaluate_samples, gate_failures,
-                                           markdown)
+    from d2c_export.verify.quality import (DEFAULT_CLASSIFIER, below_floor, evaluate_backends, evaluate_samples,
+                                           gate_failures, markdown)
     from reference.files import write_json_atomic
     from training.classifier import load_classifier
     setup_logging(quiet)
@@ -281,9 +299,12 @@ def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, se
         check_apart_from_inputs(outputs, [classifier, *sample_files(samples)])
         report = evaluate_samples(str(samples), *read_directory(samples), load_classifier(classifier), real_per_class)
         print(markdown([report]))
+        failures = below_floor([report], min_accuracy)
         if json_path:
-            write_json_atomic(json_path, {"samples": str(samples), "reports": [asdict(report)]})
-        return 0
+            write_json_atomic(json_path, {"samples": str(samples), "reports": [asdict(report)], "failures": failures})
+        for line in failures:
+            print(f"FAIL {line}")
+        return 1 if failures else 0
     engines = Engines.open(engines_dir)
     check_apart_from_inputs(outputs, [classifier, *engines.input_files()])
     if grid:
@@ -294,7 +315,7 @@ def quality_cli(engines_dir, backends, classifier, per_class, real_per_class, se
     reports, images = evaluate_backends(engines, backends, per_class, params, seed, model, real_per_class, threads,
                                         progress=not quiet, samplers=samplers)
     print(markdown(reports))
-    failures = gate_failures(reports)
+    failures = gate_failures(reports) + below_floor(reports, min_accuracy)
     if json_path:
         write_json_atomic(json_path, {"params": {**params.as_dict(), "seed": seed}, "samplers": variants or None,
                                       "reports": [asdict(r) for r in reports], "failures": failures})

@@ -102,6 +102,14 @@ class Engines:
                               max_batch=None if batch == DEFAULT_MAX_BATCH else batch,
                               opset=opsets.pop() if len(opsets) == 1 else None)
 
+    def other_classes(self) -> str:
+        """How to get a model with ImageNet's 1000 classes, for a class this model does not have."""
+        shapes = " (shapes and colours)" if self.config.name == "d2c-demo" else ""
+        return (f"{self.directory} holds {self.config.name}{shapes}; for ImageNet's 1000 classes export a full-size "
+                "model: `d2c-export onnx --config d2c-b --out engines-b/` (random weights) or the official weights "
+                "(`d2c-export onnx --checkpoint mar_base/checkpoint-last.pth --vae kl16.ckpt --out engines-b/`), then "
+                "use `--engines engines-b/`")
+
     def has(self, kind: str) -> bool:
         """Whether every stage of the model has a build of `kind` recorded."""
         return all(kind in self.manifest.stages.get(s.name, {}) for s in self.specs())

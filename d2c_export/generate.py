@@ -17,14 +17,15 @@ LOOP_THREADS = 1
 
 
 def generate_images(stages, labels: list[int], params: SamplingParams, seed: int | Sequence[int],
-                    progress: bool = False, timer: StageTimer | None = None, *,
+                    progress: bool | str = False, timer: StageTimer | None = None, *,
                     batch_order: bool = False) -> tuple[Generation, StageTimer]:
     """Run the shared generation loop on `stages` (a backend, or a wrapper of one), timing each stage call; then the
     post-processing stages (`StageSpec.postprocess`) on its images.
 
     `seed`: an int S gives image i its own generator seeded S + i, a list one seed per image, so an image depends
     only on its class, its seed and `params`; `batch_order`: one generator seeded S for the whole batch, the
-    order the official code draws in (`reference.pipeline`'s docstring).
+    order the official code draws in (`reference.pipeline`'s docstring). `progress`: show progress bars, labelled
+    with the backend and batch after it when it is a string (the command's name).
     """
     check_request(stages.config, labels, max_batch=stages.max_batch, seed=seed, params=params)
     draws = draws_for(seed, len(labels), batch_order)
@@ -33,7 +34,9 @@ def generate_images(stages, labels: list[int], params: SamplingParams, seed: int
     timed = Timed(StageThreads(stages, stage_threads, LOOP_THREADS), timer)
     torch.set_num_threads(LOOP_THREADS)
     try:
-        result = generate_with(timed, torch.tensor(labels), params, draws, progress=progress)
+        label = progress and " ".join(filter(None, [progress if isinstance(progress, str) else "",
+                                                    f"{stages.target.name}, batch {len(labels)}"]))
+        result = generate_with(timed, torch.tensor(labels), params, draws, progress=label)
         for spec in (s for s in stages_for(stages.config) if s.postprocess):
             (name,) = [t.name for t in spec.input_specs(stages.config)]
             result = dataclasses.replace(result, images=timed.run(spec.name, {name: result.images})[0].float().cpu())

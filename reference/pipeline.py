@@ -213,8 +213,13 @@ def to_device(t: Tensor, device: str | torch.device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def progress_label(progress: bool | str, what: str) -> str:
+    """A progress bar's label: `what`, after the caller's label when `progress` is one."""
+    return f"{progress}: {what}" if isinstance(progress, str) else what
+
+
 def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draws: Draws,
-                    progress: bool = False) -> Tensor:
+                    progress: bool | str = False) -> Tensor:
     """Stage 1: (B,) labels -> (B, block_size) token ids, LlamaGen's prefill + one-token decode, on the device."""
     g, dev = stages.config.gpt, stages.device
     bsz = labels.shape[0]
@@ -234,7 +239,7 @@ def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draw
 
     logits = step(ids, 0)
     out = []
-    for i in tqdm(range(g.block_size), desc="discrete tokens", disable=not progress, leave=False):
+    for i in tqdm(range(g.block_size), desc=progress_label(progress, "discrete tokens"), disable=not progress, leave=False):
         last = logits[:, -1].float()  # (rows, V)
         if guided:
             last = guide_logits(last[:bsz], last[bsz:], params.discrete_cfg)
@@ -247,7 +252,7 @@ def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draw
 
 
 def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, params: SamplingParams,
-                  draws: Draws, progress: bool = False) -> Tensor:
+                  draws: Draws, progress: bool | str = False) -> Tensor:
     """Stage 2: masked autoregressive steps -> (B, L, C) token latents (scaled, as MAR models them), on the device."""
     m, dev = stages.config.mar, stages.device
     bsz, seq_len, channels = labels.shape[0], m.seq_len, m.token_dim
@@ -270,7 +275,7 @@ def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, p
     temperature = to_device(torch.tensor([params.temperature], dtype=torch.float32), dev)
     tokens = torch.zeros(bsz, seq_len, channels, device=dev)
     steps = zip(step_positions(order, seq_len, params.num_iter), masked_steps(seq_len, params))
-    for s, ((kept, pred), step) in enumerate(tqdm(steps, desc="masked steps", disable=not progress, leave=False,
+    for s, ((kept, pred), step) in enumerate(tqdm(steps, desc=progress_label(progress, "masked steps"), disable=not progress, leave=False,
                                                    total=params.num_iter)):
         if full[s]:
             rep = (lambda t: torch.cat([t] * groups))
@@ -303,9 +308,10 @@ class Generation:
 
 @torch.no_grad()
 def generate_with(stages: Stages, labels: Tensor, params: SamplingParams, draws: Draws,
-                  progress: bool = False) -> Generation:
+                  progress: bool | str = False) -> Generation:
     """Run all stages for `labels` (B,) with randomness from `draws` (order in the module docstring), made ahead of
-    the loop where `stages.draws_ahead` says so; the images are the same either way."""
+    the loop where `stages.draws_ahead` says so; the images are the same either way. `progress`: show progress bars,
+    labelled with it when it is a string (`d2c-run ort, batch 4`)."""
     config = stages.config
     labels = torch.as_tensor(labels, dtype=torch.int64).view(-1).cpu()
     check_request(config, labels.tolist())

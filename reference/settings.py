@@ -146,20 +146,21 @@ def check_settings(obj) -> None:
 
 def check_request(config: D2CConfig, labels: Sequence[int], *, batch: int | None = None,
                   max_batch: int | None = None, seed: int | Sequence[int] | None = None, params=None,
-                  too_many: Callable[[int], str] | None = None) -> None:
+                  too_many: Callable[[int], str] | None = None, other_classes: str | None = None) -> None:
     """Refuse what `config`'s model cannot generate, before any work: no class, a class out of range, more than
     `max_batch` images in one generation of `batch` (default: all of `labels`), an image seed past `MAX_SEED`
     (`seed`: image i's is seed + i, or one per image), settings the model cannot run (`params.check_for`).
 
     `too_many(images)` says what to do about a generation too large, in the words of the front end that asked (its
-    flags, its re-export command); it is called only then.
+    flags, its re-export command); it is called only then. `other_classes` says, in the same words, how to get a
+    model with other classes; it ends the message of a class out of range.
     """
     if not len(labels):
         raise BadInput("no class to generate; name at least one", setting="classes")
     bad = [c for c in labels if not 0 <= c < config.num_classes]
     if bad:
-        raise BadInput(f"class {bad[0]} is out of range: this model has classes 0..{config.num_classes - 1}",
-                       setting="classes")
+        raise BadInput(f"class {bad[0]} is out of range: this model has classes 0..{config.num_classes - 1}"
+                       + (f"; {other_classes}" if other_classes else ""), setting="classes")
     images = len(labels) if batch is None else batch
     if max_batch is not None and images > max_batch:
         fix = too_many(images) if too_many is not None else \

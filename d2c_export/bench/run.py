@@ -271,7 +271,7 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
         load = {"start": os.getloadavg()[0]}
         roofline = measure_rooflines(columns, threads)
         flops, results = {}, []
-        bar = tqdm(total=len(batches) * len(columns) * (warmup + repeat), desc="bench", unit="gen",
+        bar = tqdm(total=len(batches) * len(columns) * (warmup + repeat), desc="d2c-bench", unit="gen",
                    disable=not progress)
         with logging_redirect_tqdm():
             for batch in batches:

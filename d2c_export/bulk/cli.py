@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from d2c_export.bulk.shards import MAX_IMAGES
 from d2c_export.bulk.workers import MAX_WORKERS
@@ -34,7 +35,8 @@ def _classes(ctx, param, text: str | None) -> list[int] | None:
                "recommended settings for their model.")
 @engines_option
 @click.option("--out", type=OutputPath(path_type=Path), required=True, help="directory of the PNGs (DIR.npz beside it)")
-@click.option("--per-class", type=click.IntRange(1, MAX_IMAGES), help="images per class (default 50)")
+@click.option("--per-class", type=click.IntRange(1, MAX_IMAGES), default=50, show_default=True,
+              help="images per class (unless --num-images)")
 @click.option("--num-images", type=click.IntRange(1, MAX_IMAGES), help="images in all, a multiple of the classes")
 @click.option("--classes", callback=_classes, help="comma-separated class labels (default: every class)")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="image i draws from a generator seeded SEED + i")
@@ -56,8 +58,10 @@ def generate_cli(engines_dir, out, per_class, num_images, classes, seed, batch, 
     from d2c_export.bulk.run import ClusterRequest, generate_bulk, make_plan
     from d2c_export.engines import Engines
     setup_logging(quiet)
-    if per_class is not None and num_images is not None:
-        raise click.UsageError("give --per-class or --num-images, not both")
+    if num_images is not None:
+        if click.get_current_context().get_parameter_source("per_class") is not ParameterSource.DEFAULT:
+            raise click.UsageError("give --per-class or --num-images, not both")
+        per_class = None
     engines = Engines.open(engines_dir)
     params = engines_sampling(engines, flags)
     plan = make_plan(engines, params, backend, precision, classes, per_class, num_images, seed, batch)

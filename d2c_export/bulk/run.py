@@ -49,7 +49,7 @@ def make_plan(engines: Engines, params: SamplingParams, backend: str, precision:
                     per_class=per_class or 50, seed=seed, batch=batch or engines.max_batch)
     check_request(engines.config, plan.labels, batch=plan.batch, max_batch=engines.max_batch, seed=seed,
                   params=params, too_many=lambda n: "use a smaller --batch or re-export with "
-                  f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`")
+                  f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`", other_classes=engines.other_classes())
     return plan
 
 
@@ -117,7 +117,7 @@ def _generate(plan: BulkPlan, store: ShardStore, todo: list[Shard], done: int, c
              spec.gpus, plan.backend)
     started = time.perf_counter()
     workers = start_workers(count, spec, plan)
-    bar = tqdm(total=plan.num_images, initial=done, unit="img", desc="generate", disable=not progress,
+    bar = tqdm(total=plan.num_images, initial=done, unit="img", desc="d2c-generate", disable=not progress,
                smoothing=0.1)
     first: list = []  # (time, images) when the first shard came back: the rate after start-up
 

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from d2c_export.errors import BadInput, EngineError
-from d2c_export.manifest import MANIFEST, Manifest, StageEntry
+from d2c_export.manifest import MANIFEST, Manifest, StageEntry, config_digest
 from d2c_export.sources import DEFAULT_OPSET
 from d2c_export.stages import DEFAULT_MAX_BATCH, MAX_EXPORT_BATCH, STAGES, StageSpec, stages_for
 from reference.files import directory_lock, output_directory, publish_dir, remove_leftovers
@@ -127,6 +127,19 @@ def export_model(model: D2C, out_dir: str | Path, source: dict, stages: str | li
         return _export_locked(model, out_dir, source, specs, opset, max_batch, progress, sampling)
 
 
+def replacement_note(out_dir: Path, old: Manifest, same_model: bool, stages: list[str]) -> str:
+    """What an export into `out_dir` over the export `old` replaces and what it keeps, in one line for the log."""
+    builds = sorted({k for s in stages for k in old.stages.get(s, {})})
+    if not same_model:
+        return (f"replacing the export in {out_dir} ({old.config.get('name')}, max batch {old.max_batch}, source "
+                f"{old.source}): another model, source or max batch, so every stage and build it lists "
+                f"({', '.join(old.kinds()) or 'none'}) goes once the new stages are written")
+    kept = [s for s in old.stages if s not in stages]
+    return (f"replacing stages {', '.join(stages)} of the export in {out_dir} (the same model)"
+            + (f": new onnx-fp32 graphs replace their builds ({', '.join(builds)})" if builds else "")
+            + (f"; keeping stages {', '.join(kept)}" if kept else ""))
+
+
 def check_finite(model: D2C) -> None:
     """Refuse weights with NaN or inf: every graph made from them would compute garbage."""
     for name, p in model.named_parameters():
@@ -146,12 +159,15 @@ def _export_locked(model: D2C, out_dir: Path, source: dict, specs: list[StageSpe
             old = Manifest.read(out_dir / MANIFEST)
         except EngineError:
             old = None
-    same_model = old is not None and (old.config, old.source, old.max_batch) == (config_dict, source, max_batch)
+    same_model = old is not None and (config_digest(old.config), old.source, old.max_batch) == (  # tuples as lists
+        config_digest(config_dict), source, max_batch)
     manifest = old if same_model else Manifest(config=config_dict, source=source, max_batch=max_batch,
                                                exporter=EXPORTER)
+    if old is not None:
+        log.info("%s", replacement_note(out_dir, old, same_model, [s.name for s in specs]))
     recommended = SamplingParams.recommended_for(model.config) if sampling is None else sampling
     manifest.sampling = SamplingParams(**recommended).as_dict()  # every setting, recorded with its value
-    bar = tqdm(specs, desc="export", unit="stage", disable=not progress)
+    bar = tqdm(specs, desc="d2c-export onnx", unit="stage", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)
         start = time.perf_counter()

@@ -13,8 +13,8 @@ import click
 
 from d2c_export.cli_options import (backend_options, checked_out, engines_option, given_settings, int_list, options,
                                     quiet_option, sampling_options, setup_logging)
-from d2c_export.cli_support import Command, Finite
-from d2c_export.errors import EngineError
+from d2c_export.cli_support import Command, Finite, flag_spelling
+from d2c_export.errors import EngineError, UserError
 from reference.pipeline import SamplingParams
 from reference.settings import settings_of
 
@@ -25,8 +25,6 @@ NEW_TOKEN = "export D2C_SERVE_TOKEN=$(python -c 'import secrets; print(secrets.t
 replica_options = options(
     click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
                  help="generator replicas, each with its own set of stages (one GPU each where the cluster has GPUs)"),
-    click.option("--max-batch", type=click.IntRange(min=1), default=None,
-                 help="images per generation, merged across requests (default: the exported max batch)"),
     click.option("--batch-wait-ms", type=Finite(min=0.0, max=10_000.0), default=20.0, show_default=True,
                  help="how long a replica waits for more requests to merge after the first"),
     click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
@@ -36,7 +34,8 @@ replica_options = options(
     click.option("--gpus-per-replica", type=Finite(min=0.0), default=None,
                  help="GPUs per replica (default: 1 where the Ray cluster has GPUs, else 0)"),
     click.option("--threads", type=click.IntRange(min=0), default=0, help="stage threads per replica (0: its CPUs)"),
-    click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True),
+    click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+                 help="TCP port of the HTTP proxy"),
     click.option("--address", default=None, help="an existing Ray cluster (ray://HOST:10001 or auto); default: a "
                  "local Ray instance"),
     click.option("--num-cpus", type=click.IntRange(min=1), default=None,
@@ -134,10 +133,12 @@ def _start(options, gpus_per_replica, address, num_cpus, host, port) -> str:
 @engines_option
 @backend_options
 @replica_options
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="images per generation, merged across requests (default: the exported max batch)")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address the HTTP proxy listens on")
 @quiet_option
-def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue, replica_cpus,
-              gpus_per_replica, threads, port, address, num_cpus, host, quiet):
+def serve_cli(engines_dir, backend, precision, replicas, batch_wait_ms, max_queue, replica_cpus, gpus_per_replica,
+              threads, port, address, num_cpus, max_batch, host, quiet):
     from d2c_export.serve import cluster
     setup_logging(quiet)
     token = serve_token()
@@ -167,7 +168,8 @@ def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_m
               "instead of starting one: one run at its own max batch; D2C_SERVE_TOKEN is sent as the bearer token")
 @click.option("--max-batches", "max_batches", default="16,1", show_default=True, callback=int_list,
               help="one run per value of the server's max batch")
-@click.option("--clients", type=click.IntRange(1, 256), default=16, show_default=True)
+@click.option("--clients", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="concurrent clients, each sending one request at a time")
 @click.option("--requests", type=click.IntRange(min=1), default=96, show_default=True, help="requests per run")
 @click.option("--duration", type=Finite(min=1.0, max=3600.0), default=300.0, show_default=True,
               help="seconds per run at most")
@@ -179,14 +181,12 @@ def serve_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_m
 @sampling_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write every run as JSON here")
 @quiet_option
-def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms, max_queue, replica_cpus,
+def load_cli(engines_dir, backend, precision, replicas, batch_wait_ms, max_queue, replica_cpus,
              gpus_per_replica, threads, port, address, num_cpus, url, max_batches, clients, requests, duration,
              kill_replica_at, slow_clients, json_path, quiet, **flags):
     from d2c_export.serve import cluster
     setup_logging(quiet)
     checked_out(json_path, "--json")
-    if max_batch is not None:
-        raise click.UsageError("--max-batch: give the runs' max batches with --max-batches")
     settings = given_settings(flags)
     token = serve_token()
     load = dict(clients=clients, requests=requests, duration=duration, slow_clients=slow_clients, token=token,
@@ -201,8 +201,13 @@ def load_cli(engines_dir, backend, precision, replicas, max_batch, batch_wait_ms
         runs = [(f"max batch {b}", b, None) for b in max_batches]
         if kill_replica_at is not None:
             runs.append((f"max batch {max_batches[0]}, replica killed", max_batches[0], kill_replica_at))
-        checked = [_serve_options(engines_dir, backend, precision, replicas, b, batch_wait_ms, max_queue,
-                                  replica_cpus, threads, token) for _, b, _ in runs]
+        try:
+            checked = [_serve_options(engines_dir, backend, precision, replicas, b, batch_wait_ms, max_queue,
+                                      replica_cpus, threads, token) for _, b, _ in runs]
+        except UserError as exc:  # a run's max batch is one of --max-batches
+            spell = flag_spelling(load_cli)
+            raise click.UsageError(exc.render(lambda name, value=None: spell(
+                "max_batches" if name == "max_batch" else name, value))) from None
         _refuse_before_ray(checked[0], gpus_per_replica, address, num_cpus, "127.0.0.1", port)
         log_auth(token, "127.0.0.1", port)
         try:

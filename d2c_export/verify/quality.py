@@ -4,10 +4,12 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from d2c_export.backends import open_backend
 from d2c_export.engines import Engines
@@ -83,14 +85,17 @@ def quality_labels(per_class: int) -> list[int]:
 
 
 def sample_quality(stages, labels: list[int], params: SamplingParams, seed: int, classifier: ShapesClassifier,
-                   reference: np.ndarray, progress: bool = False) -> tuple[float, float, Tensor]:
-    """Generate `labels` in batches of the stages' max batch (batch i seeded seed + i); returns (accuracy %,
-    Frechet distance, images)."""
+                   reference: np.ndarray, progress: bool | str = False,
+                   done: Callable[[int], object] | None = None) -> tuple[float, float, Tensor]:
+    """Generate `labels` in batches of the stages' max batch (batch i seeded seed + i), calling `done(images)` after
+    each; returns (accuracy %, Frechet distance, images)."""
     batch = stages.max_batch
     chunks = []
     for i in range(0, len(labels), batch):
         result, _ = generate_images(stages, labels[i:i + batch], params, seed + i // batch, progress)
         chunks.append(result.images)
+        if done is not None:
+            done(len(result.images))
     images = torch.cat(chunks)
     return (*score_images(classifier, images, labels, reference), images)
 
@@ -133,10 +138,14 @@ def evaluate_backends(engines: Engines, targets: list[Target], per_class: int, p
         backends = [opened.enter_context(open_backend(engines, t, threads)) for t in targets]  # all before sampling
         reference = real_features(classifier, real_per_class)
         labels = quality_labels(per_class)
+        overall = opened.enter_context(tqdm(total=len(targets) * len(variants) * len(labels), unit="img",
+                                            disable=not progress, desc=f"d2c-quality: {len(targets)} backend(s) x "
+                                            f"{len(variants)} sampler(s) x {len(labels)} images"))
         for target, backend in zip(targets, backends):
             baseline = None
             for sampler, settings in variants.items():
-                acc, fd, images = sample_quality(backend, labels, settings, seed, classifier, reference, progress)
+                acc, fd, images = sample_quality(backend, labels, settings, seed, classifier, reference,
+                                                 progress and "d2c-quality", overall.update)
                 baseline = images if baseline is None else baseline
                 distance = None if sampler is None else float((images - baseline).abs().mean())
                 reports.append(QualityReport(target.name, backend.description, len(labels), acc, fd, sampler,
@@ -159,6 +168,14 @@ def gate_failures(reports: list[QualityReport], max_drop: float = MAX_ACCURACY_D
             out.append(f"{r.name}: Frechet {r.frechet:.2f} is {r.frechet - ref.frechet:.2f} above "
                        f"{ref.name}'s {ref.frechet:.2f} (allowed {max_rise})")
     return out
+
+
+def below_floor(reports: list[QualityReport], min_accuracy: float | None) -> list[str]:
+    """One line per backend whose accuracy is below `min_accuracy` percent (none when it is None)."""
+    if min_accuracy is None:
+        return []
+    return [f"{r.backend}: accuracy {r.accuracy:.1f}% is below the floor {min_accuracy:g}% (--min-accuracy)"
+            for r in reports if r.accuracy < min_accuracy]
 
 
 def markdown(reports: list[QualityReport]) -> str:

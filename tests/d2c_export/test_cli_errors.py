@@ -21,7 +21,7 @@ def test_class_out_of_range(tiny_engines_copy, tmp_path, capsys):
     out = tmp_path / "img.png"
     code, err = run_cli(run_main, ["--engines", str(tiny_engines_copy), "--class", "10", "--out", str(out),
                                    "--quiet"], capsys)
-    assert_one_line_error(code, err, "class 10", "0..9")
+    assert_one_line_error(code, err, "--class", "class 10", "0..9", "--config d2c-b", "official weights")
     assert not out.exists()
 
 

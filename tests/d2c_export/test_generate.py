@@ -120,3 +120,18 @@ def test_ort_generates_what_the_reference_generates_with_each_fast_sampler(engin
     assert timer.calls["diffusion"] == sum(counts) and timer.calls["mar"] == 8
     assert (sum(counts) < 8 * 16) == (sampler != "lazy") and full_mar_steps(8, params.lazy_mar, 5).count(False) == (
         0 if sampler == "anneal" else 2)
+
+
+def test_run_writes_the_zoomed_grid_beside_the_exact_one(engines_factory, tmp_path):
+    from PIL import Image
+
+    from d2c_export.cli import run_main
+    from d2c_export.images import GRID_ZOOM
+    out, zoomed = tmp_path / "demo.png", tmp_path / "demo_x8.png"
+    assert run_main(["--engines", str(engines_factory("d2c-tiny")), "--class", "1", "--class", "2", "--num-iter", "2",
+                     "--diffusion-steps", "3", "--out", str(out), "--zoomed", str(zoomed), "--quiet"]) == 0
+    exact, large = Image.open(out), Image.open(zoomed)
+    assert large.size == (exact.width * GRID_ZOOM, exact.height * GRID_ZOOM)
+    assert large.resize(exact.size, Image.NEAREST).tobytes() == exact.tobytes(), "each pixel a block of itself"
+    assert run_main(["--engines", str(engines_factory("d2c-tiny")), "--class", "1", "--out", str(out),
+                     "--zoomed", str(out), "--quiet"]) == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 
@@ -65,11 +66,17 @@ def test_manifest_records_what_was_built(engines_factory):
     assert not [p for p in engines.iterdir() if p.name.startswith(".")], "no temporary files left"
 
 
-def test_reexport_of_another_model_replaces_the_manifest(tmp_path):
+def test_reexport_of_another_model_replaces_the_manifest(tmp_path, caplog):
     model, source = build_model(ModelRequest(config="d2c-tiny", checkpoint=None, seed=0))
-    onnx_export.export_model(model, tmp_path, source, stages=["vae"], progress=False)
-    other, other_source = build_model(ModelRequest(config="d2c-tiny", checkpoint=None, seed=1))
-    onnx_export.export_model(other, tmp_path, other_source, stages=["cond"], progress=False)
+    with caplog.at_level(logging.INFO, logger=onnx_export.__name__):
+        onnx_export.export_model(model, tmp_path, source, stages=["vae"], progress=False)
+        assert "replacing" not in caplog.text, "a first export replaces nothing"
+        onnx_export.export_model(model, tmp_path, source, stages=["cond"], progress=False)
+        assert f"replacing stages cond of the export in {tmp_path} (the same model); keeping stages vae" in caplog.text
+        other, other_source = build_model(ModelRequest(config="d2c-tiny", checkpoint=None, seed=1))
+        onnx_export.export_model(other, tmp_path, other_source, stages=["cond"], progress=False)
+    assert f"replacing the export in {tmp_path} (d2c-tiny, max batch" in caplog.text
+    assert "every stage and build it lists (onnx-fp32) goes" in caplog.text
     manifest = Manifest.read(tmp_path / MANIFEST)
     assert manifest.source == {"random_init_seed": 1}
     assert set(manifest.stages) == {"cond"}, "stages of the previous model are not mixed in"

@@ -34,7 +34,7 @@ def test_serve_refuses_in_one_line(engines_factory, tmp_path, capsys, argv, word
 def test_load_refuses_in_one_line(engines_factory, tmp_path, capsys):
     engines = engines_factory("d2c-tiny")
     code, err = run_cli(load_main, ["--engines", engines, "--max-batches", "4,8"], capsys)
-    assert_one_line_error(code, err, "exceeds the exported profile", "--max-batch 8")
+    assert_one_line_error(code, err, "--max-batches 8 exceeds the exported profile", "--max-batch 8")
     code, err = run_cli(load_main, ["--engines", engines, "--max-batches", "0"], capsys)
     assert_one_line_error(code, err, "positive integers")
 

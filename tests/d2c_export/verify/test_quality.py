@@ -12,7 +12,7 @@ from d2c_export.export.fp16 import convert_engines
 from d2c_export.sources import DEMO_CHECKPOINT
 from d2c_export.backends import parse_list
 from d2c_export.verify.quality import (DEFAULT_CLASSIFIER, MAX_ACCURACY_DROP, MAX_FD_RISE, QualityReport,
-                                       evaluate_backends, frechet_distance, gate_failures)
+                                       below_floor, evaluate_backends, frechet_distance, gate_failures)
 from reference.pipeline import SamplingParams
 from tests.d2c_export.conftest import build_engines
 from training.classifier import load_classifier
@@ -51,6 +51,14 @@ def test_gate_flags_only_what_is_worse_than_allowed():
     assert gate_failures([ref, ok]) == []
     failures = gate_failures([ref, ok, worse])
     assert len(failures) == 2 and all(line.startswith("ort-fp16:") for line in failures)
+
+
+def test_accuracy_floor_flags_each_backend_below_it():
+    reports = [QualityReport("ort", "", 50, 96.0, 40.0), QualityReport("ort-fp16", "", 50, 89.9, 40.0)]
+    assert below_floor(reports, None) == []
+    assert below_floor(reports, 89.9) == []
+    (line,) = below_floor(reports, 90.0)
+    assert line.startswith("ort-fp16: accuracy 89.9%") and "--min-accuracy" in line
 
 
 @pytest.fixture(scope="module")
