@@ -15,7 +15,6 @@ import pytest
 
 from d2c_export.cli import run_cli, run_main
 from d2c_export.cli_support import flag_spelling
-from d2c_export.serve.api import ImageRequest, json_spelling
 from reference.errors import BadInput, Setting
 from reference.pipeline import SamplingParams
 from reference.settings import settings_of
@@ -88,6 +87,7 @@ def test_every_setting_is_a_flag_and_a_request_field_with_the_same_range(name):
     spec = next(s for s in settings_of(SamplingParams) if s.name == name)
     option = next(p for p in run_cli.params if p.name == name)
     assert option.opts == [spec.flag] and option.help == spec.help and option.default is None
+    from d2c_export.serve.api import ImageRequest  # not at the top: the GPU image collects this file without pydantic
     request = ImageRequest.model_json_schema()["properties"][name]
     assert request["description"] == spec.help
     numeric = request["anyOf"][0]
@@ -106,6 +106,7 @@ def test_errors_name_settings_as_each_front_end_does():
                      ")", setting="stage2")
     assert str(error) == "stage2: pass the VAE too (vae=PATH), or load without EMA (ema=False)"
     from d2c_export.cli import export_cli
+    from d2c_export.serve.api import json_spelling
     assert error.render(flag_spelling(export_cli)) == \
         "--checkpoint: pass the VAE too (--vae PATH), or load without EMA (--no-ema)"
     assert BadInput("too many", setting="classes").render(flag_spelling(run_cli)) == "--class: too many"
