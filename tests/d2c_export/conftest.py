@@ -48,3 +48,13 @@ def ray_local():
         yield
     finally:
         ray_cluster.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def small_bench_roofline(monkeypatch):
+    """The bench's matmul roofline at 256 x 256 in tests (2048 x 2048, twice per bench run, is about 10 s on 2 cores):
+    a report needs a positive peak to set stages against, not an accurate one (its own test measures it small too)."""
+    from functools import partial
+
+    from d2c_export.bench import roofline, run
+    monkeypatch.setattr(run, "matmul_roofline", partial(roofline.matmul_roofline, size=256, runs=2))
