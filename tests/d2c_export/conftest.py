@@ -31,6 +31,17 @@ def engines_factory(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def demo_fp16_engines(tmp_path_factory) -> Path:
+    """The shipped demo checkpoint exported with FP16 graphs (max batch 50: the quality test's 5 per class), once per
+    session for the tests that need the trained weights at FP16 (random weights sample past FP16's range). Read-only."""
+    from d2c_export.engines import Engines
+    from d2c_export.export.fp16 import convert_engines
+    out = build_engines(None, tmp_path_factory.mktemp("demo_fp16"), max_batch=50)
+    convert_engines(Engines.open(out), progress=False)
+    return out
+
+
 @pytest.fixture()
 def tiny_engines_copy(engines_factory, tmp_path) -> Path:
     """A private copy of the d2c-tiny engines that a test may damage."""

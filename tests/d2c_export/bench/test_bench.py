@@ -135,7 +135,8 @@ def assert_complete(out: Path, backends: list[str], batches: list[int], config: 
         assert c["end_to_end_s"]["p10"] <= c["end_to_end_s"]["median"] <= c["end_to_end_s"]["p90"]
         assert 0 < c["overhead_fraction"] < 1
         assert len(c["raw"]["wall_s"]) == summary["repeat"]
-        assert math.isfinite(c["speedup_vs_torch"]) and c["speedup_vs_torch"] > 0
+        if "torch" in backends:
+            assert math.isfinite(c["speedup_vs_torch"]) and c["speedup_vs_torch"] > 0
     table = (out / "bench.md").read_text()
     for backend, batch in cells:
         for stage in stages:
@@ -202,21 +203,14 @@ def test_bad_requests_are_one_clear_error(engines_factory, tmp_path, capsys, arg
     assert not out.exists()
 
 
-def test_ort_fp16_column(tmp_path, capsys):
-    # Trained weights: random ones give latents beyond FP16's range, which the runtime refuses.
-    from d2c_export.export.fp16 import convert_engines
-    from d2c_export.export.onnx import export_model
-    from d2c_export.sources import ModelRequest, build_model
-    from reference.model import RECOMMENDED_SAMPLING
-    engines = tmp_path / "engines"
-    model, source = build_model(ModelRequest())  # the trained demo
-    export_model(model, engines, source, max_batch=2, progress=False, sampling=RECOMMENDED_SAMPLING["d2c-demo"])
-    convert_engines(Engines.open(engines), progress=False)
+def test_ort_fp16_column(demo_fp16_engines, tmp_path, capsys):
+    # Trained weights (the session's demo export with FP16 graphs): random ones give latents beyond FP16's range,
+    # which the runtime refuses.
     out = tmp_path / "report"
-    code = bench_main(["--engines", str(engines), "--backends", "torch,ort,ort-fp16", "--batch", "2",
+    code = bench_main(["--engines", str(demo_fp16_engines), "--backends", "torch,ort,ort-fp16", "--batch", "2",
                        "--out", str(out), *TINY_ARGS])
     assert code == 0, capsys.readouterr().err
-    assert_complete(out, ["torch", "ort", "ort-fp16"], [2], model.config.name)
+    assert_complete(out, ["torch", "ort", "ort-fp16"], [2], Engines.open(demo_fp16_engines).config.name)
 
 
 def d2c_b_widths():
@@ -241,12 +235,13 @@ def test_stage_flops_at_d2c_b_widths_equal_torch_flop_counter():
 @pytest.mark.slow
 def test_bench_on_d2c_b(engines_factory, tmp_path, capsys):
     """The full-size architecture end to end: what only full size shows is that the bench measures and reports
-    every stage of d2c-b's own exported graphs (the engines shared with the d2c-b generation test)."""
+    every stage of d2c-b's own exported graphs (the engines shared with the d2c-b generation test, which runs the
+    torch backend on them too; a torch column here would add three d2c-b generations and show nothing more)."""
     out = tmp_path / "report"
-    code = bench_main(["--engines", str(engines_factory("d2c-b")), "--backends", "torch,ort", "--batch", "1",
+    code = bench_main(["--engines", str(engines_factory("d2c-b")), "--backends", "ort", "--batch", "1",
                        "--num-iter", "2", "--diffusion-steps", "2", "--repeat", "1", "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
-    assert_complete(out, ["torch", "ort"], [1], "d2c-b")
+    assert_complete(out, ["ort"], [1], "d2c-b")
 
 
 def test_gpu_memory_is_the_drivers_figure_next_to_torchs(monkeypatch):

@@ -8,13 +8,11 @@ import pytest
 
 from d2c_export.cli import quality_main
 from d2c_export.engines import Engines
-from d2c_export.export.fp16 import convert_engines
 from d2c_export.sources import DEMO_CHECKPOINT
 from d2c_export.backends import parse_list
 from d2c_export.verify.quality import (DEFAULT_CLASSIFIER, MAX_ACCURACY_DROP, MAX_FD_RISE, QualityReport,
                                        below_floor, evaluate_backends, frechet_distance, gate_failures)
 from reference.pipeline import SamplingParams
-from tests.d2c_export.conftest import build_engines
 from training.classifier import load_classifier
 
 CHEAP = SamplingParams(cfg=1.0, num_iter=4, diffusion_steps=500)  # what CI affords; the README lists full figures
@@ -62,13 +60,12 @@ def test_accuracy_floor_flags_each_backend_below_it():
 
 
 @pytest.fixture(scope="module")
-def demo_engines(tmp_path_factory):
+def demo_engines(demo_fp16_engines):
     """The shipped demo checkpoint (the default source of `d2c-export onnx`), exported with FP16 graphs."""
-    out = build_engines(None, tmp_path_factory.mktemp("demo_engines"), max_batch=PER_CLASS * 10)
-    engines = Engines.open(out)
+    engines = Engines.open(demo_fp16_engines)
     assert engines.source["checkpoint"] == str(DEMO_CHECKPOINT)
-    convert_engines(engines, progress=False)
-    return out
+    assert engines.has("onnx-fp16") and engines.max_batch >= PER_CLASS * 10
+    return demo_fp16_engines
 
 
 def test_every_cpu_backend_keeps_the_reference_quality(demo_engines):
