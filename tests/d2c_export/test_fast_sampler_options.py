@@ -10,7 +10,6 @@ import pytest
 from d2c_export.bulk.cli import generate_cli, generate_main
 from d2c_export.cli import bench_cli, bench_main, quality_cli, run_cli, run_main
 from d2c_export.engines import Engines
-from d2c_export.serve.api import ImageRequest, error_answer, resolve
 from reference.pipeline import SamplingParams
 from reference.settings import settings_of
 from tests.d2c_export.cli_helpers import assert_one_line_error
@@ -29,6 +28,7 @@ def test_every_command_takes_the_fast_samplers_settings_as_flags(command):
     flags = {p.name: p for p in command.params}
     for name in FAST_SETTINGS:
         assert flags[name].opts == [specs[name].flag] and flags[name].help == specs[name].help
+    from d2c_export.serve.api import ImageRequest  # not at the top: no pydantic on the GPU image
     fields = ImageRequest.model_json_schema()["properties"]
     assert all(fields[name]["description"] == specs[name].help for name in FAST_SETTINGS)
 
@@ -66,6 +66,7 @@ def test_d2c_bench_records_the_expanded_preset_in_bench_json(engines_factory, tm
 
 
 def test_the_api_takes_the_preset_and_records_what_it_stands_for(engines_factory):
+    from d2c_export.serve.api import ImageRequest, resolve  # not at the top: no pydantic on the GPU image
     engines = Engines.open(engines_factory("d2c-tiny"))
     request = ImageRequest.model_validate({"class": [1, 2], "sampler": "fast", "cfg": 3.0, "num_iter": 8,
                                            "diffusion_steps": 16})
@@ -81,6 +82,7 @@ def test_the_api_takes_the_preset_and_records_what_it_stands_for(engines_factory
     ({"diffusion_anneal": "linear", "diffusion_steps": 4, "diffusion_floor": 5}, ["diffusion_floor: 5 is above"]),
 ])
 def test_the_api_refuses_what_cannot_run_in_one_line_with_its_json_names(engines_factory, body, words):
+    from d2c_export.serve.api import ImageRequest, error_answer, resolve  # not at the top: no pydantic on the GPU image
     engines = Engines.open(engines_factory("d2c-tiny"))
     with pytest.raises(ValueError) as caught:
         resolve(ImageRequest.model_validate({"class": 1, **body}), engines, max_images=64)
