@@ -36,7 +36,9 @@ def assert_same(got: tuple, want: tuple, what) -> None:
 
 
 def d2c_b_shaped():
-    """d2c-b's structure (256 discrete tokens, 16x16 latent grid of 16 channels, Q-Former, 256 px) at tiny widths."""
+    """d2c-b's structure (256 discrete tokens, 16x16 latent grid of 16 channels, Q-Former, 256 px) at tiny widths,
+    with a vocabulary of 1024 ids: the loop draws a uniform per id for every discrete token (float64), which at
+    d2c-b's 16384 ids took most of a generation on the CPU and is no part of what these tests check."""
     from reference.gpt import GPTArgs
     from reference.model import D2CConfig, PRESETS
     from reference.vae import VAEArgs
@@ -44,8 +46,9 @@ def d2c_b_shaped():
     vae = VAEArgs(embed_dim=16, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, resolution=256, attn_resolutions=())
     mar = b.mar.__class__(**{**vars(b.mar), "encoder_embed_dim": 32, "encoder_depth": 1, "encoder_num_heads": 2,
                               "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "diffloss_d": 1,
-                              "diffloss_w": 32, "qformer_depth": 1, "qformer_num_heads": 2, "class_num": 10})
-    gpt = GPTArgs(dim=32, n_layer=2, n_head=2, vocab_size=b.gpt.vocab_size, block_size=256, num_classes=10)
+                              "diffloss_w": 32, "qformer_depth": 1, "qformer_num_heads": 2, "class_num": 10,
+                              "codebook_size": 1024})
+    gpt = GPTArgs(dim=32, n_layer=2, n_head=2, vocab_size=1024, block_size=256, num_classes=10)
     config = D2CConfig("d2c-b-shaped", mar, vae, gpt)
     return config, PRESETS
 
