@@ -61,28 +61,40 @@ def _stage_choice():
               help="native checkpoint (.safetensors with its config), or an official MAR / D2C stage-2 file")
 @official_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the random weights with --config")
-@click.option("--out", "--engines", "out", type=OutputPath(file_okay=False, path_type=Path), default=DEFAULT_ENGINES,
-              show_default=True, help="engines directory to write (the graphs and manifest.json)")
+@click.option("--out", type=OutputPath(file_okay=False, path_type=Path), default=None,
+              show_default=str(DEFAULT_ENGINES), help="engines directory to write (the graphs and manifest.json)")
+@click.option("--engines", "engines_dir", type=OutputPath(file_okay=False, path_type=Path),
+              help="another name for --out")
+@click.option("--class-names", type=click.Path(dir_okay=False, path_type=Path),
+              help="a name per class to record, in class order: a text file, one name a line, or a .json list "
+              "(default: the demo's shapes and colours for the demo; numbers otherwise)")
 @click.option("--opset", type=click.IntRange(min=DEFAULT_OPSET, max=23), default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset")
 @click.option("--max-batch", type=click.IntRange(1, MAX_EXPORT_BATCH), default=DEFAULT_MAX_BATCH, show_default=True,
               help="images per call the profiles admit")
 @click.option("--fp16", is_flag=True, help="also write mixed-precision <stage>.fp16.onnx graphs (FP32 where FP16 breaks)")
 @quiet_option
-def _onnx(stage, config, checkpoint, seed, out, opset, max_batch, fp16, quiet, **official):
+def _onnx(stage, config, checkpoint, seed, out, engines_dir, class_names, opset, max_batch, fp16, quiet, **official):
+    from d2c_export.class_names import check_class_names, read_class_names
     from d2c_export.export.onnx import export_file_names, export_model
     from d2c_export.sources import ModelRequest, OfficialParts, build_model
     setup_logging(quiet)
+    if out is not None and engines_dir is not None:
+        raise BadInput("--engines is another name for --out; give one of them")
+    out, flag = (engines_dir, "--engines") if engines_dir is not None else (out or DEFAULT_ENGINES, "--out")
     if fp16:
         from d2c_export.export.fp16 import converter
         converter()  # installed, before the FP32 export
-    check_output_dir(out, flag="--out")
-    check_apart_from_inputs({"--out": [out / name for name in export_file_names(stage)]},
-                            [p for p in (checkpoint, official["gpt"], official["vae"]) if p is not None])
+    check_output_dir(out, flag=flag)
+    inputs = [p for p in (checkpoint, official["gpt"], official["vae"], class_names) if p is not None]
+    check_apart_from_inputs({flag: [out / name for name in export_file_names(stage)]}, inputs)
+    names = read_class_names(class_names) if class_names is not None else None
     parts = OfficialParts(**official)
     model, source = build_model(ModelRequest(config=config, checkpoint=checkpoint, seed=seed, parts=parts))
+    if names is not None:
+        check_class_names(names, model.config.num_classes, str(class_names))
     stages = "all" if stage == "all" else [stage]
-    export_model(model, out, source, stages, opset=opset, max_batch=max_batch, progress=not quiet)
+    export_model(model, out, source, stages, opset=opset, max_batch=max_batch, progress=not quiet, class_names=names)
     engines = Engines.open(out)
     if fp16:
         from d2c_export.export.fp16 import convert_engines
@@ -185,6 +197,9 @@ def run_cli(engines_dir, classes, num_images, seed, batch_order, backend, precis
                   f"--num-images {num_images} is {n}), or re-export with "
                   f"`{engines.rebuild_command('onnx-fp32', max_batch=n)}`",
                   other_classes=engines.other_classes())
+    if engines.manifest.class_names is not None:
+        names = engines.class_names
+        log.info("classes: %s", ", ".join(f"{c} ({names[c]})" for c in dict.fromkeys(classes)))
     with open_named(engines, backend, precision) as stages:
         log.info("backend: %s", stages.description)
         result, timer = generate_images(stages, labels, params, seed, progress=not quiet and "d2c-run",

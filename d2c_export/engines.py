@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
+from d2c_export.class_names import class_names_problem
 from d2c_export.errors import StaleEngines
 from d2c_export.manifest import MANIFEST, Manifest, StageEntry
 from d2c_export.sources import export_command, model_from_source
@@ -53,6 +54,11 @@ class Engines:
             raise StaleEngines(f"{exc}; re-export with `{export_hint(directory)}`") from None
         engines = cls(directory, manifest)
         engines.config  # noqa: B018  (a config that does not build is refused here, with the export command)
+        if manifest.class_names is not None:
+            problem = class_names_problem(manifest.class_names, engines.config.num_classes)
+            if problem:
+                raise StaleEngines(f"{path} is not a valid manifest: class_names: {problem}; re-export with "
+                                   f"`{engines.rebuild_command('onnx-fp32')} --class-names FILE`")
         return engines
 
     @cached_property
@@ -70,6 +76,13 @@ class Engines:
     @property
     def source(self) -> dict:
         return self.manifest.source
+
+    @property
+    def class_names(self) -> list[str]:
+        """A name per class, in class order: the manifest's, else the class numbers ("0", "1", ...)."""
+        if self.manifest.class_names is not None:
+            return list(self.manifest.class_names)
+        return [str(c) for c in range(self.config.num_classes)]
 
     @cached_property
     def sampling(self) -> SamplingParams:
@@ -104,8 +117,9 @@ class Engines:
 
     def other_classes(self) -> str:
         """How to get a model with ImageNet's 1000 classes, for a class this model does not have."""
-        shapes = " (shapes and colours)" if self.config.name == "d2c-demo" else ""
-        return (f"{self.directory} holds {self.config.name}{shapes}; for ImageNet's 1000 classes export a full-size "
+        names = self.manifest.class_names
+        named = f" (classes {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+        return (f"{self.directory} holds {self.config.name}{named}; for ImageNet's 1000 classes export a full-size "
                 "model: `d2c-export onnx --config d2c-b --out engines-b/` (random weights) or the official weights "
                 "(`d2c-export onnx --checkpoint mar_base/checkpoint-last.pth --vae kl16.ckpt --out engines-b/`), then "
                 "use `--engines engines-b/`")

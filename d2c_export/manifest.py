@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from d2c_export.class_names import CLASS_NAMES_SCHEMA
 from d2c_export.errors import StaleEngines
 from d2c_export.sources import SOURCE_SCHEMA
 from d2c_export.stages import MAX_EXPORT_BATCH
@@ -34,10 +35,12 @@ STAGE_ENTRY = Obj({"files": MapOf(HEX_DIGEST, min_len=1), "precision": Str(choic
                    "profile": MapOf(ListOf(Int(0, MAX_AXIS), min_len=3, max_len=3))},
                   {"opset": Maybe(Int(1, 1000)),
                    "tensorrt": Maybe(MapOf(OneOf(SCALAR, ListOf(SCALAR, max_len=8), MapOf(Int(0, MAX_AXIS)))))})
-# The manifest as JSON: every field typed, sizes bounded (`max_batch` by the limit an export accepts).
+# The manifest as JSON: every field typed, sizes bounded (`max_batch` by the limit an export accepts); `class_names`
+# optional (older manifests have none), checked against the model's classes when the engines open.
 MANIFEST_SCHEMA = Obj({"format_version": Int(), "config": MapOf(ANY), "config_sha256": HEX_DIGEST,
                        "source": SOURCE_SCHEMA, "max_batch": Int(1, MAX_EXPORT_BATCH), "exporter": Str(),
-                       "stages": MapOf(MapOf(STAGE_ENTRY)), "sampling": MapOf(SCALAR)})
+                       "stages": MapOf(MapOf(STAGE_ENTRY)), "sampling": MapOf(SCALAR)},
+                      {"class_names": CLASS_NAMES_SCHEMA})
 
 
 def _problem(data: dict) -> str | None:
@@ -76,6 +79,7 @@ class Manifest:
     exporter: str
     stages: dict[str, dict[str, StageEntry]] = field(default_factory=dict)  # stage -> kind ("onnx-fp32"...) -> entry
     sampling: dict = field(default_factory=dict)  # the model's recommended sampling settings (SamplingParams fields)
+    class_names: list[str] | None = None  # a name per class, in class order (None: the classes are numbered)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -92,9 +96,10 @@ class Manifest:
         return sorted({k for kinds in self.stages.values() for k in kinds})
 
     def to_dict(self) -> dict:
+        names = {} if self.class_names is None else {"class_names": self.class_names}
         return {"format_version": self.format_version, "config": self.config, "source": self.source,
                 "config_sha256": config_digest(self.config), "max_batch": self.max_batch, "exporter": self.exporter,
-                "sampling": self.sampling,
+                "sampling": self.sampling, **names,
                 "stages": {s: {k: vars(e) for k, e in kinds.items()} for s, kinds in self.stages.items()}}
 
     def save(self, directory: Path) -> None:
@@ -121,4 +126,5 @@ class Manifest:
             raise StaleEngines(f"{path} is not a valid manifest: {problem}")
         stages = {s: {k: StageEntry(**e) for k, e in kinds.items()} for s, kinds in data["stages"].items()}
         return cls(config=data["config"], source=data["source"], max_batch=data["max_batch"],
-                   exporter=data["exporter"], stages=stages, sampling=data["sampling"])
+                   exporter=data["exporter"], stages=stages, sampling=data["sampling"],
+                   class_names=data.get("class_names"))

@@ -20,6 +20,7 @@ CLASSES: tuple[tuple[str, str], ...] = (
     ("triangle", "magenta"), ("cross", "red"), ("cross", "cyan"), ("ring", "yellow"), ("ring", "green"),
 )
 NUM_CLASSES = len(CLASSES)
+CLASS_NAMES = tuple(f"{colour} {shape}" for shape, colour in CLASSES)  # "red circle": the demo export records these
 
 
 @dataclass(frozen=True)

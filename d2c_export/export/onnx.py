@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from d2c_export.class_names import check_class_names, class_names_problem, default_class_names
 from d2c_export.errors import BadInput, EngineError
 from d2c_export.manifest import MANIFEST, Manifest, StageEntry, config_digest
 from d2c_export.sources import DEFAULT_OPSET
@@ -111,20 +112,24 @@ def export_stage(model: D2C, spec: StageSpec, out_dir: Path, opset: int = DEFAUL
 
 def export_model(model: D2C, out_dir: str | Path, source: dict, stages: str | list[str] = "all",
                  opset: int = DEFAULT_OPSET, max_batch: int = DEFAULT_MAX_BATCH, progress: bool = True,
-                 sampling: dict | None = None) -> Manifest:
+                 sampling: dict | None = None, class_names: list[str] | None = None) -> Manifest:
     """Export the chosen stages and write/refresh `manifest.json`; stale stages of another model are dropped.
 
     `sampling`: the model's recommended sampling settings (SamplingParams fields) recorded for `d2c-run`; by default
-    `SamplingParams.recommended_for(model.config)`.
+    `SamplingParams.recommended_for(model.config)`. `class_names`: a name per class to record; by default the names
+    an earlier export of the same model (config and source) into `out_dir` recorded, else the demo's for the demo
+    checkpoint (`default_class_names`), else none.
     """
     out_dir = Path(out_dir)
     if not 1 <= max_batch <= MAX_EXPORT_BATCH:
         raise EngineError(f"max batch {max_batch} is outside 1..{MAX_EXPORT_BATCH}; export with --max-batch up to "
                           f"{MAX_EXPORT_BATCH}")
     check_finite(model)
+    if class_names is not None:
+        check_class_names(class_names, model.config.num_classes)
     specs = stages_for(model.config, stages)
     with output_directory(out_dir), directory_lock(out_dir, "an export"):  # a failed first export leaves no folder
-        return _export_locked(model, out_dir, source, specs, opset, max_batch, progress, sampling)
+        return _export_locked(model, out_dir, source, specs, opset, max_batch, progress, sampling, class_names)
 
 
 def replacement_note(out_dir: Path, old: Manifest, same_model: bool, stages: list[str]) -> str:
@@ -148,8 +153,16 @@ def check_finite(model: D2C) -> None:
                            "checkpoint whose weights are finite")
 
 
+def _kept_class_names(old: Manifest | None, model: D2C, source: dict) -> list[str] | None:
+    """The class names an earlier export of the same weights (config and source, at any max batch) recorded, if valid."""
+    if old is None or old.class_names is None or (config_digest(old.config), old.source) != (
+            config_digest(model.config.to_dict()), source):
+        return None
+    return None if class_names_problem(old.class_names, model.config.num_classes) else old.class_names
+
+
 def _export_locked(model: D2C, out_dir: Path, source: dict, specs: list[StageSpec], opset: int, max_batch: int,
-                   progress: bool, sampling: dict | None) -> Manifest:
+                   progress: bool, sampling: dict | None, class_names: list[str] | None) -> Manifest:
     for leftover in remove_leftovers(out_dir):
         log.info("removed %s, left by an interrupted export", leftover.name)
     config_dict = model.config.to_dict()
@@ -166,6 +179,9 @@ def _export_locked(model: D2C, out_dir: Path, source: dict, specs: list[StageSpe
     if old is not None:
         log.info("%s", replacement_note(out_dir, old, same_model, [s.name for s in specs]))
     recommended = SamplingParams.recommended_for(model.config) if sampling is None else sampling
+    if class_names is None:
+        class_names = _kept_class_names(old, model, source)
+    manifest.class_names = class_names if class_names is not None else default_class_names(source)
     manifest.sampling = SamplingParams(**recommended).as_dict()  # every setting, recorded with its value
     bar = tqdm(specs, desc="d2c-export onnx", unit="stage", disable=not progress)
     for spec in bar:

@@ -104,8 +104,9 @@ class ModelInfo(BaseModel):
     config_name: str
     config: dict
     classes: int
-    class_names: list[str] = Field(description="a name per class: the shape and colour for the demo model, else the "
-                                               "class number")
+    class_names: list[str] = Field(description="a name per class, in class order: the names the manifest records "
+                                               "(`d2c-export onnx --class-names`; the demo's shape and colour), else "
+                                               "the class numbers")
     image_size: int
     max_batch: int = Field(description="images per generation (and per request) this server admits")
     exported_max_batch: int
@@ -126,18 +127,6 @@ class Health(BaseModel):
 
 class ErrorBody(BaseModel):
     error: str = Field(description="one line naming the problem")
-
-
-DEMO_CONFIG = "d2c-demo"  # trained on the synthetic shapes, whose classes have names (training.data.CLASSES)
-
-
-def class_names(config_name: str, classes: int) -> list[str]:
-    """A name per class, as the page shows them: "red circle" for the demo model's classes, else "0", "1", ..."""
-    if config_name == DEMO_CONFIG:
-        from training.data import CLASSES
-        if len(CLASSES) == classes:
-            return [f"{colour} {shape}" for shape, colour in CLASSES]
-    return [str(c) for c in range(classes)]
 
 
 def validation_message(exc: ValidationError | list) -> str:

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from d2c_export.engines import Engines
 from d2c_export.errors import BackendUnavailable, BadInput, Setting, UserError, one_line
 from d2c_export.manifest import MANIFEST
-from d2c_export.serve.api import (ApiError, ErrorBody, Health, ImageRequest, ImagesResponse, ModelInfo, class_names,
+from d2c_export.serve.api import (ApiError, ErrorBody, Health, ImageRequest, ImagesResponse, ModelInfo,
                                   error_answer, resolve, validation_message)
 from d2c_export.serve.batching import Job, JobResult, batch_images, run_batch
 from d2c_export.serve.guard import BODY_TIMEOUT_S, GuardLimits, RequestGuard
@@ -103,7 +103,7 @@ class Generator:
         target = self.stages.target
         self.info = ModelInfo(config_name=engines.config.name, config=engines.manifest.config,
                               classes=engines.config.num_classes, image_size=engines.config.image_size,
-                              class_names=class_names(engines.config.name, engines.config.num_classes),
+                              class_names=engines.class_names,
                               max_batch=self.max_batch, exported_max_batch=engines.max_batch,
                               backend=self.stages.description, precision=target.precision.value,
                               sampling=engines.sampling.as_dict(),
