@@ -29,7 +29,7 @@ def class_names_problem(names: object, num_classes: int) -> str | None:
         return f"{len(names)} names for the model's {num_classes} classes"
     for i, name in enumerate(names):
         if not isinstance(name, str):
-            return f"name {i} is a {type(name).__name__}, not a string"
+            return f"name {i} is not a string"
         if not name.strip():
             return f"name {i} is empty"
         if len(name) > MAX_CLASS_NAME:

@@ -132,6 +132,18 @@ JSON_FILES = [
         lambda d: d["stages"]["vae"]["onnx-fp32"].__setitem__("inputs", ["latents"])), ["manifest.json", "inputs"]),
     ("manifest-tensorrt-list", run_main, RUN, edit_manifest(
         lambda d: d["stages"]["vae"]["onnx-fp32"].__setitem__("tensorrt", [1])), ["manifest.json", "tensorrt"]),
+    ("manifest-class-names-count", run_main, RUN, manifest_field("class_names", ["a", "b"]),
+     ["manifest.json", "class_names", "2 names for the model's 10 classes", "--class-names"]),
+    ("manifest-class-names-empty", run_main, RUN, manifest_field("class_names", ["a"] * 9 + [" "]),
+     ["manifest.json", "class_names", "name 9 is empty"]),
+    ("manifest-class-names-long", run_main, RUN, manifest_field("class_names", ["a" * 101] + ["b"] * 9),
+     ["manifest.json", "class_names[0]", "101 characters (at most 100)"]),
+    ("manifest-class-names-numbers", run_main, RUN, manifest_field("class_names", list(range(10))),
+     ["manifest.json", "class_names[0]", "not a string"]),
+    ("manifest-class-names-object", run_main, RUN, manifest_field("class_names", {"0": "cat"}),
+     ["manifest.json", "class_names", "not a list"]),
+    ("manifest-class-names-newline", run_main, RUN, manifest_field("class_names", ["a"] * 9 + ["b\nerror: c"]),
+     ["manifest.json", "class_names", "name 9", "control character"]),
     ("manifest-file-name-number", run_main, RUN, edit_manifest(
         lambda d: d["stages"]["vae"]["onnx-fp32"].__setitem__("files", {"vae.onnx": 7})), ["manifest.json", "files"]),
     ("checkpoint-config-deep", export_main, ["onnx", "--checkpoint", "{ws}/tiny.safetensors", "--out", "{ws}/new"],
