@@ -1,9 +1,11 @@
 """The session's local Ray instance (`ray_local`, shared with the bulk tests) and one deployment of the d2c-tiny
-engines for the whole test session, behind a bearer token, on a free loopback port (a 5 s body deadline)."""
+engines for the whole test session, behind a bearer token, on a free loopback port (a 5 s body deadline); its
+manifest records class names (`CLASS_NAMES`), as `d2c-export onnx --class-names` writes them."""
 from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from d2c_export.manifest import MANIFEST, Manifest
 from d2c_export.serve import cluster
 from d2c_export.serve.api import token_digest
 from d2c_export.serve.app import ServeOptions
@@ -19,6 +22,7 @@ TOKEN = "test-token-0123"
 MAX_BATCH = 4  # the session engines' exported max batch (tests/d2c_export/conftest.py)
 FAST = {"num_iter": 2, "diffusion_steps": 3}  # settings that make a d2c-tiny generation take milliseconds
 BODY_TIMEOUT_S = 5.0  # the session server's body deadline (shorter than the default, to keep the tests short)
+CLASS_NAMES = ["apple", "bee", "cloud", "dune", "egg", "fern", "gate", "hill", "ink", "jade"]  # d2c-tiny: 10 classes
 
 
 @dataclass
@@ -59,8 +63,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def served(engines_factory, ray_local) -> Served:
-    engines = engines_factory("d2c-tiny")
+def served(engines_factory, ray_local, tmp_path_factory) -> Served:
+    engines = tmp_path_factory.mktemp("served") / "engines"
+    shutil.copytree(engines_factory("d2c-tiny"), engines)
+    manifest = Manifest.read(engines / MANIFEST)
+    manifest.class_names = CLASS_NAMES
+    manifest.save(engines)
     options = ServeOptions(engines_dir=str(engines), backend="ort", replicas=1, batch_wait_s=0.25, max_queue=4,
                            replica_cpus=1, threads=1, timeout_s=60, body_timeout_s=BODY_TIMEOUT_S,
                            token_sha256=token_digest(TOKEN))

@@ -13,7 +13,7 @@ from PIL import Image
 from d2c_export.cli import run_main
 from d2c_export.manifest import MANIFEST
 from reference.files import sha256_file
-from tests.d2c_export.serve.conftest import FAST, MAX_BATCH
+from tests.d2c_export.serve.conftest import CLASS_NAMES, FAST, MAX_BATCH
 
 
 
@@ -53,6 +53,7 @@ def test_health_model_docs_and_page(served):
     assert status == 200 and info["config_name"] == "d2c-tiny" and info["max_batch"] == MAX_BATCH
     assert info["classes"] == served_config(served).num_classes and info["backend"].startswith("ONNX Runtime")
     assert info["manifest_sha256"] == sha256_file(served.engines / MANIFEST)
+    assert info["class_names"] == CLASS_NAMES  # the manifest's (another manifest's numbers: test_class_names.py)
     status, raw, _ = served.request("GET", "/openapi.json", token=None)
     assert status == 200 and {"/v1/images", "/v1/health", "/v1/model"} <= set(json.loads(raw)["paths"])
     status, raw, _ = served.request("GET", "/docs", token=None)
