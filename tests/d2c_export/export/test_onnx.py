@@ -68,11 +68,13 @@ def test_manifest_records_what_was_built(engines_factory):
 
 def test_reexport_of_another_model_replaces_the_manifest(tmp_path, caplog):
     model, source = build_model(ModelRequest(config="d2c-tiny", checkpoint=None, seed=0))
+    names = [f"kind {c}" for c in range(model.config.num_classes)]
     with caplog.at_level(logging.INFO, logger=onnx_export.__name__):
-        onnx_export.export_model(model, tmp_path, source, stages=["vae"], progress=False)
+        onnx_export.export_model(model, tmp_path, source, stages=["vae"], progress=False, class_names=names)
         assert "replacing" not in caplog.text, "a first export replaces nothing"
         onnx_export.export_model(model, tmp_path, source, stages=["cond"], progress=False)
         assert f"replacing stages cond of the export in {tmp_path} (the same model); keeping stages vae" in caplog.text
+        assert Manifest.read(tmp_path / MANIFEST).class_names == names, "the same model keeps its class names"
         other, other_source = build_model(ModelRequest(config="d2c-tiny", checkpoint=None, seed=1))
         onnx_export.export_model(other, tmp_path, other_source, stages=["cond"], progress=False)
     assert f"replacing the export in {tmp_path} (d2c-tiny, max batch" in caplog.text
@@ -80,3 +82,4 @@ def test_reexport_of_another_model_replaces_the_manifest(tmp_path, caplog):
     manifest = Manifest.read(tmp_path / MANIFEST)
     assert manifest.source == {"random_init_seed": 1}
     assert set(manifest.stages) == {"cond"}, "stages of the previous model are not mixed in"
+    assert manifest.class_names is None, "another model's classes are not named by the previous one's names"
