@@ -61,13 +61,14 @@ def _stage_choice():
               help="native checkpoint (.safetensors with its config), or an official MAR / D2C stage-2 file")
 @official_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the random weights with --config")
-@click.option("--out", type=OutputPath(file_okay=False, path_type=Path), default=None,
-              show_default=str(DEFAULT_ENGINES), help="engines directory to write (the graphs and manifest.json)")
+@click.option("--out", type=OutputPath(file_okay=False, path_type=Path), default=DEFAULT_ENGINES, show_default=True,
+              help="engines directory to write (the graphs and manifest.json)")
 @click.option("--engines", "engines_dir", type=OutputPath(file_okay=False, path_type=Path),
               help="another name for --out")
 @click.option("--class-names", type=click.Path(dir_okay=False, path_type=Path),
-              help="a name per class to record, in class order: a text file, one name a line, or a .json list "
-              "(default: the demo's shapes and colours for the demo; numbers otherwise)")
+              help="a name per class to record, in class order: a text file of one name a line, or a .json list of "
+              "strings (default: the names an export of the same model in --out has, the demo's shapes and colours "
+              "for the demo, else none: the classes are numbered)")
 @click.option("--opset", type=click.IntRange(min=DEFAULT_OPSET, max=23), default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset")
 @click.option("--max-batch", type=click.IntRange(1, MAX_EXPORT_BATCH), default=DEFAULT_MAX_BATCH, show_default=True,
@@ -79,9 +80,10 @@ def _onnx(stage, config, checkpoint, seed, out, engines_dir, class_names, opset,
     from d2c_export.export.onnx import export_file_names, export_model
     from d2c_export.sources import ModelRequest, OfficialParts, build_model
     setup_logging(quiet)
-    if out is not None and engines_dir is not None:
-        raise BadInput("--engines is another name for --out; give one of them")
-    out, flag = (engines_dir, "--engines") if engines_dir is not None else (out or DEFAULT_ENGINES, "--out")
+    if engines_dir is not None:  # --out's other name: its errors name --engines
+        if click.get_current_context().get_parameter_source("out") != click.core.ParameterSource.DEFAULT:
+            raise BadInput("--engines is another name for --out; give one of them")
+    out, flag = (engines_dir, "--engines") if engines_dir is not None else (out, "--out")
     if fp16:
         from d2c_export.export.fp16 import converter
         converter()  # installed, before the FP32 export
