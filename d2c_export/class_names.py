@@ -17,8 +17,8 @@ from reference.model import MAX_CONFIG_INT
 MAX_CLASS_NAME = 100  # characters of one class name
 # The manifest's `class_names` as JSON (bounded; `class_names_problem` checks the rest against the model)
 CLASS_NAMES_SCHEMA = ListOf(Str(max_len=MAX_CLASS_NAME), max_len=MAX_CONFIG_INT)
-NAMES_FIX = (f"give one name per class, in class order, each printable and 1 to {MAX_CLASS_NAME} characters: a text "
-             "file of one name per line, or a .json file of a list of strings")
+NAMES_FIX = (f"give one name per class, in class order, each printable, not blank and at most {MAX_CLASS_NAME} "
+             "characters: a text file of one name per line, or a .json file of a list of strings")
 
 
 def class_names_problem(names: object, num_classes: int) -> str | None:
@@ -31,7 +31,7 @@ def class_names_problem(names: object, num_classes: int) -> str | None:
         if not isinstance(name, str):
             return f"name {i} is not a string"
         if not name.strip():
-            return f"name {i} is empty"
+            return f"name {i} is empty or blank"
         if len(name) > MAX_CLASS_NAME:
             return f"name {i} has {len(name)} characters (at most {MAX_CLASS_NAME})"
         if not name.isprintable():

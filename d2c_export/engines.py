@@ -58,7 +58,8 @@ class Engines:
             problem = class_names_problem(manifest.class_names, engines.config.num_classes)
             if problem:
                 raise StaleEngines(f"{path} is not a valid manifest: class_names: {problem}; re-export with "
-                                   f"`{engines.rebuild_command('onnx-fp32')} --class-names FILE`")
+                                   f"`{engines.rebuild_command('onnx-fp32')}` (and --class-names FILE to name the "
+                                   "classes)")
         return engines
 
     @cached_property
