@@ -10,10 +10,10 @@ import os
 import pytest
 
 from d2c_export.class_names import default_class_names, read_class_names
-from d2c_export.cli import export_main
+from d2c_export.cli import export_main, run_main
 from d2c_export.engines import Engines
 from d2c_export.export.onnx import export_model
-from d2c_export.manifest import MANIFEST
+from d2c_export.manifest import MANIFEST, Manifest
 from d2c_export.sources import ModelRequest, build_model
 from tests.d2c_export.cli_helpers import assert_one_line_error, run_cli, snapshot
 
@@ -44,6 +44,16 @@ def test_a_json_list_is_read_as_it_is(tmp_path):
 def test_a_manifest_without_names_numbers_the_classes(tiny_engines_copy):
     assert "class_names" not in json.loads((tiny_engines_copy / MANIFEST).read_text())
     assert Engines.open(tiny_engines_copy).class_names == [str(c) for c in range(10)]
+
+
+def test_d2c_run_logs_the_names_of_the_classes_it_draws(tiny_engines_copy, tmp_path, capsys):
+    manifest = Manifest.read(tiny_engines_copy / MANIFEST)
+    manifest.class_names = NAMES
+    manifest.save(tiny_engines_copy)
+    code, err = run_cli(run_main, ["--engines", tiny_engines_copy, "--class", "3", "--class", "1", "--class", "3",
+                                   "--num-iter", "2", "--diffusion-steps", "3", "--out", tmp_path / "x.png"], capsys)
+    assert code == 0, err
+    assert "classes: 3 (tiger shark), 1 (goldfish)\n" in err
 
 
 def test_the_demo_export_records_the_shapes_and_colours_and_presets_record_none(tmp_path):
