@@ -32,12 +32,20 @@ def engines_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_fp16_engines(tmp_path_factory) -> Path:
-    """The shipped demo checkpoint exported with FP16 graphs (max batch 50: the quality test's 5 per class), once per
-    session for the tests that need the trained weights at FP16 (random weights sample past FP16's range). Read-only."""
+def demo_export(tmp_path_factory) -> Path:
+    """The shipped demo checkpoint exported once per session (FP32 graphs, max batch 50: the quality test's 5 per
+    class) for the tests that need trained weights (random weights sample past FP16's range). Read-only."""
+    return build_engines(None, tmp_path_factory.mktemp("demo"), max_batch=50)
+
+
+@pytest.fixture(scope="session")
+def demo_fp16_engines(demo_export, tmp_path_factory) -> Path:
+    """The session's demo export with FP16 graphs added (a copy), for the tests that need the trained weights at
+    FP16. Read-only."""
     from d2c_export.engines import Engines
     from d2c_export.export.fp16 import convert_engines
-    out = build_engines(None, tmp_path_factory.mktemp("demo_fp16"), max_batch=50)
+    out = tmp_path_factory.mktemp("demo_fp16")
+    shutil.copytree(demo_export, out, dirs_exist_ok=True)
     convert_engines(Engines.open(out), progress=False)
     return out
 

@@ -3,6 +3,7 @@ sizes the official weights do not hold."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -41,9 +42,9 @@ def test_leftovers_of_a_killed_export_are_cleaned(tmp_path, capsys):
     assert sorted(files_in(out)) == [MANIFEST, "vae.onnx"]
 
 
-def test_reexport_of_another_model_removes_the_old_models_files(tmp_path, capsys):
+def test_reexport_of_another_model_removes_the_old_models_files(engines_factory, tmp_path, capsys):
     out = tmp_path / "eng"
-    assert run_cli(export_main, ["onnx", "--config", "d2c-tiny", "--out", out, "--quiet"], capsys)[0] == 0
+    shutil.copytree(engines_factory("d2c-tiny"), out)  # a copy of the session's d2c-tiny export
     assert "gpt.onnx" in files_in(out) and "cond.onnx" in files_in(out)
     assert run_cli(export_main, ["onnx", "--config", "d2c-tiny-none", "--out", out, "--quiet"], capsys)[0] == 0
     assert sorted(files_in(out)) == sorted([MANIFEST, "diffusion.onnx", "mar.onnx", "vae.onnx"])

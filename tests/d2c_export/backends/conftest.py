@@ -9,7 +9,6 @@ from d2c_export.engines import Engines
 from tests.d2c_export.backends.fake_cuda import FakeCudaDevice
 from tests.d2c_export.backends.fake_tensorrt import FakeTensorRT
 from tests.d2c_export.backends.trt_fakes import plans
-from tests.d2c_export.conftest import build_engines
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +17,9 @@ def engines(engines_factory) -> Engines:
 
 
 @pytest.fixture(scope="module")
-def demo_engines(tmp_path_factory) -> Engines:
-    """The trained demo (random weights sample latents past FP16's range), max batch 16."""
-    return Engines.open(build_engines(None, tmp_path_factory.mktemp("demo"), max_batch=16))
+def demo_engines(demo_export) -> Engines:
+    """The trained demo (random weights sample latents past FP16's range): the session's export, read-only."""
+    return Engines.open(demo_export)
 
 
 @pytest.fixture()

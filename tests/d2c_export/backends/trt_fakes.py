@@ -35,21 +35,28 @@ def assert_same(got: tuple, want: tuple, what) -> None:
         torch.testing.assert_close(g, w, rtol=0, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
-def d2c_b_shaped():
+def d2c_b_shaped(vae_levels: int = 5):
     """d2c-b's structure (256 discrete tokens, 16x16 latent grid of 16 channels, Q-Former, 256 px) at tiny widths,
     with a vocabulary of 1024 ids: the loop draws a uniform per id for every discrete token (float64), which at
-    d2c-b's 16384 ids took most of a generation on the CPU and is no part of what these tests check."""
+    d2c-b's 16384 ids took most of a generation on the CPU and is no part of what these tests check.
+
+    `vae_levels` below kl16's 5: the same tokens decoded by a VAE of that many levels (stride 2 ** (levels - 1)),
+    so images of 16 x stride px (the 256 px decoder's 32-channel convolutions at full size are most of the CPU time
+    of a generation at batch 16, and no part of what the backend does with the other stages)."""
     from reference.gpt import GPTArgs
     from reference.model import D2CConfig, PRESETS
     from reference.vae import VAEArgs
     b = get_config("d2c-b")
-    vae = VAEArgs(embed_dim=16, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, resolution=256, attn_resolutions=())
+    stride = 2 ** (vae_levels - 1)
+    vae = VAEArgs(embed_dim=16, ch=32, ch_mult=(1, 1, 2, 2, 4)[:vae_levels], num_res_blocks=1,
+                  resolution=16 * stride, attn_resolutions=())
     mar = b.mar.__class__(**{**vars(b.mar), "encoder_embed_dim": 32, "encoder_depth": 1, "encoder_num_heads": 2,
                               "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "diffloss_d": 1,
                               "diffloss_w": 32, "qformer_depth": 1, "qformer_num_heads": 2, "class_num": 10,
-                              "codebook_size": 1024})
+                              "codebook_size": 1024, "img_size": 16 * stride, "vae_stride": stride})
     gpt = GPTArgs(dim=32, n_layer=2, n_head=2, vocab_size=1024, block_size=256, num_classes=10)
-    config = D2CConfig("d2c-b-shaped", mar, vae, gpt)
+    name = "d2c-b-shaped" if vae_levels == 5 else f"d2c-b-shaped-{16 * stride}px"
+    config = D2CConfig(name, mar, vae, gpt)
     return config, PRESETS
 
 
