@@ -311,7 +311,7 @@ def convert_engines(engines: Engines, stages: str | list[str] = "all", progress:
 
 def _convert_locked(engines: Engines, stages: str | list[str], progress: bool) -> None:
     converter()  # before any work
-    bar = tqdm(engines.specs(stages), desc="fp16", unit="stage", disable=not progress)
+    bar = tqdm(engines.specs(stages, kind="onnx-fp32"), desc="fp16", unit="stage", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)
         start = time.perf_counter()
