@@ -91,9 +91,10 @@ class MarCachedHead(nn.Module):
         x = m.z_proj_ln(torch.cat([buffer, x], dim=1) + m.encoder_pos_embed_learned)  # (R, S, De)
         buf_idx = torch.arange(a.buffer_size, device=x.device).expand(bsz, -1)
         rows = torch.cat([buf_idx, recent + a.buffer_size], dim=1)  # (R, E) positions computed now
-        allowed = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device).scatter(
-            1, torch.cat([buf_idx, kept + a.buffer_size], dim=1), 1.0)  # (R, S): buffer and kept tokens
-        bias = torch.zeros_like(allowed).masked_fill(allowed == 0, float("-inf"))[:, None, None, :]
+        seen = torch.cat([buf_idx, kept + a.buffer_size], dim=1)  # (R, buffer + K): buffer and kept positions
+        allowed = (torch.arange(x.shape[1], device=x.device)[None, :, None] == seen[:, None, :]).any(-1)  # (R, S)
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~allowed, float("-inf"))[:, None, None, :]
         context = fusion if a.fusion is Fusion.CROSS_ATTN else None
         h = x.gather(1, rows.unsqueeze(-1).expand(-1, -1, dim))  # (R, E, De)
         enc_rows = []
@@ -103,7 +104,7 @@ class MarCachedHead(nn.Module):
         dec_rows = m.decoder_embed(m.encoder_norm(h))  # (R, E, Dd)
         dec_dim = dec_rows.shape[-1]
         dec_in = dec_in_cache.scatter(1, rows.unsqueeze(-1).expand(-1, -1, dec_dim), dec_rows)  # (R, S, Dd)
-        y = torch.where(allowed.unsqueeze(-1) > 0, dec_in, m.mask_token.to(dec_in.dtype)) + m.decoder_pos_embed_learned
+        y = torch.where(allowed.unsqueeze(-1), dec_in, m.mask_token.to(dec_in.dtype)) + m.decoder_pos_embed_learned
         for block in m.decoder_blocks[:self.cut]:
             y = block(y, context)
         cut = m.decoder_blocks[self.cut]
