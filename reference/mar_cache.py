@@ -46,7 +46,7 @@ def attend_cached(attn: Attention, x: Tensor, rows: Tensor, k_cache: Tensor, v_c
     not attended. -> (output (R, n, D), their keys, their values (R, H, n, hd))."""
     q, k, v = (attn._heads(t) for t in attn.qkv(x).chunk(3, dim=-1))  # (R, H, n, hd)
     index = _rows_index(rows, attn.num_heads, attn.head_dim)
-    keys, values = k_cache.scatter(2, index, k), v_cache.scatter(2, index, v)  # (R, H, S, hd)
+    keys, values = k_cache.to(k.dtype).scatter(2, index, k), v_cache.to(v.dtype).scatter(2, index, v)  # (R, H, S, hd)
     scores = (q * attn.head_dim ** -0.5) @ keys.transpose(-2, -1)  # (R, H, n, S)
     if bias is not None:
         scores = scores + bias
@@ -103,7 +103,7 @@ class MarCachedHead(nn.Module):
             enc_rows += [k, v]
         dec_rows = m.decoder_embed(m.encoder_norm(h))  # (R, E, Dd)
         dec_dim = dec_rows.shape[-1]
-        dec_in = dec_in_cache.scatter(1, rows.unsqueeze(-1).expand(-1, -1, dec_dim), dec_rows)  # (R, S, Dd)
+        dec_in = dec_in_cache.to(dec_rows.dtype).scatter(1, rows.unsqueeze(-1).expand(-1, -1, dec_dim), dec_rows)
         y = torch.where(allowed.unsqueeze(-1), dec_in, m.mask_token.to(dec_in.dtype)) + m.decoder_pos_embed_learned
         for block in m.decoder_blocks[:self.cut]:
             y = block(y, context)

@@ -203,8 +203,8 @@ def test_fast_preset_expands_into_the_settings_it_stands_for():
     assert SamplingParams(**recorded) == p  # a recorded, expanded set expands to itself
     unguided = SamplingParams(sampler="fast", cfg=1.0)  # the token cache alone: no guidance difference to keep
     assert unguided.diffusion_anneal == "linear" and unguided.lazy_mar == 9 and unguided.lazy_mar_tokens
-    demo = SamplingParams(sampler="fast", cfg=1.0, num_iter=16, diffusion_steps=500, diffusion_floor=250)
-    assert demo.denoising_counts() == [250] * 16  # half the steps is the demo's floor already
+    demo = SamplingParams(sampler="fast", cfg=1.0, num_iter=16, diffusion_steps=500, diffusion_floor=300)
+    assert demo.denoising_counts() == [300] * 16  # the demo's floor is above half its steps
     assert SamplingParams(sampler="fast", cfg=4.0, diffusion_floor=20).denoising_counts()[-1] == 20
     with pytest.raises(BadInput, match="diffusion_floor: 250 is above the 100"):  # the demo's floor, above the steps
         SamplingParams(sampler="fast", cfg=1.0, diffusion_steps=100, diffusion_floor=250)
