@@ -94,8 +94,14 @@ class Engines:
             raise StaleEngines(f"{self.directory / MANIFEST} records invalid sampling settings ({exc}); "
                                f"re-export with `{self.rebuild_command('onnx-fp32')}`") from None
 
-    def specs(self, names: str | list[str] = "all"):
-        return stages_for(self.config, names)
+    def specs(self, names: str | list[str] = "all", kind: str | None = None):
+        """The stages of the model; with `kind`, without the optional ones not built as `kind` (older engines)."""
+        return [s for s in stages_for(self.config, names)
+                if kind is None or not s.optional or kind in self.manifest.stages.get(s.name, {})]
+
+    def absent_optional(self, kind: str) -> dict[str, str]:
+        """Optional stages (an opt-in sampler's) not built as `kind` -> the command that builds them."""
+        return {s.name: self.rebuild_command(kind) for s in self.specs() if s not in self.specs(kind=kind)}
 
     def model(self) -> D2C:
         """The reference model the engines were exported from, rebuilt (once) from the recorded source."""
@@ -127,7 +133,7 @@ class Engines:
 
     def has(self, kind: str) -> bool:
         """Whether every stage of the model has a build of `kind` recorded."""
-        return all(kind in self.manifest.stages.get(s.name, {}) for s in self.specs())
+        return all(kind in self.manifest.stages.get(s.name, {}) for s in self.specs() if not s.optional)
 
     def entry(self, stage: str, kind: str) -> StageEntry:
         """The entry of `stage` built as `kind`, every file present and matching its sha256 (checked once)."""

@@ -7,13 +7,23 @@ from typing import Sequence
 import torch
 
 from d2c_export.backends.hooks import StageThreads, StageTimer, Timed
-from d2c_export.errors import NonFiniteOutput, Setting
+from d2c_export.errors import BackendUnavailable, NonFiniteOutput, Setting
 from d2c_export.stages import stages_for
 from reference.pipeline import Generation, SamplingParams, draws_for, generate_with
 from reference.settings import check_request
 
 # The loop's own tensor math is small (see `hooks.StageThreads`); stage calls keep the caller's threads.
 LOOP_THREADS = 1
+
+
+def check_stages(stages, params: SamplingParams) -> None:
+    """Refuse settings that need stages these engines were exported without (LazyMAR's token cache's two)."""
+    absent = getattr(stages, "absent_optional", {})
+    lacking = [name for name in params.stages_needed if name in absent]
+    if lacking:
+        raise BackendUnavailable(f"lazy MAR's token cache needs the {' and '.join(lacking)} graphs, which these "
+                                 f"engines were exported without; re-export with `{absent[lacking[0]]}`, or leave "
+                                 "out ", Setting("lazy_mar_tokens"), setting="lazy_mar_tokens")
 
 
 def generate_images(stages, labels: list[int], params: SamplingParams, seed: int | Sequence[int],
@@ -28,6 +38,7 @@ def generate_images(stages, labels: list[int], params: SamplingParams, seed: int
     with the backend and batch after it when it is a string (the command's name).
     """
     check_request(stages.config, labels, max_batch=stages.max_batch, seed=seed, params=params)
+    check_stages(stages, params)
     draws = draws_for(seed, len(labels), batch_order)
     timer = StageTimer() if timer is None else timer
     stage_threads = torch.get_num_threads()

@@ -52,7 +52,8 @@ from reference.sampling import (CfgSchedule, Draws, ImageDraws, TorchDraws, cfg_
                                 guide_logits, image_seeds, mask_len_schedule, sample_gumbel, step_positions,
                                 tokens_per_step)
 from reference.mar import unpatchify
-from reference.samplers import SAMPLER_FIELDS, SAMPLER_SETS, ConditionCache, Sampler, expand_preset, full_mar_steps
+from reference.samplers import (SAMPLER_FIELDS, SAMPLER_SETS, TOKEN_CACHE_STAGES, ConditionCache, Sampler, TokenCache,
+                                expand_preset, full_mar_steps)
 from reference.settings import check_request, check_settings, setting
 from reference.stage_networks import TorchStages
 from reference.vae import LATENT_SCALE
@@ -79,17 +80,20 @@ class SamplingParams:
     top_p: float = setting(1.0, "discrete sampling: nucleus mass (1: all)", 0.0, 1.0, min_exclusive=True)
     # Fast samplers (`reference.samplers`); the defaults are the exact sampler.
     sampler: str = setting(Sampler.EXACT.value, "exact: MAR's sampler; fast: the speed preset (linear diffusion-step "
-                           "annealing from half the diffusion steps to the floor, lazy MAR steps when guided), "
-                           "recorded as the settings it stands for", choices=[s.value for s in Sampler])
+                           "annealing from half the diffusion steps to the floor, lazy MAR steps with both of "
+                           "LazyMAR's caches), recorded as the settings it stands for", choices=[s.value for s in Sampler])
     diffusion_anneal: str = setting(AnnealSchedule.OFF.value, "anneal the denoising steps over the masked steps, from "
                                     "the diffusion steps (or the annealing start) down to the floor (DiSA)",
                                     choices=[s.value for s in AnnealSchedule])
     diffusion_anneal_start: int = setting(0, "denoising steps of the first masked step when annealing (at most the "
                                           "diffusion steps); 0: the diffusion steps", 0, TRAIN_STEPS)
     diffusion_floor: int = setting(5, "denoising steps of the last masked step when annealing", 1, TRAIN_STEPS)
-    lazy_mar: int = setting(0, "lazy MAR steps (guided only): a full mar step every this many masked steps, the "
-                            "conditional half alone in between with the guidance difference kept (LazyMAR); 0: off", 0)
+    lazy_mar: int = setting(0, "lazy MAR steps (LazyMAR): a full mar step every this many masked steps; in between, "
+                            "the conditional half alone with the guidance difference kept (guided), and with the "
+                            "token cache only the changed tokens; 0: off", 0)
     lazy_mar_warmup: int = setting(5, "masked steps that run in full first with lazy MAR steps", 0)
+    lazy_mar_tokens: bool = setting(False, "lazy MAR steps also reuse the features of the tokens that changed least "
+                                    "(LazyMAR's token cache: the mar_cached and mar_fresh graphs)")
 
     def __post_init__(self) -> None:
         for name, kind in (("sampler", Sampler), ("diffusion_anneal", AnnealSchedule)):  # a member: its value
@@ -109,9 +113,18 @@ class SamplingParams:
         if self.diffusion_anneal != AnnealSchedule.OFF.value and self.diffusion_floor > self._anneal_start:
             raise BadInput(f"{self.diffusion_floor} is above the {self._anneal_start} denoising steps annealing starts "
                            "from; lower it", setting="diffusion_floor")
-        if self.lazy_mar and self.cfg == 1.0:
-            raise BadInput("needs guidance (cfg != 1): it reuses the difference of the guided halves; set ",
-                           Setting("cfg"), ", or ", Setting("lazy_mar", 0), setting="lazy_mar")
+        if self.lazy_mar_tokens and not self.lazy_mar:
+            raise BadInput("needs lazy MAR steps: set ", Setting("lazy_mar", "N"), " (a full mar step every N)",
+                           setting="lazy_mar_tokens")
+        if self.lazy_mar and self.cfg == 1.0 and not self.lazy_mar_tokens:
+            raise BadInput("without guidance (cfg 1) has nothing to reuse: its condition cache keeps the difference of "
+                           "the guided halves; set ", Setting("cfg"), ", add ", Setting("lazy_mar_tokens"), ", or ",
+                           Setting("lazy_mar", 0), setting="lazy_mar")
+
+    @property
+    def stages_needed(self) -> tuple[str, ...]:
+        """Stages beyond the exact sampler's that these settings run."""
+        return TOKEN_CACHE_STAGES if self.lazy_mar_tokens else ()
 
     @property
     def _anneal_start(self) -> int:
@@ -251,6 +264,26 @@ def sample_discrete(stages: Stages, labels: Tensor, params: SamplingParams, draw
     return torch.stack(out, dim=1)
 
 
+def mar_conditions(stages: Stages, full: bool, tokens: Tensor, kept: Tensor, pred: Tensor, labels_in: Tensor,
+                   fusion: Tensor | None, groups: int, cache: ConditionCache | None) -> Tensor:
+    """One masked step's conditions from the `mar` stage, (G*B, P, Dd): MAR's; with lazy MAR steps' condition cache
+    (`cache`), a full step's at every position with the guidance difference kept, a lazy step's from the
+    conditional half alone."""
+    bsz = tokens.shape[0]
+    if full:
+        rep = (lambda t: torch.cat([t] * groups))
+        feeds = {"tokens": rep(tokens), "kept": rep(kept), "pred": rep(pred), "labels": labels_in}
+    else:
+        feeds = {"tokens": tokens, "kept": kept, "pred": pred, "labels": labels_in[:bsz]}
+    if fusion is not None:
+        feeds["fusion"] = fusion if full else fusion[:bsz]
+    if cache is None:
+        return stages.run("mar", feeds)[0]
+    if full:
+        return cache.full(stages.run("mar", {**feeds, "pred": cache.all_positions})[0], feeds["pred"])
+    return cache.lazy(stages.run("mar", feeds)[0], pred)
+
+
 def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, params: SamplingParams,
                   draws: Draws, progress: bool | str = False) -> Tensor:
     """Stage 2: masked autoregressive steps -> (B, L, C) token latents (scaled, as MAR models them), on the device."""
@@ -269,27 +302,19 @@ def sample_tokens(stages: Stages, labels: Tensor, discrete_ids: Tensor | None, p
     counts = params.denoising_counts()  # (num_iter,) denoising steps of each masked step, a static schedule
     per_count = {c: {k: to_device(v, dev) for k, v in t.items()} for c, t in annealed_tables(counts).items()}
     full = full_mar_steps(params.num_iter, params.lazy_mar, params.lazy_mar_warmup)
-    cache = ConditionCache(bsz, seq_len, dev) if not all(full) else None  # lazy MAR steps (guided only)
+    token_cache = TokenCache(stages, bsz, params.num_iter, guided, labels_in, fusion) if params.lazy_mar_tokens else None
+    cache = ConditionCache(bsz, seq_len, dev) if params.lazy_mar and token_cache is None else None
     mask_lens = mask_len_schedule(seq_len, params.num_iter)
     cfgs = to_device(cfg_schedule(params.cfg, params.cfg_schedule, mask_lens, seq_len), dev)  # (num_iter,)
     temperature = to_device(torch.tensor([params.temperature], dtype=torch.float32), dev)
     tokens = torch.zeros(bsz, seq_len, channels, device=dev)
     steps = zip(step_positions(order, seq_len, params.num_iter), masked_steps(seq_len, params))
-    for s, ((kept, pred), step) in enumerate(tqdm(steps, desc=progress_label(progress, "masked steps"), disable=not progress, leave=False,
-                                                   total=params.num_iter)):
-        if full[s]:
-            rep = (lambda t: torch.cat([t] * groups))
-            feeds = {"tokens": rep(tokens), "kept": rep(kept), "pred": rep(pred), "labels": labels_in}
-        else:  # lazy: the conditional half alone
-            feeds = {"tokens": tokens, "kept": kept, "pred": pred, "labels": labels}
-        if fusion is not None:
-            feeds["fusion"] = fusion if full[s] else fusion[:bsz]
-        if cache is None:
-            z, = stages.run("mar", feeds)  # (G*B, P, Dd)
-        elif full[s]:  # every position of both halves, their difference kept
-            z = cache.full(stages.run("mar", {**feeds, "pred": cache.all_positions})[0], feeds["pred"])
-        else:  # the unconditional half rebuilt from the kept difference
-            z = cache.lazy(stages.run("mar", feeds)[0], pred)
+    for s, ((kept, pred), step) in enumerate(tqdm(steps, desc=progress_label(progress, "masked steps"),
+                                                  disable=not progress, leave=False, total=params.num_iter)):
+        if token_cache is not None:  # LazyMAR's token cache (and its condition cache under guidance)
+            z = token_cache.step(s, full[s], tokens, kept, pred)
+        else:
+            z = mar_conditions(stages, full[s], tokens, kept, pred, labels_in, fusion, groups, cache)
         z = z.reshape(-1, z.shape[-1])  # (G*B*P, Dd): conditional rows first, batch-major
         tables = per_count[step.diffusion_steps]
         noise = to_device(draws.step_noise(bsz, pred.shape[1], channels, groups, step.diffusion_steps), dev)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from reference.diffusion import DenoiseStep, denoise_steps
 from reference.gpt import GPT, empty_cache
+from reference.mar_cache import MarCachedHead, MarCachedTail
 from reference.model import D2C, D2CConfig
 
 
@@ -48,6 +49,8 @@ STAGE_NETWORKS: dict[str, Callable[[D2C], nn.Module]] = {
     "gpt": GptStage,
     "cond": lambda model: model.mar.condition,
     "mar": MarStage,
+    "mar_cached": lambda model: MarCachedHead(model.mar),  # LazyMAR's token cache: up to the cut layer
+    "mar_fresh": lambda model: MarCachedTail(model.mar),  # and the chosen tokens after it
     "diffusion": lambda model: DenoiseStep(model.mar.diffloss.net),
     "vae": lambda model: model.vae,
 }

@@ -36,6 +36,7 @@ class Backend:
     device: str = "cpu"  # where the loop keeps its tensors: the stage inputs and outputs ("cpu" or "cuda")
     compute_device: str | None = None  # where the stages compute, when not `device` (ONNX Runtime's CUDA provider)
     graphs_denoise: bool = False  # `denoise` replays the steps as one CUDA graph instead of calling `run`
+    absent_optional: dict[str, str] = {}  # optional stages these engines were built without -> the command to build
 
     @property
     def draws_ahead(self) -> bool:
@@ -111,6 +112,7 @@ class Wrapper(Backend):
         self.device = inner.device
         self.compute_device = inner.compute_device
         self.graphs_denoise = inner.graphs_denoise
+        self.absent_optional = inner.absent_optional
 
     @property
     def draws_ahead(self) -> bool:

@@ -89,7 +89,8 @@ class OrtBackend(Backend):
         chosen = provider_list or providers()
         optimize = not (keep_fp16_rounding and precision is Precision.FP16)
         self.sessions = {}
-        for spec in engines.specs():
+        self.absent_optional = engines.absent_optional(self.target.kind)
+        for spec in engines.specs(kind=self.target.kind):
             path = engines.file(spec.name, self.target.kind)
             session = OrtSession(path, chosen, threads, optimize)
             check_graph_io(path, spec.name, self.config,

@@ -91,7 +91,8 @@ class TrtBackend(Backend):
         self.runtime = trt.Runtime(trt_logger(trt))
         self.engines: dict[str, Engine] = {}
         self._gpt_cache: tuple[Tensor, Tensor] | None = None  # stacked k, v for the most rows so far
-        for spec in engines.specs():
+        self.absent_optional = engines.absent_optional(self.target.kind)
+        for spec in engines.specs(kind=self.target.kind):
             entry = engines.entry(spec.name, self.target.kind)  # files present, sha256 matches
             check_plan(engines, spec.name, entry, self.running)
             engine = Engine(trt, self.runtime, device, engines.file(spec.name, self.target.kind), self.stream,

@@ -29,7 +29,7 @@ from d2c_export.backends.hooks import CudaEventTimer, FlopCounted, StageTimer
 from d2c_export.bench.roofline import matmul_roofline
 from d2c_export.engines import Engines
 from d2c_export.errors import BackendUnavailable, BadInput
-from d2c_export.generate import generate_images
+from d2c_export.generate import check_stages, generate_images
 from d2c_export.stages import DEFAULT_MAX_BATCH
 from reference.files import output_directory
 from reference.pipeline import SamplingParams
@@ -267,6 +267,7 @@ def run_benchmark(engines: Engines, targets: list[Target], batches: list[int], p
         columns = [Column(t, backends[t], p, name) for t in targets
                    for name, p in (variants or {None: params}).items()]
         for b in columns:
+            check_stages(b.backend, b.params)
             log.info("%-9s %s; %s", b.label, b.description, b.params.describe())
         load = {"start": os.getloadavg()[0]}
         roofline = measure_rooflines(columns, threads)

@@ -187,6 +187,24 @@ def _untie_initializers(graph: onnx.GraphProto, blocked: set[str]) -> None:
                 n.input[:] = [copy.name if i == name else i for i in n.input]
 
 
+def _separate_outputs(graph: onnx.GraphProto) -> None:
+    """Give each graph output that other nodes also read an Identity of its own (`mar_cached`'s new cache rows).
+
+    The converter casts an FP16 graph output back to FP32 under the output's name, and the nodes that read that name
+    then get the FP32 tensor where they expect FP16. After this the readers take the inner tensor, and only the
+    Identity writes the output."""
+    g = _Graph(graph)
+    for out in graph.output:
+        if out.name not in g.producer or not g.consumers[out.name]:
+            continue
+        inner = out.name + "_inner"
+        producer = g.producer[out.name]
+        producer.output[:] = [inner if o == out.name else o for o in producer.output]
+        for reader in g.consumers[out.name]:
+            reader.input[:] = [inner if i == out.name else i for i in reader.input]
+        graph.node.append(onnx.helper.make_node("Identity", [inner], [out.name], name=f"{out.name}_output"))
+
+
 def _cast_to(node: onnx.NodeProto) -> int | None:
     return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
 
@@ -253,6 +271,7 @@ def convert_graph(src: Path, dst: Path, spec: StageSpec) -> set[str]:
     float16 = converter()
     op_block_list = sorted(set(FP32_OPS) | set(float16.DEFAULT_OP_BLOCK_LIST))  # with the converter's defaults
     structure = onnx.load(str(src), load_external_data=False)
+    _separate_outputs(structure.graph)
     structure = onnx.shape_inference.infer_shapes(structure)  # works on >2 GB graphs: weights are not loaded
     keep = fp32_nodes(structure, spec)
     onnx.external_data_helper.load_external_data_for_model(structure, str(src.parent))
@@ -311,7 +330,7 @@ def convert_engines(engines: Engines, stages: str | list[str] = "all", progress:
 
 def _convert_locked(engines: Engines, stages: str | list[str], progress: bool) -> None:
     converter()  # before any work
-    bar = tqdm(engines.specs(stages), desc="fp16", unit="stage", disable=not progress)
+    bar = tqdm(engines.specs(stages, kind="onnx-fp32"), desc="fp16", unit="stage", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)
         start = time.perf_counter()

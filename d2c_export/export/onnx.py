@@ -62,7 +62,7 @@ def _dynamic_shapes(spec: StageSpec, config, max_batch: int) -> tuple[dict[int, 
     profile = spec.profile(config, max_batch)
     dims = {axis: torch.export.Dim(axis, min=lo, max=hi) for axis, (lo, _, hi) in profile.items()}
     flat = tuple(({i: dims[a] for i, a in t.dynamic_axes.items()} or None) for t in spec.input_specs(config))
-    if spec.varargs_from is None:
+    if spec.varargs_from is None or spec.varargs_from >= len(flat):  # no inputs reach the *args
         return flat
     return flat[:spec.varargs_from] + (flat[spec.varargs_from:],)
 

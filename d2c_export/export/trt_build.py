@@ -147,7 +147,7 @@ def build_engines(engines: Engines, fp16: bool = True, stages: str | list[str] =
 def _build_locked(engines: Engines, fp16: bool, stages, workspace_gib: float, timing_cache, progress: bool, trt,
                   device) -> None:
     precision = "fp16" if fp16 else "fp32"
-    specs = engines.specs(stages)
+    specs = engines.specs(stages, kind="onnx-fp32")
     if fp16:
         todo = [s.name for s in specs if "onnx-fp16" not in engines.manifest.stages.get(s.name, {})]
         if todo:

@@ -23,8 +23,10 @@ from d2c_export.backends.base import Wrapper
 from d2c_export.stages import stages_for
 from reference.pipeline import SamplingParams
 
-PHASES = {"gpt": "discrete", "cond": "discrete", "mar": "masked", "diffusion": "masked"}  # else: decode
-STOP_BEFORE = frozenset({"gpt", "mar", "vae"})  # where a cancelled generation stops: each token, each masked step
+PHASES = {"gpt": "discrete", "cond": "discrete", "mar": "masked", "mar_cached": "masked", "mar_fresh": "masked",
+          "diffusion": "masked"}  # else: decode
+STEP_STARTS = frozenset({"mar", "mar_cached"})  # the first call of each masked step (`mar_cached`: the token cache's)
+STOP_BEFORE = frozenset({"gpt", "vae"}) | STEP_STARTS  # where a cancelled generation stops: each token, each masked step
 
 
 class Cancelled(Exception):
@@ -46,9 +48,11 @@ class Progress:
 
 def stage_calls(stages, params: SamplingParams) -> dict[str, int]:
     """The stage calls of one generation, by stage: one gpt call per discrete token, one cond call, one mar call
-    per masked step and `diffusion_steps` diffusion calls after each, the VAE and the post-processing once."""
+    per masked step (or one of each of the token cache's two stages) and its denoising steps' diffusion calls after
+    it, the VAE and the post-processing once."""
     config = stages.config
-    calls = {"mar": params.num_iter, "diffusion": params.num_iter * params.diffusion_steps, "vae": 1}
+    masked = params.stages_needed or ("mar",)
+    calls = {**{name: params.num_iter for name in masked}, "diffusion": sum(params.denoising_counts()), "vae": 1}
     if config.gpt is not None:
         calls.update(gpt=config.gpt.block_size, cond=1)
     calls.update({spec.name: 1 for spec in stages_for(config) if spec.postprocess})
@@ -78,7 +82,8 @@ class Watched(Wrapper):
         if phase == "discrete":
             step, steps = self.done.get("gpt", 0), self.expected.get("gpt", 0)
         elif phase == "masked":
-            step, steps = self.done["mar"], self.expected["mar"]
+            first = "mar_cached" if "mar_cached" in self.expected else "mar"
+            step, steps = self.done[first], self.expected[first]
         else:
             step, steps = 1, 1
         self.report(Progress(phase, step, steps, min(1.0, sum(self.done.values()) / self.total)))
@@ -87,7 +92,7 @@ class Watched(Wrapper):
         gone = self.gone | {j for j in range(len(self.sizes)) if self.cancelled(j)}
         if len(gone) == len(self.sizes):
             raise Cancelled
-        if stage == "mar" and gone != self.gone:  # a masked-step boundary: the cancelled jobs' rows leave
+        if stage in STEP_STARTS and gone != self.gone:  # a masked-step boundary: the cancelled jobs' rows leave
             self.gone = gone
             starts = [sum(self.sizes[:j]) for j in range(len(self.sizes))]
             self.live = torch.tensor([starts[j] + i for j, size in enumerate(self.sizes) if j not in gone

@@ -87,6 +87,8 @@ class StageSpec:
     - `varargs_from`: inputs from this index on are the wrapper's `*args` (the gpt's per-layer caches).
     - `postprocess`: the stage runs once per generation on the images the `vae` made (one input, one output, both
       images), in registration order; the five stages of the loop leave it False.
+    - `optional`: only an opt-in sampler runs the stage (LazyMAR's token cache); it is exported with the others,
+      but engines without it still open, and the loop refuses that sampler on them.
     """
 
     name: str
@@ -107,6 +109,7 @@ class StageSpec:
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     varargs_from: int | None = None
     postprocess: bool = False
+    optional: bool = False
 
     def input_specs(self, config: D2CConfig) -> tuple[TensorSpec, ...]:
         return self.inputs(config)

@@ -107,7 +107,7 @@ def check_engines(engines: Engines, targets: list[Target]) -> list[StageReport]:
     reports = []
     for target in targets:
         with open_backend(engines, target, keep_fp16_rounding=True) as backend:
-            for spec in engines.specs():
+            for spec in engines.specs(kind=target.kind):
                 reports.extend(check_stage(model, spec, backend, engines.max_batch))
     return reports
 

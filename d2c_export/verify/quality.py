@@ -14,7 +14,7 @@ from tqdm import tqdm
 from d2c_export.backends import open_backend
 from d2c_export.engines import Engines
 from d2c_export.errors import BadInput
-from d2c_export.generate import generate_images
+from d2c_export.generate import check_stages, generate_images
 from d2c_export.sources import DEMO_CHECKPOINT
 from d2c_export.backends import Target
 from reference.pipeline import SamplingParams
@@ -136,6 +136,9 @@ def evaluate_backends(engines: Engines, targets: list[Target], per_class: int, p
     reports, first = [], None
     with ExitStack() as opened:
         backends = [opened.enter_context(open_backend(engines, t, threads)) for t in targets]  # all before sampling
+        for backend in backends:  # every setting each backend cannot run refused before any sampling
+            for settings in variants.values():
+                check_stages(backend, settings)
         reference = real_features(classifier, real_per_class)
         labels = quality_labels(per_class)
         overall = opened.enter_context(tqdm(total=len(targets) * len(variants) * len(labels), unit="img",

@@ -7,7 +7,7 @@ import torch
 from d2c_export.backends import open_backend
 from d2c_export.backends.base import Wrapper
 from d2c_export.engines import Engines
-from d2c_export.errors import BadInput, NonFiniteOutput
+from d2c_export.errors import BackendUnavailable, BadInput, NonFiniteOutput
 from d2c_export.generate import generate_images
 from d2c_export.backends import Target
 from reference.pipeline import SamplingParams
@@ -52,7 +52,7 @@ def test_sessions_are_created_once(engines_factory):
     generate_images(stages, [0], PARAMS, seed=0)
     generate_images(stages, [1], PARAMS, seed=1)
     assert {name: id(session) for name, session in stages.sessions.items()} == sessions
-    assert set(sessions) == {"gpt", "cond", "mar", "diffusion", "vae"}
+    assert set(sessions) == {"gpt", "cond", "mar", "mar_cached", "mar_fresh", "diffusion", "vae"}
 
 
 def test_seed_changes_the_image(engines_factory):
@@ -117,7 +117,9 @@ def test_ort_generates_what_the_reference_generates_with_each_fast_sampler(engin
     assert float((exact.images - got.images).abs().max()) > 1e-3  # the option changes the images
     counts = params.denoising_counts()
     assert timer.calls == ref_timer.calls
-    assert timer.calls["diffusion"] == sum(counts) and timer.calls["mar"] == 8
+    mar_stages = ("mar_cached", "mar_fresh") if params.lazy_mar_tokens else ("mar",)  # the token cache's two halves
+    assert timer.calls["diffusion"] == sum(counts) and all(timer.calls[s] == 8 for s in mar_stages)
+    assert params.lazy_mar_tokens == (sampler != "anneal") and ("mar" in timer.calls) == (sampler == "anneal")
     assert (sum(counts) < 8 * 16) == (sampler != "lazy") and full_mar_steps(8, params.lazy_mar, 5).count(False) == (
         0 if sampler == "anneal" else 2)
 
@@ -135,3 +137,31 @@ def test_run_writes_the_zoomed_grid_beside_the_exact_one(engines_factory, tmp_pa
     assert large.resize(exact.size, Image.NEAREST).tobytes() == exact.tobytes(), "each pixel a block of itself"
     assert run_main(["--engines", str(engines_factory("d2c-tiny")), "--class", "1", "--out", str(out),
                      "--zoomed", str(out), "--quiet"]) == 2
+
+
+def without_token_cache(engines_dir):
+    """The engines as exported before the token cache's stages existed: their entries and files gone."""
+    from d2c_export.manifest import MANIFEST, Manifest
+    manifest = Manifest.read(engines_dir / MANIFEST)
+    for stage in ("mar_cached", "mar_fresh"):
+        for entry in manifest.stages.pop(stage).values():
+            for name in entry.files:
+                (engines_dir / name).unlink()
+    manifest.save(engines_dir)
+    return engines_dir
+
+
+def test_engines_without_the_token_cache_run_everything_else_and_refuse_it_in_one_line(tiny_engines_copy):
+    engines = without_token_cache(tiny_engines_copy)
+    base = SamplingParams(cfg=3.0, num_iter=8, diffusion_steps=16)
+    stages = backend(engines, ORT)
+    assert set(stages.sessions) == {"gpt", "cond", "mar", "diffusion", "vae"}
+    for sampler in ("exact", "anneal"):
+        generate_images(stages, [1], base.with_sampler_set(sampler), seed=0)
+    for sampler in ("lazy", "fast"):
+        with pytest.raises(BackendUnavailable) as err:
+            generate_images(stages, [1], base.with_sampler_set(sampler), seed=0)
+        message = str(err.value)
+        assert "\n" not in message and "mar_cached and mar_fresh" in message and "d2c-export onnx" in message
+    lazy_cond = SamplingParams(cfg=3.0, num_iter=8, diffusion_steps=16, lazy_mar=3)  # the condition cache alone
+    generate_images(stages, [1], lazy_cond, seed=0)

@@ -10,7 +10,7 @@ from reference.errors import BadInput
 from reference.diffusion import annealed_counts, annealed_tables, make_tables, step_tables
 from reference.model import D2C, get_config
 from reference.pipeline import SamplingParams, generate_with
-from reference.samplers import SAMPLER_SETS, ConditionCache, full_mar_steps
+from reference.samplers import SAMPLER_SETS, ConditionCache, choose_others, fresh_count, full_mar_steps
 from reference.sampling import ImageDraws
 from reference.stage_networks import TorchStages
 
@@ -194,17 +194,17 @@ def test_defaults_are_the_exact_sampler():
 def test_fast_preset_expands_into_the_settings_it_stands_for():
     p = SamplingParams(sampler="fast", cfg=4.0)  # MAR's 64 x 100: DiSA's 50 -> 5, LazyMAR's 5 and 9
     expanded = {"diffusion_anneal": "linear", "diffusion_anneal_start": 50, "diffusion_floor": 5, "lazy_mar": 9,
-                "lazy_mar_warmup": 5}
+                "lazy_mar_warmup": 5, "lazy_mar_tokens": True}
     assert {k: getattr(p, k) for k in expanded} == expanded
     counts = p.denoising_counts()
     assert counts[0] == 50 and counts[-1] == 5 and counts == annealed_counts(50, 5, 64, "linear")
     recorded = p.as_dict()
     assert recorded["sampler"] == "fast" and all(recorded[k] == v for k, v in expanded.items())
     assert SamplingParams(**recorded) == p  # a recorded, expanded set expands to itself
-    unguided = SamplingParams(sampler="fast", cfg=1.0)
-    assert unguided.diffusion_anneal == "linear" and unguided.lazy_mar == 0  # lazy MAR steps need guidance
-    demo = SamplingParams(sampler="fast", cfg=1.0, num_iter=16, diffusion_steps=500, diffusion_floor=250)
-    assert demo.denoising_counts() == [250] * 16  # half the steps is the demo's floor already
+    unguided = SamplingParams(sampler="fast", cfg=1.0)  # the token cache alone: no guidance difference to keep
+    assert unguided.diffusion_anneal == "linear" and unguided.lazy_mar == 9 and unguided.lazy_mar_tokens
+    demo = SamplingParams(sampler="fast", cfg=1.0, num_iter=16, diffusion_steps=500, diffusion_floor=300)
+    assert demo.denoising_counts() == [300] * 16  # the demo's floor is above half its steps
     assert SamplingParams(sampler="fast", cfg=4.0, diffusion_floor=20).denoising_counts()[-1] == 20
     with pytest.raises(BadInput, match="diffusion_floor: 250 is above the 100"):  # the demo's floor, above the steps
         SamplingParams(sampler="fast", cfg=1.0, diffusion_steps=100, diffusion_floor=250)
@@ -217,7 +217,7 @@ def test_named_setting_sets_are_valid_settings():
 
 
 @pytest.mark.parametrize("settings,fault,words", [
-    ({"cfg": 1.0, "lazy_mar": 9}, "lazy_mar", ["guidance", "set cfg, or lazy_mar=0"]),
+    ({"cfg": 1.0, "lazy_mar": 9}, "lazy_mar", ["guidance", "set cfg, add lazy_mar_tokens, or lazy_mar=0"]),
     ({"diffusion_anneal": "linear", "diffusion_steps": 10, "diffusion_floor": 20}, "diffusion_floor", ["lower it"]),
     ({"diffusion_anneal": "steep"}, "diffusion_anneal", ["off, linear, cosine"]),
     ({"sampler": "turbo"}, "sampler", ["exact, fast"]),
@@ -230,6 +230,8 @@ def test_named_setting_sets_are_valid_settings():
     ({"lazy_mar": -1}, "lazy_mar", [">= 0"]),
     ({"diffusion_floor": 0}, "diffusion_floor", ["[1, 1000]"]),
     ({"lazy_mar": 2.5}, "lazy_mar", ["integer"]),
+    ({"lazy_mar_tokens": True}, "lazy_mar_tokens", ["needs lazy MAR steps", "set lazy_mar=N"]),
+    ({"lazy_mar": 3, "lazy_mar_tokens": "yes"}, "lazy_mar_tokens", ["true or false"]),
 ])
 def test_settings_that_cannot_run_are_refused_in_one_line(settings, fault, words):
     with pytest.raises(BadInput) as err:
@@ -252,9 +254,101 @@ def test_named_sets_replace_only_the_fast_samplers_settings():
     assert exact.denoising_counts() == [40] * 8
     fast = base.with_sampler_set("fast")
     assert (fast.sampler, fast.diffusion_anneal, fast.diffusion_anneal_start, fast.lazy_mar) == ("fast", "linear", 20, 9)
+    assert fast.lazy_mar_tokens and fast.stages_needed == ("mar_cached", "mar_fresh")
     assert fast.denoising_counts()[-1] == 10
     anneal, lazy = base.with_sampler_set("anneal"), base.with_sampler_set("lazy")
     assert anneal.denoising_counts() == fast.denoising_counts() and anneal.lazy_mar == 0  # the preset's parts
-    assert lazy.denoising_counts() == [40] * 8 and (lazy.lazy_mar, lazy.lazy_mar_warmup) == (9, 5)
+    assert lazy.denoising_counts() == [40] * 8 and (lazy.lazy_mar, lazy.lazy_mar_warmup, lazy.lazy_mar_tokens) == (9, 5, True)
+    assert exact.stages_needed == () and not exact.lazy_mar_tokens
     with pytest.raises(BadInput, match="exact, anneal, lazy, fast"):
         base.with_sampler_set("quick")
+
+
+# -- LazyMAR's token cache ----------------------------------------------------------------------------------
+def test_fresh_count_follows_lazymars_retain_schedule():
+    assert fresh_count(0, 64, 320, 4, 4) == 320 and fresh_count(19, 64, 320, 4, 4) == 320  # all, the first 20
+    assert fresh_count(20, 64, 320, 4, 4) == int(320 * 0.6)
+    assert fresh_count(63, 64, 320, 4, 4) == 4 + 4 + 15  # the floor: to predict, recent, and 15 more
+    assert fresh_count(63, 64, 320, 40, 30) == 85
+    assert fresh_count(8, 16, 320, 4, 4) == int(320 * 0.15)  # step 8 of 16 is step 32 of 64
+    assert fresh_count(12, 16, 20, 1, 1) == 17  # the demo's 20 positions: all but the 3 that changed least
+
+
+def test_choose_others_forces_the_recent_tokens_then_takes_the_most_changed():
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.99, 0.2, 0.3, 0.8, 0.7]])  # buffer 2, then tokens 0..5
+    pred, recent = torch.tensor([[1]]), torch.tensor([[4]])  # sequence positions 3 and 6
+    others = choose_others(scores, pred, recent, buffer=2, count=4)
+    assert others.tolist() == [[1, 4, 6]]  # recent 6 forced; then 0.1 and 0.2; the token to predict is not among them
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """d2c-tiny at 64 px (256 tokens, 260 positions) with a 3-layer decoder: the cut at 1, one cached layer after."""
+    config = get_config("d2c-tiny")
+    config.mar.img_size, config.mar.decoder_depth, config.mar.encoder_depth = 64, 3, 2
+    torch.manual_seed(0)
+    model = D2C(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+class RecordingAll(TorchStages):
+    def __init__(self, model):
+        super().__init__(model)
+        self.calls = []
+
+    def run(self, stage, inputs):
+        out = super().run(stage, inputs)
+        self.calls.append((stage, {k: v.clone() for k, v in inputs.items()}, tuple(o.clone() for o in out)))
+        return out
+
+
+def test_token_cache_recomputes_what_lazymar_recomputes_and_caches_the_rest(wide):
+    params = SamplingParams(cfg=3.0, num_iter=16, diffusion_steps=4, lazy_mar=4, lazy_mar_warmup=2,
+                            lazy_mar_tokens=True)
+    stages = RecordingAll(wide)
+    out = generate_with(stages, torch.tensor([1, 7]), params, ImageDraws([3, 4]))
+    assert torch.isfinite(out.images).all()
+    m, bsz = wide.config.mar, 2
+    positions = m.buffer_size + m.seq_len
+    heads = [c for c in stages.calls if c[0] in ("mar", "mar_cached")]
+    tails = [c for c in stages.calls if c[0] == "mar_fresh"]
+    assert len(heads) == len(tails) == 16 and all(c[0] == "mar_cached" for c in heads)  # never the plain mar stage
+    full = full_mar_steps(16, 4, 2)
+    skipped = 0  # positions the lazy steps read from the cache after the cut
+    kept = [head["kept"][:bsz] for _, head, _ in heads]
+    generated = [torch.stack([torch.tensor(sorted(set(n.tolist()) - set(k.tolist()))) for n, k in zip(after, now)])
+                 for now, after in zip(kept, kept[1:])]  # what step s predicted: the tokens kept from s + 1 on
+    for s, ((_, head, _), (_, tail, _)) in enumerate(zip(heads, tails)):
+        if full[s]:  # every row, every kept token recent, every token position asked (the guidance difference)
+            assert head["tokens"].shape[0] == 2 * bsz and torch.equal(head["recent"], head["kept"])
+            assert tail["pred"].shape[1] == m.seq_len and tail["others"].tolist() == [list(range(m.buffer_size))] * 4
+            continue
+        # the conditional rows; the tokens generated at the step before; LazyMAR's count after the cut
+        assert head["tokens"].shape[0] == bsz and torch.equal(head["recent"], generated[s - 1])
+        count = fresh_count(s, 16, positions, tail["pred"].shape[1], head["recent"].shape[1])
+        assert tail["pred"].shape[1] + tail["others"].shape[1] == count
+        skipped += positions - count
+        others = set(tail["others"][0].tolist())
+        assert {p + m.buffer_size for p in head["recent"][0].tolist()} <= others
+        assert not others & {p + m.buffer_size for p in tail["pred"][0].tolist()}
+    assert skipped > 0
+    # the encoder cache of a lazy step is the step before's with only the positions computed there rewritten
+    s = next(s for s in range(15) if not full[s] and not full[s + 1])
+    before, after = heads[s][1]["enc_cache"], heads[s + 1][1]["enc_cache"]
+    computed = sorted(set(range(m.buffer_size)) | {p + m.buffer_size for p in heads[s][1]["recent"][0].tolist()})
+    for j in range(positions):
+        assert torch.equal(before[0, :, :, j], after[0, :, :, j]) == (j not in computed), j
+    torch.testing.assert_close(after[0, :, :, computed], heads[s][2][2][0])
+
+
+def test_token_cache_with_every_step_full_is_the_exact_sampler_up_to_rounding(tiny):
+    exact, _, _ = run(tiny)
+    for cfg in (3.0, 1.0):
+        exact, _, _ = run(tiny, cfg=cfg)
+        every, stages, _ = run(tiny, cfg=cfg, lazy_mar=1, lazy_mar_tokens=True)
+        assert float((exact.images - every.images).abs().max()) < 1e-5
+        lazy, _, _ = run(tiny, cfg=cfg, lazy_mar=3, lazy_mar_warmup=1, lazy_mar_tokens=True)
+        assert float((exact.images - lazy.images).abs().max()) > 1e-5

@@ -49,8 +49,9 @@ def formula_count(config, spec, feeds) -> int:
 
 
 def sizes_to_check(spec, config) -> list[dict[str, int]]:
-    """The export example's sizes and the profile's smallest (kept_len 0 included)."""
-    smallest = {a: lo if a == "kept_len" else max(lo, 1) for a, (lo, _, _) in spec.profile(config).items()}
+    """The export example's sizes and the profile's smallest (no kept, recent or other tokens included)."""
+    empty_ok = ("kept_len", "recent_len", "others_len")
+    smallest = {a: lo if a in empty_ok else max(lo, 1) for a, (lo, _, _) in spec.profile(config).items()}
     return [{}, smallest]
 
 
@@ -125,7 +126,7 @@ def assert_complete(out: Path, backends: list[str], batches: list[int], config: 
         assert (out / name).is_file(), name
     assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
     summary = json.loads((out / "bench.json").read_text())
-    stages = [s.name for s in stages_for(get_config(config))]
+    stages = [s.name for s in stages_for(get_config(config)) if not s.optional]  # the exact sampler's
     cells = {(c["backend"], c["batch"]): c for c in summary["results"]}
     assert set(cells) == {(b, n) for b in backends for n in batches}
     for (backend, batch), c in cells.items():
@@ -315,7 +316,8 @@ def test_bench_compares_named_sampler_sets_with_their_stage_calls(engines_factor
     for (backend, sampler), c in cells.items():
         calls = {name: st["calls_per_generation"] for name, st in c["stages"].items()}
         assert calls["diffusion"] == (annealed if sampler in ("anneal", "fast") else 8 * 16), (backend, sampler)
-        assert calls["mar"] == 8 and calls["vae"] == 1
+        mar_stages = ("mar_cached", "mar_fresh") if sampler in ("lazy", "fast") else ("mar",)  # the token cache
+        assert all(calls[s] == 8 for s in mar_stages) and calls["vae"] == 1 and len(calls) == 4 + len(mar_stages)
         assert c["sampling"] == summary["samplers"][sampler]
         assert math.isfinite(c["speedup_vs_exact"]) and c["speedup_vs_exact"] > 0
         assert math.isfinite(c["speedup_vs_torch"])
@@ -324,9 +326,9 @@ def test_bench_compares_named_sampler_sets_with_their_stage_calls(engines_factor
     assert summary["samplers"]["exact"]["diffusion_anneal"] == "off" and summary["samplers"]["exact"]["lazy_mar"] == 0
     flops = summary["flops_per_generation"]
     assert set(flops) == {f"1 {s}" for s in ("exact", "anneal", "lazy", "fast")}
-    # lazy steps run the mar stage on the conditional half: fewer FLOPs than the exact sampler's
-    assert flops["1 lazy"]["mar"] < flops["1 exact"]["mar"] and flops["1 lazy"]["diffusion"] == flops["1 exact"]["diffusion"]
-    assert flops["1 anneal"]["diffusion"] < flops["1 exact"]["diffusion"]
+    assert "mar" not in flops["1 lazy"] and flops["1 lazy"]["mar_cached"] > 0 and flops["1 lazy"]["mar_fresh"] > 0
+    assert flops["1 lazy"]["diffusion"] == flops["1 exact"]["diffusion"]
+    assert flops["1 anneal"]["diffusion"] < flops["1 exact"]["diffusion"] and flops["1 anneal"]["mar"] == flops["1 exact"]["mar"]
     table = (out / "bench.md").read_text()
     assert f"| 1 | ort fast | diffusion step | {annealed} |" in table and "| vs exact |" in table
     assert "- sampler `fast`: sampler fast, diffusion_anneal linear" in table
@@ -334,10 +336,20 @@ def test_bench_compares_named_sampler_sets_with_their_stage_calls(engines_factor
 
 @pytest.mark.parametrize("argv,needles", [
     (["--samplers", "exact,turbo"], ["--samplers", "exact, anneal, lazy, fast"]),
-    (["--samplers", "exact,lazy", "--cfg", "1.0"], ["--lazy-mar: needs guidance", "set --cfg, or --lazy-mar 0"]),
+    (["--samplers", "exact,fast", "--diffusion-steps", "3"], ["--diffusion-floor: 5 is above the 3", "lower it"]),
 ])
 def test_sampler_sets_that_cannot_run_are_one_clear_error(engines_factory, tmp_path, capsys, argv, needles):
     out = tmp_path / "report"
     code = bench_main(["--engines", str(engines_factory("d2c-tiny")), "--out", str(out), "--quiet", *argv])
     assert_one_line_error(code, capsys.readouterr().err, *needles)
+    assert not out.exists()
+
+
+def test_samplers_the_engines_cannot_run_are_one_clear_error(tiny_engines_copy, tmp_path, capsys):
+    from tests.d2c_export.test_generate import without_token_cache
+    engines = without_token_cache(tiny_engines_copy)
+    out = tmp_path / "report"
+    code = bench_main(["--engines", str(engines), "--backends", "ort", "--samplers", "exact,lazy", "--out", str(out),
+                       "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "mar_cached", "d2c-export onnx")
     assert not out.exists()

@@ -129,3 +129,27 @@ def test_a_job_over_the_max_batch_is_split_and_joined_in_order(backend):
                                            ("text/html, application/x-ndjson;q=0.9", True)])
 def test_the_streaming_form_is_asked_for_by_the_accept_header(accept, stream):
     assert wants_stream(accept) is stream
+
+
+def test_the_fast_sampler_reports_every_call_and_a_neighbour_leaving_changes_no_other_image(backend):
+    # annealed denoising steps, and lazy MAR steps with the token cache's two stages (steps 6 and 7 are lazy)
+    params = SamplingParams(cfg=2.0, num_iter=8, diffusion_steps=8, sampler="fast", diffusion_floor=2)
+    assert params.stages_needed == ("mar_cached", "mar_fresh") and params.lazy_mar_warmup == 5
+
+    def both():
+        return Job(labels=(4,), seeds=(21,), params=params), Job(labels=(6, 2), seeds=(300, 301), params=params)
+
+    alone = []
+    run_batch(backend, [both()[0]], report=lambda j, p: alone.append(p))
+    assert len(alone) == sum(stage_calls(backend, params).values())  # one report per stage call, annealed ones too
+    assert alone[-1].fraction == 1.0 and {p.steps for p in alone if p.stage == "masked"} == {8}
+    mine, neighbour = both()
+    seen = []
+    rows = RowsSeen(backend)
+    left = run_batch(rows, [mine, neighbour], report=lambda j, p: seen.append(p),
+                     cancelled=lambda j: j is neighbour and any(p.stage == "masked" and p.step >= 2 for p in seen))
+    plain = run_batch(backend, list(both()))
+    assert left[1].cancelled and left[0].batch_size == 3
+    assert rows.seen["mar_cached"][:2] == [2 * 3] * 2 and rows.seen["mar_cached"][-1] == 1  # a lazy step, mine alone
+    assert "mar" not in rows.seen
+    assert np.array_equal(left[0].images, plain[0].images) and left[0].tokens == plain[0].tokens  # bit for bit

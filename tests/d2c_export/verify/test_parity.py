@@ -17,6 +17,8 @@ PARITY_CASES: dict[str, tuple[str, ...]] = {
     "gpt": ("d2c-tiny",),
     "cond": ("d2c-tiny", "d2c-tiny-cross_attn"),
     "mar": ("d2c-tiny", "d2c-tiny-cross_attn", "d2c-tiny-none"),
+    "mar_cached": ("d2c-tiny", "d2c-tiny-cross_attn", "d2c-tiny-none"),
+    "mar_fresh": ("d2c-tiny", "d2c-tiny-cross_attn", "d2c-tiny-none"),
     "diffusion": ("d2c-tiny", "d2c-tiny-none"),
     "vae": ("d2c-tiny",),
 }
