@@ -92,7 +92,7 @@ class MarCachedHead(nn.Module):
         buf_idx = torch.arange(a.buffer_size, device=x.device).expand(bsz, -1)
         rows = torch.cat([buf_idx, recent + a.buffer_size], dim=1)  # (R, E) positions computed now
         seen = torch.cat([buf_idx, kept + a.buffer_size], dim=1)  # (R, buffer + K): buffer and kept positions
-        allowed = (torch.arange(x.shape[1], device=x.device)[None, :, None] == seen[:, None, :]).any(-1)  # (R, S)
+        allowed = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device).scatter(1, seen, 1) > 0  # (R, S)
         bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
             ~allowed, float("-inf"))[:, None, None, :]
         context = fusion if a.fusion is Fusion.CROSS_ATTN else None
