@@ -44,8 +44,10 @@ Python API reference of `tensorrt.ICudaEngine` / `tensorrt.IExecutionContext`, a
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
+import operator
 import weakref
 from pathlib import Path
 
@@ -82,6 +84,28 @@ class Runtime(FakeApi):
         except (ValueError, UnicodeDecodeError):
             return None
         return CudaEngine(plan, self)
+
+
+_DIM_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+def dim_size(dim: str, sizes: dict[str, int]) -> int:
+    """A symbolic dimension's size: a named dimension's, or integer arithmetic of them (`recent_len + 4`); else -1."""
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.Name):
+            return sizes[node.id]
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _DIM_OPS:
+            return _DIM_OPS[type(node.op)](value(node.left), value(node.right))
+        raise KeyError(dim)
+
+    if dim in sizes:
+        return sizes[dim]
+    try:
+        return value(ast.parse(dim, mode="eval").body)
+    except (KeyError, SyntaxError):
+        return -1
 
 
 class CudaEngine:
@@ -130,11 +154,13 @@ class CudaEngine:
         return [n for n, (mode, _, _) in self.io.items() if mode is TensorIOMode.INPUT]
 
     def shapes_for(self, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        """Every tensor's shape for these input shapes (dynamic dimensions named alike are equal)."""
+        """Every tensor's shape for these input shapes: dynamic dimensions named alike are equal, and an output's
+        dimension the graph writes as arithmetic of input dimensions (`recent_len + 4`) is computed, as TensorRT
+        computes it from the network; -1 where the inputs do not decide it."""
         sizes = {}
         for n, shape in inputs.items():
             sizes.update({d: s for d, s in zip(self.io[n][2], shape) if isinstance(d, str)})
-        return {n: tuple(sizes.get(d, -1) if isinstance(d, str) else d for d in dims)
+        return {n: tuple(dim_size(d, sizes) if isinstance(d, str) else d for d in dims)
                 for n, (_, _, dims) in self.io.items()}
 
     def activation_bytes(self, inputs: dict[str, tuple[int, ...]]) -> int:

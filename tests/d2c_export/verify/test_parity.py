@@ -92,3 +92,25 @@ def test_every_kind_has_a_stated_tolerance():
             assert 0 < tol.max_rel < 1 and 0 < tol.rel_l2 < 1 and 0.99 < tol.min_cosine < 1
     with pytest.raises(ValueError, match="no tolerance"):
         STAGES["vae"].tolerance("onnx-int8")
+
+
+def test_token_cache_stages_with_layers_after_the_cut_match_the_reference(tmp_path):
+    """The tiny presets' one-layer decoders cut at layer 0 with no layer after it, so `mar_fresh` has no cache of
+    later layers there: a three-layer decoder (cut at 1, one cached layer) covers that input and output."""
+    from d2c_export.export.onnx import export_model
+    from d2c_export.sources import random_model
+    from reference.mar_cache import cached_layers
+    from reference.model import get_config
+    config = get_config("d2c-tiny")
+    config.mar.decoder_depth = 3
+    assert cached_layers(config.mar.decoder_depth) == 1
+    export_model(random_model(config, 0), tmp_path, {"random_init_seed": 0}, max_batch=2, progress=False)
+    engines = Engines.open(tmp_path)
+    names = {spec.name: [t.name for t in spec.input_specs(config) + spec.output_specs(config)]
+             for spec in stages_for(config)}
+    assert "dec_cache" in names["mar_fresh"] and "fresh_rows" in names["mar_fresh"]
+    with open_backend(engines, Target.parse("ort")) as backend:
+        for stage in ("mar_cached", "mar_fresh"):
+            reports = check_stage(engines.model(), STAGES[stage], backend, engines.max_batch)
+            failed = [(r.sizes, r.output, r.result) for r in reports if not r.passed]
+            assert reports and not failed, (stage, failed)
