@@ -15,11 +15,12 @@ from reference.settings import settings_of
 from tests.d2c_export.cli_helpers import assert_one_line_error
 
 FAST_SETTINGS = ("sampler", "diffusion_anneal", "diffusion_anneal_start", "diffusion_floor", "lazy_mar",
-                 "lazy_mar_warmup")
+                 "lazy_mar_warmup", "lazy_mar_tokens")
 SMALL = ["--cfg", "3.0", "--num-iter", "8", "--diffusion-steps", "16"]
-# what `--sampler fast` stands for at SMALL: linear from half the 16 steps to the floor 5; LazyMAR's 9 and 5
+# what `--sampler fast` stands for at SMALL: linear from half the 16 steps to the floor 5; LazyMAR's 9 and 5 with
+# its token cache
 FAST_EXPANDED = {"sampler": "fast", "diffusion_anneal": "linear", "diffusion_anneal_start": 8, "diffusion_floor": 5,
-                 "lazy_mar": 9, "lazy_mar_warmup": 5}
+                 "lazy_mar": 9, "lazy_mar_warmup": 5, "lazy_mar_tokens": True}
 
 
 @pytest.mark.parametrize("command", [run_cli, generate_cli, bench_cli, quality_cli], ids=lambda c: c.name)
@@ -36,7 +37,8 @@ def test_every_command_takes_the_fast_samplers_settings_as_flags(command):
 def test_d2c_run_samples_with_the_preset_what_it_samples_with_the_settings_it_stands_for(engines_factory, tmp_path):
     engines = str(engines_factory("d2c-tiny"))
     base = ["--engines", engines, "--class", "1", "--class", "5", "--seed", "3", "--backend", "ort", "--quiet", *SMALL]
-    expanded = [a for k, v in FAST_EXPANDED.items() if k != "sampler" for a in (f"--{k.replace('_', '-')}", str(v))]
+    expanded = [a for k, v in FAST_EXPANDED.items() if k != "sampler"
+                for a in ((f"--{k.replace('_', '-')}",) if v is True else (f"--{k.replace('_', '-')}", str(v)))]
     pngs = {}
     for name, extra in {"exact": [], "fast": ["--sampler", "fast"], "expanded": expanded}.items():
         assert run_main([*base, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
@@ -76,7 +78,8 @@ def test_the_api_takes_the_preset_and_records_what_it_stands_for(engines_factory
 
 
 @pytest.mark.parametrize("body,words", [
-    ({"lazy_mar": 9, "cfg": 1.0}, ["lazy_mar: needs guidance", "set cfg, or lazy_mar 0"]),
+    ({"lazy_mar": 9, "cfg": 1.0}, ["lazy_mar: without guidance", "set cfg, add lazy_mar_tokens, or lazy_mar 0"]),
+    ({"lazy_mar_tokens": True, "cfg": 3.0}, ["lazy_mar_tokens: needs lazy MAR steps", "set lazy_mar N"]),
     ({"sampler": "fast", "cfg": 3.0, "diffusion_anneal": "cosine"},
      ["diffusion_anneal: is 'cosine'", "sampler fast", "sampler exact"]),
     ({"diffusion_anneal": "linear", "diffusion_steps": 4, "diffusion_floor": 5}, ["diffusion_floor: 5 is above"]),
@@ -99,7 +102,8 @@ def test_commands_refuse_what_cannot_run_in_one_line_with_their_flags(engines_fa
                                                                       out):
     code = main(["--engines", str(engines_factory("d2c-tiny")), *extra, "--out", str(tmp_path / out),
                  "--cfg", "1.0", "--lazy-mar", "4", "--quiet"])
-    assert_one_line_error(code, capsys.readouterr().err, "--lazy-mar: needs guidance", "set --cfg, or --lazy-mar 0")
+    assert_one_line_error(code, capsys.readouterr().err, "--lazy-mar: without guidance",
+                          "set --cfg, add --lazy-mar-tokens, or --lazy-mar 0")
     code = main(["--engines", str(engines_factory("d2c-tiny")), *extra, "--out", str(tmp_path / out),
                  "--sampler", "fast", "--diffusion-anneal", "cosine", "--quiet"])
     assert_one_line_error(code, capsys.readouterr().err, "--diffusion-anneal: is 'cosine'", "--sampler fast",
