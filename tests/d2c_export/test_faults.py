@@ -47,7 +47,8 @@ def test_reexport_of_another_model_removes_the_old_models_files(engines_factory,
     shutil.copytree(engines_factory("d2c-tiny"), out)  # a copy of the session's d2c-tiny export
     assert "gpt.onnx" in files_in(out) and "cond.onnx" in files_in(out)
     assert run_cli(export_main, ["onnx", "--config", "d2c-tiny-none", "--out", out, "--quiet"], capsys)[0] == 0
-    assert sorted(files_in(out)) == sorted([MANIFEST, "diffusion.onnx", "mar.onnx", "vae.onnx"])
+    assert sorted(files_in(out)) == sorted([MANIFEST, "diffusion.onnx", "mar.onnx", "mar_cached.onnx", "mar_fresh.onnx",
+                                            "vae.onnx"])  # plain MAR: no discrete stage
     assert json.loads((out / MANIFEST).read_text())["config"]["name"] == "d2c-tiny-none"
 
 
