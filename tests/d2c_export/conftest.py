@@ -1,6 +1,7 @@
 """Exported engines of the tiny presets, built once per test session; one local Ray instance for the session."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -86,3 +87,14 @@ def small_bench_roofline(monkeypatch):
 
     from d2c_export.bench import roofline, run
     monkeypatch.setattr(run, "matmul_roofline", partial(roofline.matmul_roofline, size=256, runs=2))
+
+
+@pytest.fixture()
+def without_tensorrt(monkeypatch) -> str:
+    """TensorRT absent, as on a machine without it, here as well as where it is installed: the package is not found.
+    Returns the reason the project then gives (`trt_platform.tensorrt_missing`)."""
+    from d2c_export.trt_platform import tensorrt_missing
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args, **kwargs: None if name == "tensorrt" else find_spec(name, *args, **kwargs))
+    return tensorrt_missing()

@@ -116,26 +116,23 @@ def test_tensorrt_is_imported_lazily():
     assert out == ["False", "False"]
 
 
-@pytest.mark.skipif(NO_TRT is None, reason="TensorRT and a CUDA device are present here")
-def test_trt_command_says_what_is_missing(tiny_engines_copy, capsys):
+def test_trt_command_says_what_is_missing(tiny_engines_copy, capsys, without_tensorrt):
     before = json.loads((tiny_engines_copy / MANIFEST).read_text())
     code, err = run_cli(export_main, ["trt", "--fp16", "--engines", str(tiny_engines_copy)], capsys)
-    assert_one_line_error(code, err, NO_TRT, "d2c-export trt")
+    assert_one_line_error(code, err, without_tensorrt, "d2c-export trt")
     assert json.loads((tiny_engines_copy / MANIFEST).read_text()) == before
     assert not list(tiny_engines_copy.glob("*.plan")) and not list(tiny_engines_copy.glob("*.fp16.onnx"))
 
 
-@pytest.mark.skipif(NO_TRT is None, reason="TensorRT and a CUDA device are present here")
-def test_backend_trt_is_refused_without_fallback(tiny_engines_copy, tmp_path, capsys):
+def test_backend_trt_is_refused_without_fallback(tiny_engines_copy, tmp_path, capsys, without_tensorrt):
     out = tmp_path / "img.png"
     code, err = run_cli(run_main, ["--engines", str(tiny_engines_copy), "--class", "1", "--backend", "trt",
                                    "--out", str(out), "--quiet"], capsys)
-    assert_one_line_error(code, err, NO_TRT, "--backend ort")
+    assert_one_line_error(code, err, without_tensorrt, "--backend ort")
     assert not out.exists()
 
 
-@pytest.mark.skipif(NO_TRT is None, reason="TensorRT and a CUDA device are present here")
-def test_auto_picks_onnx_runtime_without_tensorrt(tiny_engines_copy):
+def test_auto_picks_onnx_runtime_without_tensorrt(tiny_engines_copy, without_tensorrt):
     for spec in stages_for(Engines.open(tiny_engines_copy).config):
         engines = fake_plan(tiny_engines_copy, spec.name, "fp32")
     assert engines.has("trt-fp32") and not trt_usable(engines, Precision.FP32)

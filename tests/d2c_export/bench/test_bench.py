@@ -21,7 +21,6 @@ from d2c_export.sources import random_model
 from d2c_export.stages import STAGES, StageSpec, stages_for
 from d2c_export.stages.diffusion import diffusion_flops
 from d2c_export.stages.gpt import gpt_flops
-from d2c_export.trt_platform import tensorrt_missing
 from reference.model import get_config
 from tests.d2c_export.cli_helpers import assert_one_line_error, files_in
 
@@ -171,14 +170,11 @@ def test_bench_from_config_exports_then_cleans_up(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES), "temporary engines removed"
 
 
-def test_requested_trt_without_tensorrt_is_one_clear_error(engines_factory, tmp_path, capsys):
-    reason = tensorrt_missing()
-    if reason is None:
-        pytest.skip("TensorRT and a CUDA device are present: the trt column can run here")
+def test_requested_trt_without_tensorrt_is_one_clear_error(engines_factory, tmp_path, capsys, without_tensorrt):
     out = tmp_path / "report"
     code = bench_main(["--engines", str(engines_factory("d2c-tiny")), "--backends", "torch,trt", "--out", str(out),
                        *TINY_ARGS])
-    assert_one_line_error(code, capsys.readouterr().err, "backend trt", reason)
+    assert_one_line_error(code, capsys.readouterr().err, "backend trt", without_tensorrt)
     assert not out.exists()
 
 
