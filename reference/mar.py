@@ -104,10 +104,16 @@ class Attention(nn.Module):
             k, v = (self._heads(t) for t in self.kv(context).chunk(2, dim=-1))
         else:
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.attend(q, k, v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Heads q (B, H, N, hd) over keys and values (B, H, M, hd), `bias` added to the scores -> projected (B, N, D)."""
         scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # (B, H, N, M)
+        if bias is not None:
+            scores = scores + bias
         attn = scores.float().softmax(dim=-1).to(v.dtype)
-        out = (attn @ v).transpose(1, 2).reshape(x.shape)  # (B, N, D)
-        return self.proj(out)
+        out = (attn @ v).transpose(1, 2)  # (B, N, H, hd)
+        return self.proj(out.reshape(*out.shape[:2], -1))
 
 
 class Mlp(nn.Module):

@@ -47,12 +47,7 @@ def attend_cached(attn: Attention, x: Tensor, rows: Tensor, k_cache: Tensor, v_c
     q, k, v = (attn._heads(t) for t in attn.qkv(x).chunk(3, dim=-1))  # (R, H, n, hd)
     index = _rows_index(rows, attn.num_heads, attn.head_dim)
     keys, values = k_cache.to(k.dtype).scatter(2, index, k), v_cache.to(v.dtype).scatter(2, index, v)  # (R, H, S, hd)
-    scores = (q * attn.head_dim ** -0.5) @ keys.transpose(-2, -1)  # (R, H, n, S)
-    if bias is not None:
-        scores = scores + bias
-    weights = scores.float().softmax(dim=-1).to(values.dtype)
-    out = (weights @ values).transpose(1, 2).reshape(x.shape)
-    return attn.proj(out), k, v
+    return attn.attend(q, keys, values, bias), k, v
 
 
 def cached_block(block: Block, x: Tensor, rows: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor | None,
@@ -109,8 +104,7 @@ class MarCachedHead(nn.Module):
             y = block(y, context)
         cut = m.decoder_blocks[self.cut]
         q, k, v = (cut.attn._heads(t) for t in cut.attn.qkv(cut.norm1(y)).chunk(3, dim=-1))  # (R, H, S, hd)
-        weights = ((q * cut.attn.head_dim ** -0.5) @ k.transpose(-2, -1)).float().softmax(dim=-1).to(v.dtype)
-        y = y + cut.attn.proj((weights @ v).transpose(1, 2).reshape(y.shape))
+        y = y + cut.attn.attend(q, k, v)
         if context is not None:
             y = y + cut.cross_attn(cut.norm_cross(y), context)
         scores = F.cosine_similarity(v.float(), cut_cache.float(), dim=-1).mean(dim=1)  # (R, S)
