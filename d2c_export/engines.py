@@ -101,7 +101,9 @@ class Engines:
 
     def absent_optional(self, kind: str) -> dict[str, str]:
         """Optional stages (an opt-in sampler's) not built as `kind` -> the command that builds them."""
-        return {s.name: self.rebuild_command(kind) for s in self.specs() if s not in self.specs(kind=kind)}
+        present = self.specs(kind=kind)
+        absent = [s.name for s in self.specs() if s not in present]
+        return dict.fromkeys(absent, self.rebuild_command(kind)) if absent else {}
 
     def model(self) -> D2C:
         """The reference model the engines were exported from, rebuilt (once) from the recorded source."""
